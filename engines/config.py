@@ -1,0 +1,63 @@
+"""Build-time configuration of a refittable engine."""
+
+from __future__ import annotations
+
+import re
+from enum import Enum
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+_DEVICE_RE = re.compile(r"^(cpu|cuda(:\d+)?|mlu(:\d+)?)$")
+
+
+class MemoryMode(str, Enum):
+    """Where a staged weight set lives until commit.
+
+    ``swap``: beside the live set on the device; commit is a reference swap and inference never
+    waits. ``copy``: in (pinned) host memory; commit copies into the live buffers under a short
+    exclusive section, for models that do not fit on the device twice.
+    """
+
+    SWAP = "swap"
+    COPY = "copy"
+
+
+class NonFinitePolicy(str, Enum):
+    """What staging does with NaN/Inf in floating-point weights: refuse them, or let them through."""
+
+    REJECT = "reject"
+    ALLOW = "allow"
+
+
+class BuilderConfig(BaseModel):
+    """How an engine is built and run. Unknown keys are rejected.
+
+    ``enable_refit`` defaults to False as in MagicMind: an engine built without it refuses every
+    refit. ``keep_previous`` keeps the set a commit replaced (swap mode only), for instant rollback.
+    ``memory_budget_bytes`` bounds the extra memory staging may take (None: unbounded).
+    """
+
+    model_config = ConfigDict(extra="forbid", use_enum_values=False)
+
+    enable_refit: bool = False
+    device: str = "cpu"
+    backend: str = "torch"
+    memory_mode: MemoryMode = MemoryMode.SWAP
+    keep_previous: bool = True
+    non_finite: NonFinitePolicy = NonFinitePolicy.REJECT
+    memory_budget_bytes: int | None = Field(default=None, ge=0)
+    copy_bucket_bytes: int = Field(default=64 << 20, gt=0)
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, value: str) -> str:
+        if not _DEVICE_RE.match(value):
+            raise ValueError(f"device must be 'cpu', 'cuda[:N]' or 'mlu[:N]', got {value!r}")
+        return value
+
+    @field_validator("backend")
+    @classmethod
+    def _check_backend(cls, value: str) -> str:
+        if value not in ("torch", "magicmind"):
+            raise ValueError(f"backend must be 'torch' or 'magicmind', got {value!r}")
+        return value

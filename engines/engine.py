@@ -1,0 +1,441 @@
+"""A refittable inference engine on one device.
+
+Contract:
+- ``infer`` is thread-safe. A call takes a reference to the live weight set once, under the
+  engine's lock, and runs only on it: one version per response, and the response names it (I1).
+- ``stage`` validates every weight against the manifest before copying anything (I4), then
+  copies the changed tensors into spare buffers invisible to inference. ``commit`` makes a staged
+  set live: in ``swap`` mode one reference swap (microseconds, any model size; no reader waits,
+  I6); in ``copy`` mode a copy into the live buffers while new readers wait and none is inside.
+- A buffer goes back to the pool only when every call that read it has returned (reader
+  counts). On CUDA the outputs are copied to the host before the reader leaves, so the device
+  work that read the buffer has finished too.
+- Every refit error leaves the engine serving the weights it served before the call.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from itertools import count
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .backends.base import Backend
+from .config import BuilderConfig, MemoryMode
+from .devices import pinned_memory_available
+from .engine_file import EngineFile, write_engine_file
+from .errors import (
+    MemoryBudgetError,
+    NotRetainedError,
+    RefitDisabledError,
+    StagedSetDiscardedError,
+    StagedSetSupersededError,
+    VersionOrderError,
+)
+from .manifest import Manifest, TensorSpec, manifest_of
+from .validation import check_weights
+from .weight_set import BufferPool, StagedSet, StagedState, WeightSet
+from .weights import WeightsLike, load_weights
+
+
+@dataclass
+class InferResult:
+    """Outputs of one call (numpy arrays; bf16 outputs widened to float32) and their version."""
+
+    outputs: list[np.ndarray]
+    version: int
+
+
+@dataclass
+class MemoryReport:
+    """Bytes held by the engine's weight sets, beyond and including the live set."""
+
+    live_bytes: int
+    previous_bytes: int
+    staged_bytes: int
+    pool_bytes: int
+
+    @property
+    def extra_bytes(self) -> int:
+        return self.previous_bytes + self.staged_bytes + self.pool_bytes
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+class Engine:
+    """One program, one device, a live weight set and the sets staged to replace it."""
+
+    def __init__(self, backend: Backend, weights: Mapping[str, torch.Tensor],
+                 constants: Mapping[str, torch.Tensor], program_json: bytes,
+                 config: BuilderConfig, version: int = 0) -> None:
+        self.config = config
+        self.backend = backend
+        self.device = config.device
+        self._program_json = program_json
+        self._constants = dict(constants)
+        self._manifest: Manifest = manifest_of(weights)
+        self._ids = count(1)
+        self._cond = threading.Condition(threading.Lock())
+        self._refit_lock = threading.RLock()
+        self._writer_waiting = False
+        self._pool = BufferPool()
+        self._staged: dict[int, StagedSet] = {}
+        device_tensors = {n: backend.to_device(t.contiguous()) for n, t in weights.items()}
+        backend.synchronize()
+        self._live = WeightSet(next(self._ids), version, device_tensors, backend.bind(device_tensors))
+        self._previous: WeightSet | None = None
+        self.last_swap_ns = 0
+        self.last_stage_s = 0.0
+
+    # ---------------------------------------------------------------- serving
+
+    @property
+    def version(self) -> int:
+        """The live set's version."""
+        return self._live.version
+
+    def manifest(self) -> dict[str, TensorSpec]:
+        """Name -> shape and dtype of every refittable weight."""
+        return dict(self._manifest)
+
+    def infer(self, *inputs: Any) -> InferResult:
+        """Run the program on the live set. Inputs: numpy arrays or tensors (or one list of them)."""
+        if len(inputs) == 1 and isinstance(inputs[0], (list, tuple)):
+            inputs = tuple(inputs[0])
+        device = self.device
+        args = [self._to_input(x, device) for x in inputs]
+        ws, version = self._acquire()
+        try:
+            with torch.inference_mode():
+                outs = ws.program(args)
+                outputs = [self._to_numpy(o, ws) for o in outs]
+        finally:
+            self._release(ws)
+        return InferResult(outputs, version)
+
+    @staticmethod
+    def _to_input(x: Any, device: str) -> torch.Tensor:
+        t = x if isinstance(x, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(x))
+        return t if device == "cpu" else t.to(device, non_blocking=True)
+
+    @staticmethod
+    def _to_numpy(o: torch.Tensor, ws: WeightSet) -> np.ndarray:
+        if o.dtype in (torch.bfloat16,):
+            o = o.float()
+        o = o.detach().cpu()
+        arr = o.numpy()
+        if o.untyped_storage().data_ptr() in ws.storage_ptrs:
+            arr = arr.copy()  # an output aliasing a weight must not outlive the reader count
+        return arr
+
+    def _acquire(self) -> tuple[WeightSet, int]:
+        with self._cond:
+            while self._writer_waiting:
+                self._cond.wait()
+            ws = self._live
+            ws.readers += 1
+            return ws, ws.version
+
+    def _release(self, ws: WeightSet) -> None:
+        with self._cond:
+            ws.readers -= 1
+            if ws.readers == 0:
+                if ws.retired:
+                    self._reclaim_locked(ws)
+                if self._writer_waiting:
+                    self._cond.notify_all()
+
+    # ---------------------------------------------------------------- staging
+
+    def _check_refittable(self) -> None:
+        if not self.config.enable_refit:
+            raise RefitDisabledError(
+                "this engine was built without enable_refit=True; its weights cannot be refit"
+            )
+
+    def stage(self, weights: WeightsLike, version: int, *, strip_prefix: str | None = None,
+              add_prefix: str | None = None, mapping: Mapping[str, str] | None = None) -> StagedSet:
+        """Validate ``weights`` (a subset is fine) and copy them into spare buffers as ``version``."""
+        self._check_refittable()
+        tensors = load_weights(weights, strip_prefix=strip_prefix, add_prefix=add_prefix, mapping=mapping)
+        check_weights(tensors, self._manifest, self.config.non_finite)
+        return self._stage_tensors(tensors, version)
+
+    def stage_retained(self, from_version: int, version: int) -> StagedSet:
+        """Stage ``version`` as the weights of a set still held (live or previous): no copy."""
+        self._check_refittable()
+        with self._refit_lock:
+            base = self._live
+            self._check_version(version, base)
+            source = next((s for s in (self._live, self._previous)
+                           if s is not None and s.version == from_version), None)
+            if source is None or self.config.memory_mode is MemoryMode.COPY:
+                raise NotRetainedError(f"version {from_version} is not held by this engine "
+                                       f"(live {self._live.version}, previous "
+                                       f"{self._previous.version if self._previous else None})")
+            ws = WeightSet(next(self._ids), version, dict(source.tensors), source.program)
+            staged = StagedSet(version=version, names=(), nbytes=0, base_id=base.set_id, stage_s=0.0,
+                               weight_set=ws, base_version=base.version)
+            with self._cond:
+                self._staged[id(staged)] = staged
+            return staged
+
+    def retained_versions(self) -> list[int]:
+        """Versions this engine can re-stage without new weights (live, then previous)."""
+        return [s.version for s in (self._live, self._previous) if s is not None]
+
+    @staticmethod
+    def _check_version(version: int, base: WeightSet) -> None:
+        if version <= base.version:
+            raise VersionOrderError(f"version {version} is not newer than the live version {base.version}")
+
+    def _stage_tensors(self, tensors: Mapping[str, torch.Tensor], version: int) -> StagedSet:
+        t0 = time.perf_counter()
+        with self._refit_lock:
+            base = self._live
+            self._check_version(version, base)
+            need = sum(_nbytes(t) for t in tensors.values())
+            if self.config.memory_mode is MemoryMode.COPY:
+                staged = self._stage_copy(tensors, version, base, need)
+            else:
+                staged = self._stage_swap(tensors, version, base, need)
+            staged.stage_s = time.perf_counter() - t0
+            self.last_stage_s = staged.stage_s
+            with self._cond:
+                self._staged[id(staged)] = staged
+            return staged
+
+    def _stage_swap(self, tensors: Mapping[str, torch.Tensor], version: int, base: WeightSet,
+                    need: int) -> StagedSet:
+        pooled = sum(_nbytes(t) for t in tensors.values()
+                     if self._pool.available(tuple(t.shape), t.dtype, self.device))
+        self._make_room(need - pooled)
+        new_tensors = dict(base.tensors)
+        try:
+            for name, src in tensors.items():
+                buf = self._pool.take(tuple(src.shape), src.dtype, self.device)
+                if buf is None:
+                    buf = torch.empty(src.shape, dtype=src.dtype, device=self.device)
+                buf.copy_(src, non_blocking=src.is_pinned())
+                new_tensors[name] = buf
+            self.backend.synchronize()
+            program = self.backend.bind(new_tensors)
+        except BaseException:
+            for name in tensors:
+                if new_tensors[name] is not base.tensors[name]:
+                    self._pool.put(new_tensors[name])
+            raise
+        ws = WeightSet(next(self._ids), version, new_tensors, program)
+        return StagedSet(version=version, names=tuple(tensors), nbytes=need, base_id=base.set_id,
+                         stage_s=0.0, weight_set=ws, base_version=base.version)
+
+    def _stage_copy(self, tensors: Mapping[str, torch.Tensor], version: int, base: WeightSet,
+                    need: int) -> StagedSet:
+        self._make_room(need)
+        pin = pinned_memory_available(self.device)
+        host = {}
+        for name, src in tensors.items():
+            buf = torch.empty(src.shape, dtype=src.dtype, device="cpu", pin_memory=pin)
+            buf.copy_(src)
+            host[name] = buf
+        return StagedSet(version=version, names=tuple(tensors), nbytes=need, base_id=base.set_id,
+                         stage_s=0.0, host=host, base_version=base.version)
+
+    def _make_room(self, need: int) -> None:
+        budget = self.config.memory_budget_bytes
+        if budget is None or need <= 0:
+            return
+        if self.memory().extra_bytes + need > budget:
+            self._pool.clear()
+        if self.memory().extra_bytes + need > budget and self._previous is not None:
+            self._retire(self._previous)
+            self._previous = None
+        extra = self.memory().extra_bytes
+        if extra + need > budget:
+            raise MemoryBudgetError(
+                f"staging needs {need} bytes; {extra} already held beyond the live set; "
+                f"budget {budget} bytes"
+            )
+
+    # ---------------------------------------------------------------- commit / discard
+
+    def commit(self, staged: StagedSet) -> int:
+        """Make ``staged`` live; returns its version. Committing it twice returns the version again."""
+        with self._refit_lock:
+            if staged.state is StagedState.COMMITTED:
+                return staged.version
+            if staged.state is StagedState.DISCARDED:
+                raise StagedSetDiscardedError(f"staged set of version {staged.version} was discarded")
+            live = self._live
+            if staged.base_id != live.set_id or staged.base_version != live.version:
+                self._drop(staged)
+                raise StagedSetSupersededError(
+                    f"staged set of version {staged.version} was staged against version "
+                    f"{staged.base_version}, but version {live.version} is live now; it was discarded"
+                )
+            if self.config.memory_mode is MemoryMode.COPY:
+                self._commit_copy(staged, live)
+            else:
+                self._commit_swap(staged, live)
+            staged.state = StagedState.COMMITTED
+            with self._cond:
+                self._staged.pop(id(staged), None)
+            return staged.version
+
+    def _commit_swap(self, staged: StagedSet, live: WeightSet) -> None:
+        assert staged.weight_set is not None
+        with self._cond:
+            t0 = time.perf_counter_ns()
+            self._live = staged.weight_set
+            self.last_swap_ns = time.perf_counter_ns() - t0
+        old_previous = self._previous
+        if self.config.keep_previous:
+            self._previous = live
+        else:
+            self._retire(live)
+        if old_previous is not None and old_previous is not self._previous:
+            self._retire(old_previous)
+
+    def _commit_copy(self, staged: StagedSet, live: WeightSet) -> None:
+        with self._cond:
+            self._writer_waiting = True
+            try:
+                while live.readers > 0:
+                    self._cond.wait()
+                t0 = time.perf_counter_ns()
+                for name, host in staged.host.items():
+                    live.tensors[name].copy_(host, non_blocking=host.is_pinned())
+                self.backend.synchronize()
+                live.version = staged.version
+                self.last_swap_ns = time.perf_counter_ns() - t0
+            finally:
+                self._writer_waiting = False
+                self._cond.notify_all()
+        staged.host = {}
+
+    def discard(self, staged: StagedSet) -> None:
+        """Free a staged set. Discarding twice is a no-op; a committed set cannot be discarded."""
+        with self._refit_lock:
+            if staged.state is StagedState.COMMITTED:
+                raise StagedSetSupersededError(
+                    f"staged set of version {staged.version} is committed; it cannot be discarded"
+                )
+            self._drop(staged)
+
+    def _drop(self, staged: StagedSet) -> None:
+        if staged.state is StagedState.DISCARDED:
+            return
+        staged.state = StagedState.DISCARDED
+        with self._cond:
+            self._staged.pop(id(staged), None)
+        staged.host = {}
+        if staged.weight_set is not None:
+            self._retire(staged.weight_set)
+            staged.weight_set = None
+
+    def _retire(self, ws: WeightSet) -> None:
+        with self._cond:
+            ws.retired = True
+            if ws.readers == 0:
+                self._reclaim_locked(ws)
+
+    def _reclaim_locked(self, ws: WeightSet) -> None:
+        """Pool the buffers of a retired set that no held set shares. Caller holds ``_cond``."""
+        held = [self._live, self._previous] + [s.weight_set for s in self._staged.values()]
+        referenced = {id(t) for s in held if s is not None and s is not ws for t in s.tensors.values()}
+        for t in ws.tensors.values():
+            if id(t) not in referenced:
+                self._pool.put(t)
+        ws.tensors = {}
+
+    def drop_previous(self) -> None:
+        """Release the previous set (for memory); instant rollback to it is then gone."""
+        with self._refit_lock:
+            if self._previous is not None:
+                self._retire(self._previous)
+                self._previous = None
+
+    # ---------------------------------------------------------------- standalone refit
+
+    def create_refitter(self) -> Refitter:
+        """A MagicMind-style refitter: set named weights one by one, then ``refit()``."""
+        self._check_refittable()
+        return Refitter(self)
+
+    def refit_now(self, weights: WeightsLike, **name_mapping: Any) -> int:
+        """Stage and commit ``weights`` as the next version; returns it."""
+        with self._refit_lock:
+            staged = self.stage(weights, version=self._live.version + 1, **name_mapping)
+            return self.commit(staged)
+
+    # ---------------------------------------------------------------- inspection and files
+
+    def weights(self, version: int | None = None) -> dict[str, torch.Tensor]:
+        """The tensors of the live set (or of the retained set of ``version``), not copied."""
+        with self._cond:
+            for s in (self._live, self._previous):
+                if s is not None and (version is None or s.version == version):
+                    return dict(s.tensors)
+        raise NotRetainedError(f"version {version} is not held by this engine")
+
+    def memory(self) -> MemoryReport:
+        """Bytes held: live set, previous set's own buffers, staged sets' own buffers, pool."""
+        with self._cond:
+            live_ids = {id(t) for t in self._live.tensors.values()}
+            live = sum(_nbytes(t) for t in self._live.tensors.values())
+            prev = 0
+            if self._previous is not None:
+                prev = sum(_nbytes(t) for t in self._previous.tensors.values() if id(t) not in live_ids)
+            staged = sum(s.nbytes for s in self._staged.values())
+            return MemoryReport(live, prev, staged, self._pool.nbytes)
+
+    def save(self, path: str | Path) -> None:
+        """Write the program, manifest and live weights to one engine file (atomically)."""
+        with self._cond:
+            ws, version = self._live, self._live.version
+            tensors = dict(ws.tensors)
+        write_engine_file(path, EngineFile(
+            program_json=self._program_json,
+            weights=tensors,
+            constants=self._constants,
+            version=version,
+            builder_config=self.config.model_dump(mode="json"),
+            backend=self.backend.name,
+        ))
+
+
+class Refitter:
+    """Collects named weights, each checked against the manifest as it is set, then refits.
+
+    Mirrors MagicMind's ``IRefitter``: ``get_all_names``, ``set_named_weights``,
+    ``get_missing_names`` (weights not set yet; a subset refit is allowed) and ``refit``, which
+    stages and commits the collected weights as the engine's next version and returns it.
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        self._pending: dict[str, torch.Tensor] = {}
+
+    def get_all_names(self) -> list[str]:
+        return list(self._engine.manifest())
+
+    def set_named_weights(self, name: str, value: Any) -> None:
+        tensors = load_weights({name: value})
+        check_weights(tensors, self._engine.manifest(), self._engine.config.non_finite)
+        self._pending[name] = tensors[name]
+
+    def get_missing_names(self) -> list[str]:
+        return [n for n in self._engine.manifest() if n not in self._pending]
+
+    def refit(self) -> int:
+        version = self._engine.refit_now(self._pending)
+        self._pending = {}
+        return version

@@ -1,0 +1,79 @@
+"""Exceptions raised by the engine layer.
+
+Every error that concerns one weight names it in ``.name``; every refit error is raised before
+anything is copied, so the engine keeps serving the weights it served before the call (I4).
+"""
+
+from __future__ import annotations
+
+
+class EngineError(Exception):
+    """Base class of every error the engine layer raises on purpose."""
+
+
+class EngineFileError(EngineError):
+    """An engine file is missing, truncated, malformed or of an unknown format."""
+
+
+class RefitError(EngineError):
+    """A refit was refused. The engine still serves its previous weights."""
+
+
+class RefitDisabledError(RefitError):
+    """The engine was built without ``enable_refit``: its weights are frozen."""
+
+
+class WeightError(RefitError):
+    """A refit was refused because of one named weight."""
+
+    def __init__(self, name: str, message: str) -> None:
+        super().__init__(f"weight {name!r}: {message}")
+        self.name = name
+
+
+class UnknownWeightError(WeightError):
+    """A weight name that the engine's manifest does not list."""
+
+
+class ShapeMismatchError(WeightError):
+    """A weight whose shape differs from the manifest's."""
+
+
+class DtypeMismatchError(WeightError):
+    """A weight whose dtype differs from the manifest's (no silent casts)."""
+
+
+class NonFiniteWeightError(WeightError):
+    """A floating-point weight holding NaN or Inf while the policy is ``reject``."""
+
+
+class WeightFileError(RefitError):
+    """A weights file that cannot be read safely: malformed, truncated, or carrying code (pickle)."""
+
+
+class StagedSetError(RefitError):
+    """Commit or discard of a staged set that is no longer in a state that allows it."""
+
+
+class StagedSetDiscardedError(StagedSetError):
+    """Commit of a staged set that was discarded."""
+
+
+class StagedSetSupersededError(StagedSetError):
+    """Commit of a staged set staged against a live set that another commit has since replaced."""
+
+
+class MemoryBudgetError(RefitError):
+    """Staging a set would exceed the engine's memory budget; nothing was allocated."""
+
+
+class BackendUnavailableError(EngineError):
+    """The requested backend or device is not available on this machine (SDK or hardware absent)."""
+
+
+class VersionOrderError(RefitError):
+    """A staged version number that is not newer than the live one (versions only grow)."""
+
+
+class NotRetainedError(RefitError):
+    """A request to re-stage a weight set the engine no longer holds (not live, not previous)."""
