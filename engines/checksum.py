@@ -16,6 +16,7 @@ import xxhash
 __all__ = [
     "ChecksumMismatch",
     "ChecksumMissing",
+    "bytes_checksum",
     "checksums",
     "set_digest",
     "tensor_bytes",
@@ -43,6 +44,11 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
         t = t.contiguous()
     # reshape(-1) is a view for a contiguous tensor (and lets 0-d tensors be viewed as bytes).
     return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+
+
+def bytes_checksum(data: bytes | bytearray | memoryview) -> str:
+    """xxh3_64 hex digest (16 lowercase hex digits) of a byte buffer (no copy)."""
+    return xxhash.xxh3_64_hexdigest(data)
 
 
 def tensor_checksum(t: torch.Tensor) -> str:

@@ -1,0 +1,274 @@
+"""The replica actor: one card, one engine, serving while it takes part in refits.
+
+Contract:
+- ``infer`` runs in the ``serve`` concurrency group and protocol calls in ``control``: a refit never
+  queues behind inference, nor the reverse. Every response carries the version that produced it.
+- ``prepare`` fetches the version's bytes from the object store, verifies every checksum, stages
+  them in the engine and votes. It never raises: every failure becomes a NO vote with a reason.
+- ``commit``/``activate``/``abort`` are idempotent; their legality is decided by
+  ``ReplicaParticipant`` (epoch fencing, remembered decisions).
+- On start (and on every Ray restart) the replica loads the engine file, then catches up to the
+  fleet's active version as the coordinator's log names it, from the checkpoint store with
+  checksums verified, before it reports ready.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from engines import Engine, StagedSet, load_engine
+from engines.checksum import ChecksumMismatch, tensor_checksum
+from engines.errors import NotRetainedError
+
+from .failpoints import Failpoints
+from .log import TxnLog
+from .payload import from_wire
+from .replica_protocol import ProtocolViolation, ReplicaParticipant, TxnState
+from .store import CheckpointStore
+
+
+def _reason(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+@ray.remote(concurrency_groups={"serve": 32, "control": 4}, max_restarts=-1, max_task_retries=0)
+class Replica:
+    """A Ray actor owning one engine on one card. See the module docstring for its contract."""
+
+    def __init__(self, replica_id: str, spec: dict[str, Any]) -> None:
+        import torch
+
+        torch.set_num_threads(int(spec.get("torch_threads", 1)))
+        self.replica_id = replica_id
+        self.spec = spec
+        self.fp = Failpoints(spec.get("failpoints"), owner=replica_id)
+        self.participant = ReplicaParticipant()
+        self._ctl = threading.RLock()
+        self._staged: dict[str, StagedSet] = {}
+        self._last_refit_s: float | None = None
+        self._last_refit_at: float | None = None
+        self.state = "loading"
+        self.engine = self._load_engine()
+        self.store = CheckpointStore.in_state_dir(spec["state_dir"], cleanup=False)
+        self.active_checksums: dict[str, str] = {}
+        self.fp.hit("replica.on_start")
+        self._catch_up_from_log()
+        self.state = "serving"
+
+    # ------------------------------------------------------------------ start-up
+
+    def _load_engine(self) -> Engine:
+        spec = self.spec
+        return load_engine(
+            spec["engine"], device=spec["device"], enable_refit=True,
+            memory_mode=spec.get("memory_mode", "swap"), keep_previous=spec.get("keep_previous", True),
+            memory_budget_bytes=spec.get("memory_budget_bytes"),
+        )
+
+    def _catch_up_from_log(self) -> None:
+        log_path = Path(self.spec["state_dir"])
+        if not (log_path / "txn.log").exists():
+            return
+        with TxnLog.open(log_path) as log:
+            state = log.state()
+        if state.active_version and state.active_version != self.engine.version:
+            self.state = "catching_up"
+            self.sync_to(state.active_version)
+
+    # ------------------------------------------------------------------ serving
+
+    @ray.method(concurrency_group="serve")
+    def infer(self, inputs: list[Any], min_version: int = 0) -> dict[str, Any]:
+        """Run inference; answers ``stale`` when it cannot serve ``min_version`` or newer."""
+        if min_version > self.engine.version and not self._activate_for(min_version):
+            return {"stale": True, "version": self.engine.version, "replica": self.replica_id}
+        r = self.engine.infer(*inputs)
+        return {"stale": False, "outputs": r.outputs, "version": r.version, "replica": self.replica_id}
+
+    def _activate_for(self, min_version: int) -> bool:
+        """DESIGN step 5: a committed-not-active version a client has already seen goes live now."""
+        with self._ctl:
+            rec = self.participant.committed_at_least(min_version)
+            if rec is None:
+                return self.engine.version >= min_version
+            self._activate_locked(None, rec.txn)
+            return True
+
+    # ------------------------------------------------------------------ protocol
+
+    @ray.method(concurrency_group="control")
+    def prepare(self, epoch: int, txn: str, version: int, refs: list[Any] | None,
+                specs: dict[str, Any], checksums: dict[str, str],
+                source: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Fetch, verify, stage; vote. ``source`` may name a version to re-stage (rollback)."""
+        t0 = time.perf_counter()
+        timings: dict[str, float] = {}
+        try:
+            with self._ctl:
+                self._fence(epoch)
+                self.participant.begin_prepare(epoch, txn, version)
+            staged = self._stage(version, refs, specs, checksums, source, timings)
+        except BaseException as exc:  # every failure is a NO vote, reported back
+            with self._ctl:
+                if self.participant.get(txn) is not None:
+                    self.participant.finish_prepare(txn, False, _reason(exc))
+            return self._vote(txn, False, _reason(exc), timings, t0)
+        with self._ctl:
+            keep = self.participant.finish_prepare(txn, True)
+            if not keep:
+                self.engine.discard(staged)
+                return self._vote(txn, False, "aborted while preparing", timings, t0)
+            self._staged[txn] = staged
+        self.fp.hit("replica.before_vote")
+        vote = self._vote(txn, True, "", timings, t0)
+        self.fp.hit("replica.after_vote")
+        return vote
+
+    def _stage(self, version: int, refs: list[Any] | None, specs: dict[str, Any],
+               checksums: dict[str, str], source: dict[str, Any] | None,
+               timings: dict[str, float]) -> StagedSet:
+        if source and source.get("from_version") is not None:
+            from_version = int(source["from_version"])
+            try:
+                staged = self.engine.stage_retained(from_version, version)
+                timings["retained"] = 1.0
+                return staged
+            except NotRetainedError:
+                tensors = self.store.load(from_version)
+                timings["from_store"] = 1.0
+                return self.engine.stage(tensors, version)
+        t = time.perf_counter()
+        arrays = ray.get(refs[0], timeout=self.spec.get("fetch_timeout_s", 60))
+        timings["fetch_s"] = time.perf_counter() - t
+        try:
+            tensors = from_wire(arrays, specs)
+            t = time.perf_counter()
+            for name, tensor in tensors.items():
+                want = checksums.get(name)
+                got = tensor_checksum(tensor)
+                if want != got:
+                    raise ChecksumMismatch(name, str(want), got, f"replica {self.replica_id}")
+            timings["verify_s"] = time.perf_counter() - t
+            t = time.perf_counter()
+            staged = self.engine.stage(tensors, version)
+            timings["stage_s"] = time.perf_counter() - t
+            return staged
+        finally:
+            del arrays
+
+    def _vote(self, txn: str, yes: bool, reason: str, timings: dict[str, float], t0: float) -> dict[str, Any]:
+        timings["prepare_s"] = time.perf_counter() - t0
+        return {"replica": self.replica_id, "txn": txn, "yes": yes, "reason": reason,
+                "timings": timings, "version": self.engine.version}
+
+    @ray.method(concurrency_group="control")
+    def commit(self, epoch: int, txn: str) -> dict[str, Any]:
+        """Pin the staged set as committed; keep serving the old version. Idempotent."""
+        self.fp.hit("replica.before_commit")
+        with self._ctl:
+            self._fence(epoch, keep=txn)
+            rec, _ = self.participant.commit(epoch, txn)
+            return {"replica": self.replica_id, "txn": txn, "state": rec.state.value,
+                    "version": self.engine.version}
+
+    @ray.method(concurrency_group="control")
+    def activate(self, epoch: int, txn: str) -> dict[str, Any]:
+        """Make the committed set live (the swap). Idempotent."""
+        self.fp.hit("replica.before_activate")
+        with self._ctl:
+            t = time.perf_counter()
+            self._fence(epoch, keep=txn)
+            self._activate_locked(epoch, txn)
+            return {"replica": self.replica_id, "txn": txn, "version": self.engine.version,
+                    "activate_s": time.perf_counter() - t, "swap_ns": self.engine.last_swap_ns}
+
+    def _activate_locked(self, epoch: int | None, txn: str) -> None:
+        rec = self.participant.get(txn)
+        if rec is not None and rec.state is TxnState.ACTIVE:
+            return
+        if rec is None or rec.state is not TxnState.COMMITTED:
+            if epoch is not None:
+                self.participant.check_epoch(epoch)
+            raise ProtocolViolation(f"txn {txn}: ACTIVATE needs a committed staged set here "
+                                    f"(state {rec.state.value if rec else 'unknown'})")
+        staged = self._staged.pop(txn)
+        self.fp.hit("replica.during_activate")
+        self.engine.commit(staged)
+        self.participant.activate(epoch, txn)
+        self._last_refit_at = time.time()
+
+    @ray.method(concurrency_group="control")
+    def abort(self, epoch: int, txn: str, reason: str = "") -> dict[str, Any]:
+        """Discard the staged set of ``txn``; remember the decision. Idempotent."""
+        with self._ctl:
+            self._fence(epoch)
+            self.participant.abort(epoch, txn, reason)
+            self._discard(txn)
+            return {"replica": self.replica_id, "txn": txn, "version": self.engine.version}
+
+    def _fence(self, epoch: int, keep: str | None = None) -> None:
+        for dropped in self.participant.check_epoch(epoch, keep=keep):
+            self._discard(dropped.txn)
+
+    def _discard(self, txn: str) -> None:
+        staged = self._staged.pop(txn, None)
+        if staged is not None:
+            self.engine.discard(staged)
+
+    @ray.method(concurrency_group="control")
+    def sync_to(self, version: int) -> dict[str, Any]:
+        """Catch up to ``version`` from the checkpoint store (checksums verified), or a retained set."""
+        with self._ctl:
+            t = time.perf_counter()
+            if self.engine.version != version:
+                for txn in list(self._staged):
+                    self._discard(txn)
+                if version < self.engine.version:
+                    self.engine = self._load_engine()  # versions only grow within one engine
+                if version != self.engine.version:
+                    staged = self.engine.stage(self.store.load(version), version)
+                    self.engine.commit(staged)
+            self.state = "serving"
+            return {"replica": self.replica_id, "version": self.engine.version,
+                    "sync_s": time.perf_counter() - t}
+
+    # ------------------------------------------------------------------ inspection
+
+    @ray.method(concurrency_group="control")
+    def status(self) -> dict[str, Any]:
+        ctx = ray.get_runtime_context()
+        mem = self.engine.memory()
+        return {
+            "id": self.replica_id,
+            "node": ctx.get_node_id(),
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "card": self.spec.get("card"),
+            "device": self.spec["device"],
+            "visible_devices": {k: os.environ.get(k) for k in
+                                ("CUDA_VISIBLE_DEVICES", "MLU_VISIBLE_DEVICES") if os.environ.get(k)},
+            "version": self.engine.version,
+            "state": self.state,
+            "healthy": True,
+            "pending": [(r.txn, r.state.value) for r in self.participant.pending()],
+            "staged_bytes": mem.staged_bytes,
+            "previous_bytes": mem.previous_bytes,
+            "epoch": self.participant.epoch,
+            "last_refit_at": self._last_refit_at,
+        }
+
+    @ray.method(concurrency_group="control")
+    def weight_checksums(self) -> dict[str, str]:
+        """Checksums of the live weights (for invariant checks: equal across the fleet)."""
+        return {n: tensor_checksum(t) for n, t in self.engine.weights().items()}
+
+    @ray.method(concurrency_group="control")
+    def ping(self) -> str:
+        return self.replica_id

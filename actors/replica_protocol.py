@@ -1,0 +1,179 @@
+"""The replica's side of the two-phase commit, as plain Python (no Ray, no engine).
+
+A ``ReplicaParticipant`` decides, for every protocol message, whether it is allowed; the actor
+does the work (fetch, verify, stage, swap) and reports back. Rules:
+
+- Epoch fencing: a message from an epoch older than the highest seen is refused (``StaleEpoch``).
+  Seeing a newer epoch drops every undecided (PREPARING/PREPARED) transaction of older epochs:
+  their staged sets must be discarded (``on_new_epoch`` returns them).
+- Transitions follow ``TRANSITIONS``; anything else raises ``ProtocolViolation``.
+- COMMIT, ABORT and ACTIVATE are idempotent: repeating one that already took effect is a no-op.
+- A decided transaction id is remembered, so a PREPARE arriving after its ABORT is refused and
+  stages nothing.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from enum import Enum
+
+
+class TxnState(str, Enum):
+    """State of one transaction on one replica."""
+
+    PREPARING = "preparing"  # PREPARE accepted, fetching/verifying/staging
+    PREPARED = "prepared"    # voted YES, staged set held
+    REFUSED = "refused"      # voted NO; nothing held
+    COMMITTED = "committed"  # COMMIT received: staged set pinned, old version still served
+    ACTIVE = "active"        # ACTIVATE done: the new version serves
+    ABORTED = "aborted"      # ABORT received or dropped after an epoch change; staged set freed
+
+
+TRANSITIONS: dict[TxnState | None, frozenset[TxnState]] = {
+    None: frozenset({TxnState.PREPARING, TxnState.ABORTED}),
+    TxnState.PREPARING: frozenset({TxnState.PREPARED, TxnState.REFUSED, TxnState.ABORTED}),
+    TxnState.PREPARED: frozenset({TxnState.COMMITTED, TxnState.ABORTED}),
+    TxnState.REFUSED: frozenset({TxnState.ABORTED}),
+    TxnState.COMMITTED: frozenset({TxnState.ACTIVE}),
+    TxnState.ACTIVE: frozenset(),
+    TxnState.ABORTED: frozenset(),
+}
+
+DECIDED = frozenset({TxnState.COMMITTED, TxnState.ACTIVE, TxnState.ABORTED})
+
+
+class ProtocolViolation(Exception):
+    """A message that the transaction's state does not allow (e.g. COMMIT of an aborted txn)."""
+
+
+class StaleEpoch(ProtocolViolation):
+    """A message from a coordinator epoch older than one this replica has already seen."""
+
+
+@dataclass
+class TxnRecord:
+    """What a replica knows of one transaction."""
+
+    txn: str
+    epoch: int
+    version: int
+    state: TxnState
+    reason: str = ""
+
+
+class ReplicaParticipant:
+    """Per-replica transaction bookkeeping; see the module docstring for its rules."""
+
+    def __init__(self, remember: int = 1024) -> None:
+        self.epoch = 0
+        self._txns: OrderedDict[str, TxnRecord] = OrderedDict()
+        self._remember = remember
+
+    # -- queries
+    def get(self, txn: str) -> TxnRecord | None:
+        return self._txns.get(txn)
+
+    def pending(self) -> list[TxnRecord]:
+        """Transactions holding a staged set (PREPARED or COMMITTED)."""
+        return [r for r in self._txns.values() if r.state in (TxnState.PREPARED, TxnState.COMMITTED)]
+
+    def committed_at_least(self, version: int) -> TxnRecord | None:
+        """The committed-not-active transaction of the highest version >= ``version``, if any."""
+        best = None
+        for r in self._txns.values():
+            if r.state is TxnState.COMMITTED and r.version >= version and (
+                    best is None or r.version > best.version):
+                best = r
+        return best
+
+    # -- fencing
+    def check_epoch(self, epoch: int, keep: str | None = None) -> list[TxnRecord]:
+        """Refuse older epochs; on a newer one, drop and return undecided older transactions
+        (except ``keep``: the transaction a recovering coordinator is finishing)."""
+        if epoch < self.epoch:
+            raise StaleEpoch(f"message from epoch {epoch}; this replica has seen epoch {self.epoch}")
+        dropped: list[TxnRecord] = []
+        if epoch > self.epoch:
+            self.epoch = epoch
+            for r in self._txns.values():
+                if r.epoch < epoch and r.txn != keep and r.state in (TxnState.PREPARING, TxnState.PREPARED):
+                    r.state = TxnState.ABORTED
+                    r.reason = f"dropped: undecided when epoch {epoch} began"
+                    dropped.append(r)
+        return dropped
+
+    # -- transitions
+    def _move(self, rec: TxnRecord | None, txn: str, new: TxnState) -> None:
+        old = rec.state if rec else None
+        if new not in TRANSITIONS[old]:
+            was = old.value if old else "unknown"
+            raise ProtocolViolation(f"txn {txn}: {was} -> {new.value} not allowed")
+
+    def begin_prepare(self, epoch: int, txn: str, version: int) -> list[TxnRecord]:
+        """Accept a PREPARE (returns older-epoch transactions to drop) or raise why not."""
+        dropped = self.check_epoch(epoch)
+        rec = self._txns.get(txn)
+        if rec is not None:
+            raise ProtocolViolation(f"txn {txn}: PREPARE refused, already {rec.state.value}")
+        self._move(None, txn, TxnState.PREPARING)
+        self._txns[txn] = TxnRecord(txn, epoch, version, TxnState.PREPARING)
+        self._trim()
+        return dropped
+
+    def finish_prepare(self, txn: str, ok: bool, reason: str = "") -> bool:
+        """Record the vote. Returns False if the txn was aborted meanwhile (discard what was staged)."""
+        rec = self._txns[txn]
+        if rec.state is TxnState.ABORTED:
+            return False
+        new = TxnState.PREPARED if ok else TxnState.REFUSED
+        self._move(rec, txn, new)
+        rec.state, rec.reason = new, reason
+        return ok
+
+    def commit(self, epoch: int, txn: str) -> tuple[TxnRecord, bool]:
+        """COMMIT: (record, changed). Idempotent; refused for an unknown or aborted txn."""
+        self.check_epoch(epoch, keep=txn)
+        rec = self._txns.get(txn)
+        if rec is None:
+            raise ProtocolViolation(f"txn {txn}: COMMIT for a transaction this replica never prepared")
+        if rec.state in (TxnState.COMMITTED, TxnState.ACTIVE):
+            return rec, False
+        self._move(rec, txn, TxnState.COMMITTED)
+        rec.state = TxnState.COMMITTED
+        return rec, True
+
+    def activate(self, epoch: int | None, txn: str) -> tuple[TxnRecord, bool]:
+        """ACTIVATE (epoch None: a local early activation for a client's min_version)."""
+        if epoch is not None:
+            self.check_epoch(epoch, keep=txn)
+        rec = self._txns.get(txn)
+        if rec is None:
+            raise ProtocolViolation(f"txn {txn}: ACTIVATE for a transaction this replica never prepared")
+        if rec.state is TxnState.ACTIVE:
+            return rec, False
+        self._move(rec, txn, TxnState.ACTIVE)
+        rec.state = TxnState.ACTIVE
+        return rec, True
+
+    def abort(self, epoch: int, txn: str, reason: str = "") -> tuple[TxnRecord, bool]:
+        """ABORT: (record, changed). Remembers unknown txns so a late PREPARE is refused."""
+        self.check_epoch(epoch)
+        rec = self._txns.get(txn)
+        if rec is None:
+            rec = TxnRecord(txn, epoch, -1, TxnState.ABORTED, reason)
+            self._txns[txn] = rec
+            self._trim()
+            return rec, False
+        if rec.state is TxnState.ABORTED:
+            return rec, False
+        self._move(rec, txn, TxnState.ABORTED)
+        rec.state, rec.reason = TxnState.ABORTED, reason
+        return rec, True
+
+    def _trim(self) -> None:
+        while len(self._txns) > self._remember:
+            oldest = next(iter(self._txns))
+            if self._txns[oldest].state not in DECIDED:
+                break
+            self._txns.popitem(last=False)

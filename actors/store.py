@@ -1,0 +1,401 @@
+"""Checkpoint store for full weight sets: ``<root>/v<version>.safetensors`` + ``<root>/v<version>.json``.
+
+The data file is standard safetensors (read back with the safetensors library: no pickle anywhere);
+the JSON manifest lists every tensor's shape, dtype and xxh3 checksum plus the set digest and the data
+file's size. Both files are written atomically (temp file in the same directory, fsync, ``os.replace``,
+fsync of the directory), the manifest last: a version exists exactly when its manifest does and the
+data file is present. Loads verify every checksum.
+
+Conventionally ``root`` is ``<state_dir>/checkpoints`` (``CheckpointStore.in_state_dir``); multi-node
+fleets point it at a shared filesystem.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import struct
+import time
+import uuid
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import BinaryIO
+
+import torch
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from engines.checksum import ChecksumMismatch, bytes_checksum, set_digest, tensor_bytes, tensor_checksum
+
+__all__ = [
+    "CheckpointCorrupted",
+    "CheckpointManifest",
+    "CheckpointMissing",
+    "CheckpointStore",
+    "TensorEntry",
+    "validate_label",
+]
+
+CHECKPOINT_DIR = "checkpoints"
+MANIFEST_FORMAT = "weight-refit/checkpoint/1"
+_TMP_SUFFIX = ".tmp"
+_VERSION_FILE = re.compile(r"^v(0|[1-9][0-9]*)\.(safetensors|json)$")
+
+# safetensors dtype codes (the file format's names), for the dtypes torch has.
+_ST_DTYPES: dict[torch.dtype, str] = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+for _name, _code in (
+    ("float8_e4m3fn", "F8_E4M3"),
+    ("float8_e5m2", "F8_E5M2"),
+    ("uint16", "U16"),
+    ("uint32", "U32"),
+    ("uint64", "U64"),
+):
+    if hasattr(torch, _name):
+        _ST_DTYPES[getattr(torch, _name)] = _code
+
+_LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def validate_label(label: str) -> str:
+    """Return ``label`` if it is safe as a file or fleet name, else raise ValueError naming it.
+
+    Accepted: 1-64 characters from ``[A-Za-z0-9._-]``, starting with a letter or digit, with no
+    ``..``. Path separators, NUL and anything else are rejected.
+    """
+    if not isinstance(label, str):
+        raise ValueError(f"invalid label {label!r}: not a string")
+    if "\0" in label or "/" in label or "\\" in label or (os.altsep and os.altsep in label):
+        raise ValueError(f"invalid label {label!r}: contains a path separator or NUL")
+    if ".." in label:
+        raise ValueError(f"invalid label {label!r}: contains '..'")
+    if not _LABEL.fullmatch(label):
+        raise ValueError(f"invalid label {label!r}: must match ^[A-Za-z0-9][A-Za-z0-9._-]{{0,63}}$")
+    return label
+
+
+class CheckpointMissing(Exception):
+    """The requested version has no complete checkpoint (``version``, ``path`` of the missing file)."""
+
+    def __init__(self, version: int, path: str) -> None:
+        super().__init__(version, path)
+        self.version = version
+        self.path = path
+
+    def __str__(self) -> str:
+        return f"checkpoint v{self.version} is missing: {self.path} does not exist"
+
+
+class CheckpointCorrupted(Exception):
+    """A checkpoint's files are unreadable or disagree with its manifest (``version``, ``path``,
+    ``detail``). Corrupted tensor bytes raise ``ChecksumMismatch`` instead."""
+
+    def __init__(self, version: int, path: str, detail: str) -> None:
+        super().__init__(version, path, detail)
+        self.version = version
+        self.path = path
+        self.detail = detail
+
+    def __str__(self) -> str:
+        return f"checkpoint v{self.version} is corrupted ({self.path}): {self.detail}"
+
+
+class TensorEntry(BaseModel):
+    """One tensor of a manifest."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    shape: list[int]
+    dtype: str  # torch dtype name without "torch.", e.g. "bfloat16"
+    checksum: str
+
+
+class CheckpointManifest(BaseModel):
+    """``v<version>.json``: what ``v<version>.safetensors`` must contain."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    format: str = MANIFEST_FORMAT
+    version: int
+    digest: str
+    file: str
+    size: int
+    created: float
+    tensors: dict[str, TensorEntry]
+
+    @property
+    def checksums(self) -> dict[str, str]:
+        return {name: e.checksum for name, e in self.tensors.items()}
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_all(f: BinaryIO, data: memoryview | bytes) -> None:
+    mv = memoryview(data).cast("B")
+    while mv.nbytes:
+        n = f.write(mv[: 1 << 30])
+        if not n:
+            raise OSError("write returned 0 bytes")
+        mv = mv[n:]
+
+
+class CheckpointStore:
+    """Full weight sets by version number, written atomically and verified on load.
+
+    Contract:
+    - ``save`` writes the data file, then the manifest, each atomically; a crash leaves either the
+      previous state or a complete new version (plus, at worst, a temp file or a data file without
+      manifest, neither of which counts as a version).
+    - ``versions()``/``has()`` count only complete versions (manifest and data file present).
+    - ``load`` never unpickles; it checks names/shapes/dtypes/size against the manifest
+      (``CheckpointCorrupted``) and every tensor's checksum (``ChecksumMismatch``, naming it).
+    - ``retain(keep)`` deletes every version not in ``keep``; never one in ``keep``.
+    - Opening with ``cleanup=True`` (the writer: the coordinator) deletes stray temp files left by a
+      crashed save. Readers (replicas) should pass ``cleanup=False`` so they never remove the temp
+      file of a save in progress.
+    """
+
+    def __init__(self, root: Path | str, *, cleanup: bool = True) -> None:
+        self._root = Path(root)
+        self._root.mkdir(parents=True, exist_ok=True)
+        if cleanup:
+            self.clean_temp()
+
+    @classmethod
+    def in_state_dir(cls, state_dir: Path | str, *, cleanup: bool = True) -> CheckpointStore:
+        """The store at ``<state_dir>/checkpoints``."""
+        return cls(Path(state_dir) / CHECKPOINT_DIR, cleanup=cleanup)
+
+    @property
+    def root(self) -> Path:
+        return self._root
+
+    # -- paths -----------------------------------------------------------------------------------
+
+    @staticmethod
+    def _check_version(version: int) -> int:
+        if isinstance(version, bool) or not isinstance(version, int) or version < 0:
+            raise ValueError(f"invalid checkpoint version {version!r}: must be an int >= 0")
+        return version
+
+    def data_path(self, version: int) -> Path:
+        return self._root / f"v{self._check_version(version)}.safetensors"
+
+    def manifest_path(self, version: int) -> Path:
+        return self._root / f"v{self._check_version(version)}.json"
+
+    # -- queries ---------------------------------------------------------------------------------
+
+    def has(self, version: int) -> bool:
+        """True when both files of ``version`` are present."""
+        return self.manifest_path(version).is_file() and self.data_path(version).is_file()
+
+    def versions(self) -> list[int]:
+        """Complete versions (both files present), ascending."""
+        found: dict[int, set[str]] = {}
+        for p in self._root.iterdir():
+            m = _VERSION_FILE.match(p.name)
+            if m:
+                found.setdefault(int(m.group(1)), set()).add(m.group(2))
+        return sorted(v for v, kinds in found.items() if kinds == {"safetensors", "json"})
+
+    def manifest(self, version: int) -> CheckpointManifest:
+        """The parsed manifest (CheckpointMissing / CheckpointCorrupted)."""
+        path = self.manifest_path(version)
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            raise CheckpointMissing(version, str(path)) from None
+        try:
+            m = CheckpointManifest.model_validate_json(raw)
+        except ValidationError as e:
+            raise CheckpointCorrupted(version, str(path), f"bad manifest: {e.errors()[0]['msg']}") from None
+        if m.format != MANIFEST_FORMAT or m.version != version:
+            raise CheckpointCorrupted(
+                version, str(path), f"manifest is for {m.format} v{m.version}, expected v{version}"
+            )
+        return m
+
+    # -- save ------------------------------------------------------------------------------------
+
+    def save(
+        self,
+        version: int,
+        tensors: Mapping[str, torch.Tensor],
+        checksums: Mapping[str, str],
+        *,
+        fsync: bool = True,
+        verify: bool = True,
+    ) -> Path:
+        """Persist a full weight set as ``version``; returns the data file's path.
+
+        ``checksums`` must name exactly the tensors (ValueError otherwise). With ``verify`` (default)
+        the tensors' bytes are checked against them first (ChecksumMismatch), so a manifest never
+        vouches for bytes it does not describe. Overwrites an existing copy of the same version.
+        """
+        self._check_version(version)
+        names = set(tensors)
+        if names != set(checksums):
+            missing = sorted(names - set(checksums))
+            extra = sorted(set(checksums) - names)
+            raise ValueError(f"checksums do not match tensors: missing {missing}, extra {extra}")
+        entries: dict[str, TensorEntry] = {
+            name: TensorEntry(shape=list(t.shape), dtype=_dtype_name(t.dtype), checksum=checksums[name])
+            for name, t in tensors.items()
+        }
+        header: dict[str, object] = {"__metadata__": {"format": MANIFEST_FORMAT, "version": str(version)}}
+        # Largest item size first: with the header padded to 8 bytes every tensor is aligned.
+        order = sorted(tensors, key=lambda n: (-tensors[n].element_size(), n))
+        views: list[memoryview] = []
+        offset = 0
+        for name in order:
+            t = tensors[name]
+            code = _ST_DTYPES.get(t.dtype)
+            if code is None:
+                raise ValueError(f"tensor {name!r}: dtype {t.dtype} cannot be stored in a checkpoint")
+            data = tensor_bytes(t)
+            if verify:
+                got = bytes_checksum(data)
+                if got != checksums[name]:
+                    raise ChecksumMismatch(name, checksums[name], got, f"save of checkpoint v{version}")
+            views.append(data)
+            header[name] = {
+                "dtype": code,
+                "shape": list(t.shape),
+                "data_offsets": [offset, offset + data.nbytes],
+            }
+            offset += data.nbytes
+        hjson = json.dumps(header, separators=(",", ":")).encode()
+        hjson += b" " * (-len(hjson) % 8)
+        size = 8 + len(hjson) + offset
+
+        def write_data(f: BinaryIO) -> None:
+            _write_all(f, struct.pack("<Q", len(hjson)) + hjson)
+            for v in views:
+                _write_all(f, v)
+
+        manifest = CheckpointManifest(
+            version=version,
+            digest=set_digest(checksums),
+            file=self.data_path(version).name,
+            size=size,
+            created=time.time(),
+            tensors=entries,
+        )
+        mpath = self.manifest_path(version)
+        if mpath.exists():  # re-save: the version stops counting until its new manifest lands
+            mpath.unlink()
+            if fsync:
+                _fsync_dir(self._root)
+        dpath = self.data_path(version)
+        self._atomic_write(dpath, write_data, fsync)
+        mbytes = manifest.model_dump_json(indent=1).encode() + b"\n"
+        self._atomic_write(mpath, lambda f: _write_all(f, mbytes), fsync)
+        return dpath
+
+    def _atomic_write(self, path: Path, write: Callable[[BinaryIO], None], fsync: bool) -> None:
+        tmp = path.with_name(
+            f".{path.name}.{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}{_TMP_SUFFIX}"
+        )
+        try:
+            with open(tmp, "xb", buffering=0) as f:
+                write(f)  # type: ignore[arg-type]
+                if fsync:
+                    os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        if fsync:
+            _fsync_dir(self._root)
+
+    # -- load ------------------------------------------------------------------------------------
+
+    def load(self, version: int, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+        """Read ``version`` (on CPU), verify it against its manifest, then move it to ``device``."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        m = self.manifest(version)
+        dpath = self.data_path(version)
+        try:
+            size = dpath.stat().st_size
+        except FileNotFoundError:
+            raise CheckpointMissing(version, str(dpath)) from None
+        if size != m.size:
+            raise CheckpointCorrupted(
+                version, str(dpath), f"file is {size} bytes, manifest says {m.size} (truncated?)"
+            )
+        try:
+            tensors = load_file(dpath, device="cpu")
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise CheckpointCorrupted(version, str(dpath), f"unreadable safetensors: {e}") from None
+        if set(tensors) != set(m.tensors):
+            missing = sorted(set(m.tensors) - set(tensors))
+            extra = sorted(set(tensors) - set(m.tensors))
+            raise CheckpointCorrupted(
+                version, str(dpath), f"tensor names differ from manifest: missing {missing}, extra {extra}"
+            )
+        where = f"checkpoint v{version} ({dpath})"
+        for name, entry in m.tensors.items():
+            t = tensors[name]
+            if list(t.shape) != entry.shape or _dtype_name(t.dtype) != entry.dtype:
+                raise CheckpointCorrupted(
+                    version,
+                    str(dpath),
+                    f"tensor {name!r} is {_dtype_name(t.dtype)}{list(t.shape)}, "
+                    f"manifest says {entry.dtype}{entry.shape}",
+                )
+            got = tensor_checksum(t)
+            if got != entry.checksum:
+                raise ChecksumMismatch(name, entry.checksum, got, where)
+        dev = torch.device(device)
+        return {name: tensors[name].to(dev) for name in m.tensors}
+
+    # -- retention and cleanup -------------------------------------------------------------------
+
+    def retain(self, keep: Iterable[int]) -> list[int]:
+        """Delete the files of every version not in ``keep`` (complete or not); returns those
+        versions. The manifest goes first, so a half-deleted version is never a version."""
+        keep = {self._check_version(v) for v in keep}
+        doomed: set[int] = set()
+        for p in self._root.iterdir():
+            m = _VERSION_FILE.match(p.name)
+            if m and int(m.group(1)) not in keep:
+                doomed.add(int(m.group(1)))
+        for v in sorted(doomed):
+            self.manifest_path(v).unlink(missing_ok=True)
+            self.data_path(v).unlink(missing_ok=True)
+        if doomed:
+            _fsync_dir(self._root)
+        return sorted(doomed)
+
+    def clean_temp(self) -> list[Path]:
+        """Delete temp files left by interrupted saves; returns them."""
+        removed = []
+        for p in self._root.iterdir():
+            if p.name.startswith(".") and p.name.endswith(_TMP_SUFFIX) and p.is_file():
+                p.unlink(missing_ok=True)
+                removed.append(p)
+        return removed

@@ -1,0 +1,278 @@
+"""Fleet configuration: pydantic models loaded from and saved to YAML.
+
+Every model forbids unknown keys, and every bad value fails with a message naming its field, so a
+typo in a YAML file is an error rather than a silently ignored setting.
+
+Relative paths (``engine``, ``state_dir``) are resolved against the *current working directory* of
+the process that validates the config (not against the YAML file's directory), and ``~`` is
+expanded. After validation both are absolute path strings, so the config can be handed to actors
+whose working directory differs from the driver's. For ``ray job submit --working-dir .`` the job's
+working directory is the uploaded directory, so repo-relative paths keep working there.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+__all__ = [
+    "ConfigError",
+    "FleetConfig",
+    "PlacementConfig",
+    "RoutingConfig",
+    "TimeoutConfig",
+    "NAME_PATTERN",
+]
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+_NAME_RE = re.compile(NAME_PATTERN)
+
+# ray_init keys that the fleet config owns itself (``address``, ``namespace``) or that would
+# conflict with the fleet's own choices.
+_RESERVED_RAY_INIT_KEYS = frozenset({"address", "namespace"})
+
+
+class ConfigError(ValueError):
+    """A fleet config file could not be read or is invalid.
+
+    Raised by :meth:`FleetConfig.from_yaml`; the message names the file and, for invalid values,
+    every offending field (it embeds pydantic's error list). Direct construction
+    (``FleetConfig(**fields)``) raises :class:`pydantic.ValidationError` instead; both are
+    ``ValueError`` subclasses.
+    """
+
+
+def _abs_path(value: str) -> str:
+    """Expand ``~`` and make ``value`` absolute against the current working directory."""
+    return os.path.abspath(os.path.expanduser(value))
+
+
+class PlacementConfig(BaseModel):
+    """Where replicas run and what each one reserves.
+
+    Contract:
+      - ``cards_per_node``: accelerator cards on each node; ``None`` means discover them (Ray's GPU
+        resource for cuda, ``/dev/cambricon_dev*`` or the node's ``MLU`` resource for mlu). When the
+        fleet starts its own single-node Ray (``FleetConfig.address`` is ``None``) it is also the
+        number of cards that Ray is told about.
+      - ``gpu_fraction`` in (0, 1]: the share of one card each replica reserves; below 1 several
+        replicas share a card (``floor(1 / gpu_fraction)`` per card).
+      - ``cpus_per_replica`` >= 0: Ray's *logical* CPU reservation per replica. Keep it tiny (the
+        default 0.01): a whole CPU per replica would leave replicas pending forever on a small Ray.
+      - ``strategy``: ``SPREAD`` spreads replicas over nodes, ``PACK`` fills nodes first.
+      - ``mlu_resource``: the custom Ray resource name that counts MLU cards on a node when the
+        installed Ray has no MLU accelerator manager.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    cards_per_node: int | None = Field(default=None, ge=1)
+    gpu_fraction: float = Field(default=1.0, gt=0.0, le=1.0)
+    cpus_per_replica: float = Field(default=0.01, ge=0.0)
+    strategy: Literal["SPREAD", "PACK"] = "SPREAD"
+    mlu_resource: str = Field(default="MLU", min_length=1, pattern=r"^[A-Za-z_][A-Za-z0-9_.-]*$")
+
+    def replicas_per_card(self) -> int:
+        """How many replicas fit on one card at ``gpu_fraction`` (1 when not shared)."""
+        return max(1, math.floor(1.0 / self.gpu_fraction + 1e-9))
+
+
+class TimeoutConfig(BaseModel):
+    """Timeouts in seconds, all strictly positive.
+
+    ``prepare_s``: one PREPARE (fetch, verify, stage) per replica; ``commit_s``: one COMMIT ack;
+    ``activate_s``: one ACTIVATE; ``request_s``: one inference request; ``lease_s``: a member's
+    serving lease; ``launch_s``: starting the fleet (placement, actors, engine loads).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    prepare_s: float = Field(default=60.0, gt=0.0)
+    commit_s: float = Field(default=10.0, gt=0.0)
+    activate_s: float = Field(default=10.0, gt=0.0)
+    request_s: float = Field(default=30.0, gt=0.0)
+    lease_s: float = Field(default=10.0, gt=0.0)
+    launch_s: float = Field(default=120.0, gt=0.0)
+
+
+class RoutingConfig(BaseModel):
+    """How client handles route inference requests.
+
+    ``policy``: only ``least_outstanding`` (fewest requests in flight) for now;
+    ``max_queue_per_replica`` >= 1: requests in flight per replica before the handle answers
+    "overloaded"; ``retries_on_stale`` >= 0: how many other members a "stale" answer is retried on.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    policy: Literal["least_outstanding"] = "least_outstanding"
+    max_queue_per_replica: int = Field(default=64, ge=1)
+    retries_on_stale: int = Field(default=3, ge=0)
+
+
+class FleetConfig(BaseModel):
+    """One fleet: its name, engine, replicas, placement, state directory, timeouts and policies.
+
+    Contract:
+      - Unknown keys are rejected and every bad value fails naming its field (pydantic
+        ``ValidationError``; :meth:`from_yaml` wraps it in :class:`ConfigError` naming the file).
+      - ``name`` matches ``NAME_PATTERN`` (no path characters): it names the coordinator actor, the
+        placement group and the default state directory.
+      - ``engine`` and ``state_dir`` are absolute path strings after validation (``~`` expanded,
+        relative paths resolved against the current working directory). ``state_dir`` defaults
+        to ``~/.weight-refit/<name>``. Neither has to exist yet.
+      - ``max_evict < replicas``; ``ray_init`` may not carry ``address`` or ``namespace`` (use the
+        fields of the same name).
+      - Impossible placements that the config alone proves are rejected: a single-node fleet
+        (``address`` is ``None``) on ``cuda``/``mlu`` with ``cards_per_node`` given must fit
+        ``replicas <= cards_per_node * floor(1 / gpu_fraction)``. Multi-node capacity is checked at
+        launch against the live cluster (``cluster.placement.check_capacity``).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    namespace: str = Field(default="weight-refit", min_length=1)
+    address: str | None = None
+    engine: str = Field(min_length=1)
+    replicas: int = Field(default=2, ge=1)
+    device: Literal["cpu", "cuda", "mlu"] = "cpu"
+    placement: PlacementConfig = Field(default_factory=PlacementConfig)
+    state_dir: str = Field(min_length=1)
+    timeouts: TimeoutConfig = Field(default_factory=TimeoutConfig)
+    routing: RoutingConfig = Field(default_factory=RoutingConfig)
+    commit_policy: Literal["strict", "evict"] = "strict"
+    max_evict: int = Field(default=0, ge=0)
+    memory_mode: Literal["swap", "copy"] = "swap"
+    keep_previous: bool = True
+    torch_threads: int = Field(default=1, ge=1)
+    memory_budget_bytes: int | None = Field(default=None, ge=1)
+    failpoints: dict[str, str] = Field(default_factory=dict)
+    ray_init: dict[str, Any] = Field(default_factory=dict)
+    persist_fsync: bool = True
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_state_dir(cls, data: Any) -> Any:
+        """Fill ``state_dir`` with ``~/.weight-refit/<name>`` when it is missing or null."""
+        if isinstance(data, dict) and data.get("state_dir") is None:
+            name = data.get("name")
+            # An invalid or missing name reports itself; the placeholder only keeps `state_dir`
+            # from adding a second, misleading error.
+            label = name if isinstance(name, str) and _NAME_RE.fullmatch(name) else "invalid-name"
+            data = {**data, "state_dir": os.path.join("~", ".weight-refit", label)}
+        return data
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, value: str) -> str:
+        if not _NAME_RE.fullmatch(value):
+            raise ValueError(
+                f"fleet name {value!r} is not a valid label: 1-64 characters from letters, digits, "
+                "'.', '_' and '-', starting with a letter or digit (no path characters)"
+            )
+        return value
+
+    @field_validator("address")
+    @classmethod
+    def _check_address(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError("address must be a Ray address (e.g. 'auto', 'ray://host:10001') or null")
+        return value
+
+    @field_validator("engine", "state_dir")
+    @classmethod
+    def _resolve_path(cls, value: str) -> str:
+        if "\x00" in value:
+            raise ValueError("path contains a NUL character")
+        return _abs_path(value)
+
+    @field_validator("failpoints")
+    @classmethod
+    def _check_failpoints(cls, value: dict[str, str]) -> dict[str, str]:
+        for key, action in value.items():
+            if not key:
+                raise ValueError("failpoint names must be non-empty")
+            if not action:
+                raise ValueError(f"failpoint {key!r} has an empty action")
+        return value
+
+    @field_validator("ray_init")
+    @classmethod
+    def _check_ray_init(cls, value: dict[str, Any]) -> dict[str, Any]:
+        reserved = sorted(_RESERVED_RAY_INIT_KEYS & value.keys())
+        if reserved:
+            raise ValueError(
+                f"ray_init may not set {', '.join(reserved)}: use the fleet config's own "
+                f"{' / '.join(reserved)} field"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _check_consistency(self) -> FleetConfig:
+        if self.max_evict >= self.replicas:
+            raise ValueError(
+                f"max_evict ({self.max_evict}) must be less than replicas ({self.replicas}): "
+                "a commit needs at least one surviving member"
+            )
+        cards = self.placement.cards_per_node
+        if self.device != "cpu" and cards is not None and self.address is None:
+            per_card = self.placement.replicas_per_card()
+            capacity = cards * per_card
+            if self.replicas > capacity:
+                shared = (
+                    ""
+                    if per_card == 1
+                    else f" at {per_card} replicas per card (gpu_fraction {self.placement.gpu_fraction})"
+                )
+                raise ValueError(
+                    f"impossible placement: replicas={self.replicas} but placement.cards_per_node="
+                    f"{cards} {self.device} card(s) on this single node hold at most {capacity} "
+                    f"replica(s){shared}; lower replicas, set placement.gpu_fraction < 1 to share "
+                    "cards, or set address to a multi-node Ray cluster"
+                )
+        return self
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike[str]) -> FleetConfig:
+        """Load and validate a fleet config from a YAML file.
+
+        Relative ``engine``/``state_dir`` values are resolved against the current working
+        directory. Raises :class:`ConfigError` (naming the file, and every bad field) when the file
+        is missing, is not YAML, is not a mapping, or fails validation.
+        """
+        p = Path(path)
+        try:
+            text = p.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"{p}: cannot read fleet config: {exc}") from exc
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{p}: not valid YAML: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ConfigError(
+                f"{p}: a fleet config must be a YAML mapping of fields, got {type(data).__name__}"
+            )
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            raise ConfigError(f"{p}: invalid fleet config: {exc}") from exc
+
+    def to_yaml(self, path: str | os.PathLike[str]) -> None:
+        """Write this config as YAML (all fields, absolute paths); ``from_yaml`` reads it back equal.
+
+        The parent directory is created if needed; the file is replaced atomically.
+        """
+        p = Path(path)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        text = yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False, default_flow_style=False)
+        tmp = p.with_name(f".{p.name}.tmp{os.getpid()}")
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, p)

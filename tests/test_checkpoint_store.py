@@ -1,0 +1,210 @@
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from actors.store import (
+    CheckpointCorrupted,
+    CheckpointMissing,
+    CheckpointStore,
+    validate_label,
+)
+from engines.checksum import ChecksumMismatch, checksums, set_digest
+
+
+def weights(seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "embed.weight": torch.randn(64, 32, generator=g).to(torch.bfloat16),
+        "fc.weight": torch.randn(32, 32, generator=g),
+        "fc.bias": torch.randn(32, generator=g).half(),
+        "step": torch.tensor(7, dtype=torch.int64),
+        "mask": torch.rand(5, generator=g) > 0.5,
+        "empty": torch.empty(0, 4),
+    }
+
+
+def data_offset(path: Path, name: str) -> int:
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + n])
+    return 8 + n + header[name]["data_offsets"][0]
+
+
+def test_round_trip_including_bf16(tmp_path: Path) -> None:
+    store = CheckpointStore.in_state_dir(tmp_path)
+    assert store.root == tmp_path / "checkpoints"
+    w = weights()
+    cs = checksums(w)
+    path = store.save(3, w, cs)
+    assert path == tmp_path / "checkpoints" / "v3.safetensors"
+    assert (tmp_path / "checkpoints" / "v3.json").is_file()
+    assert store.versions() == [3] and store.has(3) and not store.has(4)
+    got = store.load(3)
+    assert list(got) == list(w)
+    for name, t in w.items():
+        assert got[name].dtype == t.dtype, name
+        assert got[name].shape == t.shape, name
+        assert torch.equal(got[name], t), name
+    m = store.manifest(3)
+    assert m.version == 3
+    assert m.digest == set_digest(cs)
+    assert m.checksums == cs
+    assert m.tensors["embed.weight"].dtype == "bfloat16"
+    assert m.tensors["embed.weight"].shape == [64, 32]
+    # A standard safetensors file: the library reads it on its own.
+    plain = load_file(path)
+    assert torch.equal(plain["embed.weight"], w["embed.weight"])
+
+
+def test_tied_and_non_contiguous_tensors(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path)
+    base = torch.randn(8, 4)
+    w = {"a": base, "tied": base, "t": base.T}
+    store.save(1, w, checksums(w))
+    got = store.load(1)
+    assert torch.equal(got["tied"], base) and torch.equal(got["t"], base.T)
+
+
+def test_save_checks_checksums(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path)
+    w = weights()
+    cs = checksums(w)
+    with pytest.raises(ValueError, match="missing"):
+        store.save(1, w, {k: v for k, v in cs.items() if k != "fc.bias"})
+    bad = dict(cs, **{"fc.weight": "0" * 16})
+    with pytest.raises(ChecksumMismatch, match="fc.weight"):
+        store.save(1, w, bad)
+    assert store.versions() == []
+
+
+def test_leftover_temp_file_is_not_a_version_and_is_cleaned(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path)
+    w = weights()
+    store.save(1, w, checksums(w))
+    tmp = tmp_path / ".v2.safetensors.host.123.abcd1234.tmp"
+    tmp.write_bytes(b"half a checkpoint")
+    orphan = tmp_path / "v2.safetensors"  # crash between the two renames: no manifest
+    orphan.write_bytes(b"x")
+    assert store.versions() == [1]
+    assert not store.has(2)
+    with pytest.raises(CheckpointMissing) as ei:
+        store.load(2)
+    assert ei.value.version == 2 and "v2.json" in str(ei.value)
+    reader = CheckpointStore(tmp_path, cleanup=False)
+    assert tmp.exists()
+    assert reader.versions() == [1]
+    CheckpointStore(tmp_path)
+    assert not tmp.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["v1.json", "v1.safetensors", "v2.safetensors"]
+
+
+def test_failed_save_leaves_no_temp_file(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path)
+    w = {"c": torch.zeros(2, dtype=torch.complex64)}
+    with pytest.raises(ValueError, match="'c'"):
+        store.save(1, w, checksums(w))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_corrupted_byte_raises_checksum_mismatch_naming_tensor(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path)
+    w = weights()
+    path = store.save(5, w, checksums(w))
+    off = data_offset(path, "fc.weight") + 17
+    raw = bytearray(path.read_bytes())
+    raw[off] ^= 0x40
+    path.write_bytes(bytes(raw))
+    with pytest.raises(ChecksumMismatch) as ei:
+        store.load(5)
+    assert ei.value.name == "fc.weight"
+    assert "fc.weight" in str(ei.value) and "v5" in str(ei.value)
+
+
+def test_truncated_file_raises_corrupted(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path)
+    w = weights()
+    path = store.save(2, w, checksums(w))
+    raw = path.read_bytes()
+    path.write_bytes(raw[: len(raw) - 100])
+    with pytest.raises(CheckpointCorrupted) as ei:
+        store.load(2)
+    assert ei.value.version == 2 and ei.value.path == str(path)
+    assert "truncated" in str(ei.value)
+    path.write_bytes(raw[:5])
+    with pytest.raises(CheckpointCorrupted):
+        store.load(2)
+
+
+def test_corrupted_header_raises_corrupted(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path)
+    w = weights()
+    path = store.save(2, w, checksums(w))
+    raw = bytearray(path.read_bytes())
+    raw[9] = ord("!")  # inside the JSON header, same size
+    path.write_bytes(bytes(raw))
+    with pytest.raises(CheckpointCorrupted, match="v2"):
+        store.load(2)
+
+
+def test_corrupted_manifest_raises_corrupted(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path)
+    w = weights()
+    store.save(2, w, checksums(w))
+    (tmp_path / "v2.json").write_text("{not json")
+    with pytest.raises(CheckpointCorrupted, match="manifest"):
+        store.load(2)
+
+
+def test_retention_keeps_the_given_set(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path)
+    for v in (1, 2, 4, 7, 9):
+        w = weights(v)
+        store.save(v, w, checksums(w), fsync=False)
+    (tmp_path / "v3.safetensors").write_bytes(b"orphan")
+    removed = store.retain({4, 7, 9})
+    assert removed == [1, 2, 3]
+    assert store.versions() == [4, 7, 9]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        f"v{v}.{ext}" for v in (4, 7, 9) for ext in ("json", "safetensors")
+    )
+    assert torch.equal(store.load(7)["fc.weight"], weights(7)["fc.weight"])
+    assert store.retain({4, 7, 9, 100}) == []
+    assert store.versions() == [4, 7, 9]
+
+
+def test_resave_same_version_overwrites(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path)
+    a, b = weights(1), weights(2)
+    store.save(1, a, checksums(a))
+    store.save(1, b, checksums(b))
+    assert torch.equal(store.load(1)["fc.weight"], b["fc.weight"])
+    assert store.versions() == [1]
+
+
+def test_invalid_version_numbers(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path)
+    with pytest.raises(ValueError):
+        store.has(-1)
+    with pytest.raises(ValueError):
+        store.data_path(True)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "label",
+    ["", "../x", "a/b", "a\\b", "a..b", "..", ".hidden", "-x", "a\0b", "x" * 65, "a b", "ü", "a\n"],
+)
+def test_bad_labels_rejected(label: str) -> None:
+    with pytest.raises(ValueError) as ei:
+        validate_label(label)
+    assert repr(label) in str(ei.value)
+
+
+@pytest.mark.parametrize("label", ["a", "v12", "my-fleet_1.prod", "0", "x" * 64])
+def test_good_labels_accepted(label: str) -> None:
+    assert validate_label(label) == label
