@@ -156,6 +156,7 @@ class FleetConfig(BaseModel):
     failpoints: dict[str, str] = Field(default_factory=dict)
     ray_init: dict[str, Any] = Field(default_factory=dict)
     persist_fsync: bool = True
+    retain_versions: int = Field(default=3, ge=2)
 
     @model_validator(mode="before")
     @classmethod

@@ -1,0 +1,393 @@
+"""The coordinator actor: versions, the two-phase commit, the durable log, membership.
+
+Guarantees, stated the way Ray Serve's controller states its own:
+
+- What survives a crash: everything in ``<state_dir>/txn.log`` (epochs, BEGIN/COMMIT/ABORT/
+  ACTIVATED and membership records; EPOCH and COMMIT fsync'd) and in the checkpoint store (every
+  committed version as a full, checksummed set). Nothing else is needed to recover: a restarted
+  coordinator bumps its epoch durably, replays the log, finishes every transaction whose COMMIT is
+  logged (COMMIT then ACTIVATE, weights from the store) and presumes every other one aborted.
+- The commit point is the fsync'd COMMIT record, written only after every member voted YES and the
+  version is persisted. Versions only grow; aborted transactions leave gaps.
+- Every state-changing call is idempotent: ``refit``/``rollback`` with a key return the first
+  call's outcome; COMMIT/ABORT/ACTIVATE to replicas may be repeated.
+- Refits and rollbacks from any number of drivers are serialised by one lock; status, outcome and
+  membership calls run on other threads and never queue behind a refit.
+- The coordinator handles object refs, manifests and checksums, never the weight bytes.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import ray
+
+from engines.checksum import set_digest
+
+from .coordinator_protocol import CoordinatorTxn, Phase, Vote, default_rollback_target, tally
+from .failpoints import Failpoints
+from .log import AbortRecord, ActivatedRecord, BeginRecord, CommitRecord, MemberRecord, TxnLog
+from .persist import persist_version, warm_up
+from .store import CheckpointStore
+
+logger = logging.getLogger("weight_refit.coordinator")
+
+
+def replica_actor_name(fleet: str, replica_id: str) -> str:
+    return f"{fleet}.replica.{replica_id}"
+
+
+def coordinator_actor_name(fleet: str) -> str:
+    return f"{fleet}.coordinator"
+
+
+def _reason(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+
+
+@ray.remote(max_concurrency=64, max_restarts=-1, max_task_retries=0)
+class Coordinator:
+    """A named, detached, threaded actor driving every refit of one fleet."""
+
+    def __init__(self, cfg: dict[str, Any]) -> None:
+        self.cfg = cfg
+        self.name = cfg["name"]
+        self.namespace = cfg["namespace"]
+        self.state_dir = cfg["state_dir"]
+        self.timeouts = cfg["timeouts"]
+        self.fp = Failpoints(cfg.get("failpoints"), owner="coordinator")
+        self.log = TxnLog.open(self.state_dir)
+        self.epoch = self.log.bump_epoch()
+        self.state = self.log.state()
+        self.store = CheckpointStore.in_state_dir(self.state_dir)
+        self._lock = threading.Lock()
+        self._refit_lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(max_workers=8)
+        self.members: dict[str, Any] = {}
+        self.current: CoordinatorTxn | None = None
+        for rid, event in self.state.members.items():
+            if event == "join":
+                try:
+                    self.members[rid] = ray.get_actor(replica_actor_name(self.name, rid), self.namespace)
+                except ValueError:
+                    logger.warning("member %s is gone", rid)
+        self._recovered = threading.Event()
+        threading.Thread(target=self._recover, daemon=True).start()
+
+    # ------------------------------------------------------------------ recovery
+
+    def _recover(self) -> None:
+        """Finish logged COMMITs, presume the rest aborted (runs once per incarnation)."""
+        try:
+            with self._refit_lock:
+                warm_up.remote()
+                for txn in self.state.undecided:
+                    self._append(AbortRecord(epoch=self.epoch, txn=txn,
+                                             reason="presumed abort: coordinator restarted before COMMIT"),
+                                 fsync=True)
+                for txn in self.state.committed_not_activated:
+                    outcome = self.state.outcomes[txn]
+                    assert outcome.version is not None
+                    self._finish_committed(txn, outcome.version, time.perf_counter())
+                if self.members:
+                    self._sync_members(list(self.members))
+        except Exception:
+            logger.exception("recovery failed")
+        finally:
+            self._recovered.set()
+
+    def _finish_committed(self, txn: str, version: int, t0: float) -> dict[str, Any]:
+        """COMMIT then ACTIVATE a logged-committed txn; members that lost it catch up from the store."""
+        acks = self._fan_out("commit", self.timeouts["commit_s"], self.epoch, txn)
+        lost = [rid for rid, r in acks.items() if isinstance(r, BaseException)]
+        for rid in lost:
+            self._call_one(rid, "sync_to", self.timeouts["prepare_s"], version)
+        ready = [rid for rid in acks if rid not in lost]
+        activations = {}
+        for i, rid in enumerate(ready):
+            if i == 1:
+                self.fp.hit("coordinator.mid_activate")
+            activations[rid] = self._pool.submit(self._call_one, rid, "activate",
+                                                 self.timeouts["activate_s"], self.epoch, txn)
+        results = {rid: f.result() for rid, f in activations.items()}
+        for rid, r in results.items():
+            if isinstance(r, BaseException):
+                self._call_one(rid, "sync_to", self.timeouts["prepare_s"], version)
+        self.fp.hit("coordinator.before_activated_logged")
+        self._append(ActivatedRecord(epoch=self.epoch, txn=txn, version=version,
+                                     duration_s=time.perf_counter() - t0), fsync=False)
+        self._retain()
+        return results
+
+    # ------------------------------------------------------------------ helpers
+
+    def _append(self, record: Any, *, fsync: bool) -> None:
+        self.log.append(record, fsync=fsync)
+        self.state = self.log.state()
+
+    def _call_one(self, rid: str, method: str, timeout: float, *args: Any) -> Any:
+        handle = self.members.get(rid)
+        if handle is None:
+            return KeyError(f"replica {rid} is not a member")
+        try:
+            return ray.get(getattr(handle, method).remote(*args), timeout=timeout)
+        except BaseException as exc:
+            return exc
+
+    def _fan_out(self, method: str, timeout: float, *args: Any,
+                 members: list[str] | None = None) -> dict[str, Any]:
+        """Call ``method`` on every member at once; a failure or timeout comes back as the exception."""
+        rids = list(self.members) if members is None else members
+        refs = {}
+        for rid in rids:
+            try:
+                refs[rid] = getattr(self.members[rid], method).remote(*args)
+            except BaseException as exc:
+                refs[rid] = exc
+        out: dict[str, Any] = {}
+        deadline = time.monotonic() + timeout
+        for rid, ref in refs.items():
+            if isinstance(ref, BaseException):
+                out[rid] = ref
+                continue
+            try:
+                out[rid] = ray.get(ref, timeout=max(0.0, deadline - time.monotonic()))
+            except BaseException as exc:
+                out[rid] = exc
+        return out
+
+    def _active_checksums(self) -> dict[str, str]:
+        info = self.state.active
+        if info is not None:
+            return dict(info.checksums)
+        return self.store.manifest(self.state.active_version).checksums
+
+    def _origins(self) -> dict[int, int]:
+        return {v: (i.origin_version if i.origin_version is not None else v)
+                for v, i in self.state.versions.items()}
+
+    def _retain(self) -> None:
+        """Keep the base (0), active, previous, in-flight and default rollback target versions,
+        plus the newest ``retain_versions`` committed ones; delete the rest from the store."""
+        active = self.state.active_version
+        committed = sorted(set(self.state.versions) | ({0} if self.store.has(0) else set()))
+        keep = {0, active, *[v for v in committed if v < active][-1:]}
+        keep.update(committed[-int(self.cfg.get("retain_versions", 3)):])
+        if self.current is not None:
+            keep.add(self.current.version)
+        target = default_rollback_target(active, self._origins(), committed)
+        if target is not None:
+            keep.add(target)
+        keep.update(range(active + 1, self.state.last_version + 1))  # anything newer may be in flight
+        self.store.retain(keep)
+
+    def _outcome_dict(self, key_or_txn: str) -> dict[str, Any] | None:
+        if self.current is not None and key_or_txn in (self.current.txn, self.current.key):
+            return {"status": "in_doubt", "txn": self.current.txn, "version": self.current.version,
+                    "phase": self.current.phase.value, "reason": "in progress"}
+        o = self.state.outcomes.get(key_or_txn)
+        if o is None:
+            return None
+        return {"status": o.status, "txn": o.txn, "version": o.version, "key": o.key,
+                "reason": o.reason, "votes": dict(o.votes), "activated": o.activated}
+
+    # ------------------------------------------------------------------ membership
+
+    def join(self, rid: str) -> dict[str, Any]:
+        """Add a running replica (named actor) to the fleet, after it caught up to the active version."""
+        self._recovered.wait()
+        handle = ray.get_actor(replica_actor_name(self.name, rid), self.namespace)
+        with self._refit_lock:
+            version = self.state.active_version
+            status = ray.get(handle.status.remote(), timeout=self.timeouts["request_s"])
+            if status["version"] != version:
+                ray.get(handle.sync_to.remote(version), timeout=self.timeouts["prepare_s"])
+            with self._lock:
+                self.members[rid] = handle
+            if self.state.members.get(rid) != "join":
+                self._append(MemberRecord(epoch=self.epoch, replica_id=rid, event="join"), fsync=False)
+            return {"replica": rid, "version": version}
+
+    def leave(self, rid: str) -> dict[str, Any]:
+        """Remove a replica from the fleet (drain: no new refits include it)."""
+        with self._refit_lock, self._lock:
+            self.members.pop(rid, None)
+            self._append(MemberRecord(epoch=self.epoch, replica_id=rid, event="leave"), fsync=False)
+            return {"replica": rid}
+
+    def _sync_members(self, rids: list[str]) -> None:
+        version = self.state.active_version
+        for rid in rids:
+            st = self._call_one(rid, "status", self.timeouts["request_s"])
+            if isinstance(st, dict) and st["version"] != version:
+                self._call_one(rid, "sync_to", self.timeouts["prepare_s"], version)
+
+    def member_handles(self) -> dict[str, Any]:
+        with self._lock:
+            return dict(self.members)
+
+    # ------------------------------------------------------------------ queries
+
+    def config(self) -> dict[str, Any]:
+        """The fleet config this coordinator runs with (for ``Fleet.connect``)."""
+        return dict(self.cfg)
+
+    def manifest(self) -> dict[str, Any]:
+        """name -> {shape, dtype} of every refittable weight (from the base version's checkpoint)."""
+        m = self.store.manifest(min(self.store.versions()))
+        return {n: {"shape": list(e.shape), "dtype": e.dtype} for n, e in m.tensors.items()}
+
+    def outcome(self, key_or_txn: str) -> dict[str, Any]:
+        o = self._outcome_dict(key_or_txn)
+        if o is None:
+            return {"status": "unknown", "txn": None, "version": None,
+                    "reason": f"no transaction or idempotency key {key_or_txn!r} in the log"}
+        return o
+
+    def status(self) -> dict[str, Any]:
+        members = self.member_handles()
+        refs = {rid: h.status.remote() for rid, h in members.items()}
+        replicas = []
+        for rid, ref in refs.items():
+            try:
+                replicas.append(ray.get(ref, timeout=self.timeouts["request_s"]))
+            except BaseException as exc:
+                replicas.append({"id": rid, "healthy": False, "state": "unreachable",
+                                 "error": _reason(exc), "version": None})
+        return {"name": self.name, "epoch": self.epoch, "version": self.state.active_version,
+                "last_version": self.state.last_version,
+                "in_flight": None if self.current is None else {
+                    "txn": self.current.txn, "version": self.current.version,
+                    "phase": self.current.phase.value},
+                "replicas": sorted(replicas, key=lambda r: r["id"])}
+
+    def history(self) -> list[dict[str, Any]]:
+        return [dict(vars(h)) for h in self.state.history]
+
+    def versions(self) -> dict[str, Any]:
+        return {"active": self.state.active_version, "stored": self.store.versions(),
+                "committed": sorted(self.state.versions)}
+
+    # ------------------------------------------------------------------ refit / rollback
+
+    def refit(self, refs: list[Any], specs: dict[str, Any], checksums: dict[str, str],
+              key: str | None = None) -> dict[str, Any]:
+        """Two-phase commit of a published version; returns its outcome (never raises for an abort)."""
+        self._recovered.wait()
+        with self._refit_lock:
+            if key is not None and (prior := self._outcome_dict(key)) is not None:
+                return {**prior, "duplicate": True}
+            active = self._active_checksums()
+            full = {**active, **checksums}
+            if set_digest(full) == set_digest(active):
+                return {"status": "noop", "version": self.state.active_version, "txn": None,
+                        "reason": "identical to the active version"}
+            return self._run(refs, specs, checksums, full, key, origin=None,
+                             base_version=self.state.active_version, from_version=None)
+
+    def rollback(self, to: int | None = None, key: str | None = None) -> dict[str, Any]:
+        """A new version carrying an earlier version's weights (default: walk back one origin)."""
+        self._recovered.wait()
+        with self._refit_lock:
+            if key is not None and (prior := self._outcome_dict(key)) is not None:
+                return {**prior, "duplicate": True}
+            committed = sorted(set(self.state.versions) | ({0} if self.store.has(0) else set()))
+            if to is None:
+                to = default_rollback_target(self.state.active_version, self._origins(), committed)
+                if to is None:
+                    return {"status": "aborted", "version": None, "txn": None, "votes": {},
+                            "reason": "no earlier version to roll back to"}
+            if to not in committed or not self.store.has(to):
+                return {"status": "aborted", "version": None, "txn": None, "votes": {},
+                        "reason": f"version {to} is not a committed version held in the checkpoint "
+                                  f"store (held: {self.store.versions()})"}
+            sums = self.store.manifest(to).checksums
+            info = self.state.versions.get(to)
+            origin = info.origin_version if info is not None and info.origin_version is not None else to
+            return self._run(None, {}, sums, sums, key, origin=origin, base_version=None, from_version=to)
+
+    def _run(self, refs: list[Any] | None, specs: dict[str, Any], checksums: dict[str, str],
+             full: dict[str, str], key: str | None, *, origin: int | None, base_version: int | None,
+             from_version: int | None) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        version = self.state.last_version + 1
+        members = list(self.members)
+        txn = CoordinatorTxn(txn=uuid.uuid4().hex[:16], epoch=self.epoch, version=version, key=key,
+                             members=members)
+        self.current = txn
+        try:
+            self._append(BeginRecord(epoch=self.epoch, txn=txn.txn, version=version, key=key,
+                                     checksums=full, origin_version=origin), fsync=False)
+            self.fp.hit("coordinator.after_begin")
+            persist = persist_version.remote(self.state_dir, version, refs, specs, checksums,
+                                             base_version, from_version, self.cfg.get("persist_fsync", True))
+            source = {"from_version": from_version} if from_version is not None else None
+            t_prep = time.perf_counter()
+            raw = self._fan_out("prepare", self.timeouts["prepare_s"], self.epoch, txn.txn, version,
+                                refs, specs, checksums, source, members=members)
+            votes = {rid: (Vote(rid, bool(r["yes"]), r["reason"], r.get("timings", {}))
+                           if isinstance(r, dict) else Vote(rid, False, _reason(r)))
+                     for rid, r in raw.items()}
+            prepare_s = time.perf_counter() - t_prep
+            txn.votes = votes
+            persist_timings: dict[str, float] = {}
+            persist_error = ""
+            try:
+                persist_timings = ray.get(persist, timeout=self.timeouts["prepare_s"])
+            except BaseException as exc:
+                persist_error = f"persisting version {version} failed: {_reason(exc)}"
+            decision = tally(votes, policy=self.cfg.get("commit_policy", "strict"),
+                             max_evict=int(self.cfg.get("max_evict", 0)))
+            if not decision.commit or persist_error:
+                reason = persist_error or decision.reason
+                return self._abort(txn, reason, votes, t0)
+            for rid in decision.evicted:
+                self._evict(rid)
+            self._append(CommitRecord(epoch=self.epoch, txn=txn.txn, version=version), fsync=True)
+            txn.move(Phase.COMMITTING)
+            self.fp.hit("coordinator.after_decision_logged")
+            txn.move(Phase.ACTIVATING)
+            activations = self._finish_committed(txn.txn, version, t0)
+            txn.move(Phase.DONE)
+            replicas: dict[str, dict[str, Any]] = {}
+            for rid, vote in votes.items():
+                replicas[rid] = dict(vote.timings)
+                if isinstance(activations.get(rid), dict):
+                    replicas[rid].update(activations[rid])
+            return {"status": "committed", "txn": txn.txn, "version": version, "key": key,
+                    "duration_s": time.perf_counter() - t0, "prepare_s": prepare_s,
+                    "persist": persist_timings, "evicted": decision.evicted, "replicas": replicas}
+        finally:
+            self.current = None
+
+    def _abort(self, txn: CoordinatorTxn, reason: str, votes: dict[str, Vote], t0: float) -> dict[str, Any]:
+        vote_text = {rid: ("YES" if v.yes else f"NO: {v.reason}") for rid, v in votes.items()}
+        self._append(AbortRecord(epoch=self.epoch, txn=txn.txn, reason=reason, votes=vote_text), fsync=True)
+        txn.move(Phase.ABORTED)
+        self._fan_out("abort", self.timeouts["commit_s"], self.epoch, txn.txn, reason, members=txn.members)
+        self.store.retain(set(self.store.versions()) - {txn.version})
+        return {"status": "aborted", "txn": txn.txn, "version": None, "key": txn.key, "reason": reason,
+                "votes": vote_text, "duration_s": time.perf_counter() - t0}
+
+    def _evict(self, rid: str) -> None:
+        with self._lock:
+            handle = self.members.pop(rid, None)
+        self._append(MemberRecord(epoch=self.epoch, replica_id=rid, event="evict"), fsync=True)
+        if handle is not None:
+            # Fencing by restart: the replica comes back through Ray, reloads the active version
+            # from the log and the store, and must rejoin before it serves fleet traffic again.
+            ray.kill(handle, no_restart=False)
+
+    def shutdown(self) -> None:
+        """Kill every member (the driver kills this actor afterwards)."""
+        for handle in self.member_handles().values():
+            try:
+                ray.kill(handle, no_restart=True)
+            except BaseException:
+                logger.exception("kill failed")
+        self.log.close()

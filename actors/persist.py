@@ -1,0 +1,48 @@
+"""Writing a version to the checkpoint store, in a Ray task beside the coordinator.
+
+The coordinator never touches weight bytes: it starts this task with the same nested refs the
+replicas get, and waits for it before logging COMMIT. Subset refits are materialised: the task
+overlays the changed tensors on the base version read back (verified) from the store. A rollback
+re-saves the target version's set under the new version number.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import ray
+
+from .payload import from_wire
+from .store import CheckpointStore
+
+
+@ray.remote(num_cpus=0, max_retries=0)
+def persist_version(state_dir: str, version: int, refs: list[Any] | None, specs: dict[str, Any],
+                    checksums: dict[str, str], base_version: int | None,
+                    from_version: int | None, fsync: bool) -> dict[str, float]:
+    """Save ``version`` as a full set; returns timings. Raises on any mismatch (a NO for COMMIT)."""
+    t0 = time.perf_counter()
+    store = CheckpointStore.in_state_dir(state_dir, cleanup=False)
+    if from_version is not None:
+        tensors = store.load(from_version)
+        sums = store.manifest(from_version).checksums
+    else:
+        arrays = ray.get(refs[0])
+        tensors = from_wire(arrays, specs)
+        sums = dict(checksums)
+        if base_version is not None and set(tensors) != set(store.manifest(base_version).checksums):
+            base = store.load(base_version)
+            base_sums = store.manifest(base_version).checksums
+            base.update(tensors)
+            tensors = base
+            sums = {**base_sums, **checksums}
+    t1 = time.perf_counter()
+    store.save(version, tensors, sums, fsync=fsync)
+    return {"read_s": t1 - t0, "write_s": time.perf_counter() - t1}
+
+
+@ray.remote(num_cpus=0, max_retries=0)
+def warm_up() -> bool:
+    """Start a task worker ahead of the first refit, so its start-up is not on the refit path."""
+    return True

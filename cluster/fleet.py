@@ -1,0 +1,230 @@
+"""The driver API: launch or connect to a fleet, infer, refit, roll back, inspect, shut down."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from actors.coordinator import Coordinator, coordinator_actor_name, replica_actor_name
+from actors.replica import Replica
+from actors.store import CheckpointStore
+from engines.checksum import checksums as checksum_all
+from engines.engine_file import read_engine_file
+from engines.errors import EngineFileError
+from engines.weights import WeightsLike
+
+from .config import FleetConfig
+from .errors import FleetNotFound, RefitAborted
+from .placement import (
+    actor_options,
+    create_placement_group,
+    local_ray_init_kwargs,
+    plan_placement,
+    resolve_card_indexes,
+)
+from .publish import publish
+from .router import InferResponse, Router
+
+
+@dataclass
+class RefitResult:
+    """A committed refit or rollback (or a no-op: ``noop`` True, version unchanged)."""
+
+    version: int
+    txn: str | None
+    duration_s: float
+    noop: bool = False
+    duplicate: bool = False
+    replicas: dict[str, dict[str, float]] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    evicted: list[str] = field(default_factory=list)
+
+
+def ensure_ray(address: str | None = None, init_kwargs: Mapping[str, Any] | None = None) -> None:
+    """Join ``RAY_ADDRESS`` or ``address`` if set, else start a local Ray with ``init_kwargs``."""
+    if ray.is_initialized():
+        return
+    target = os.environ.get("RAY_ADDRESS") or address
+    if target:
+        ray.init(address=target, log_to_driver=False)
+    else:
+        kwargs = {"include_dashboard": False, "log_to_driver": False, **dict(init_kwargs or {})}
+        ray.init(**kwargs)
+
+
+def _replica_spec(cfg: FleetConfig, card: int | None) -> dict[str, Any]:
+    device = {"cpu": "cpu", "cuda": "cuda:0", "mlu": "mlu:0"}[cfg.device]
+    return {
+        "engine": cfg.engine, "device": device, "state_dir": cfg.state_dir, "card": card,
+        "memory_mode": cfg.memory_mode, "keep_previous": cfg.keep_previous,
+        "memory_budget_bytes": cfg.memory_budget_bytes, "torch_threads": cfg.torch_threads,
+        "failpoints": dict(cfg.failpoints), "fetch_timeout_s": cfg.timeouts.prepare_s,
+    }
+
+
+def _ensure_base_version(cfg: FleetConfig) -> None:
+    """Write the engine file's weights as version 0 of the checkpoint store (once per fleet)."""
+    store = CheckpointStore.in_state_dir(cfg.state_dir)
+    if store.has(0):
+        return
+    if not Path(cfg.engine).is_file():
+        raise EngineFileError(f"engine file {cfg.engine!r} does not exist "
+                              f"(build one with scripts/gen_model.py)")
+    ef = read_engine_file(cfg.engine)
+    store.save(0, ef.weights, checksum_all(ef.weights), fsync=cfg.persist_fsync)
+
+
+class Fleet:
+    """A handle on one fleet: its coordinator, and a router over its replicas.
+
+    ``launch`` starts (or re-attaches to) the detached coordinator and replicas named after the
+    config; ``connect`` attaches to a running fleet from any driver or Ray job. Handles are
+    thread-safe; each one routes its own requests (monotonic reads per handle).
+    """
+
+    def __init__(self, name: str, namespace: str, coordinator: Any, cfg: dict[str, Any]) -> None:
+        self.name = name
+        self.namespace = namespace
+        self._coord = coordinator
+        self._cfg = cfg
+        self._manifest: dict[str, Any] | None = None
+        timeouts = cfg["timeouts"]
+        routing = cfg["routing"]
+        self._refit_timeout = timeouts["prepare_s"] * 2 + timeouts["commit_s"] + timeouts["activate_s"] * 2 + 60
+        self._request_s = timeouts["request_s"]
+        self._lock = threading.Lock()
+        self.router = Router(self._members, max_queue=routing["max_queue_per_replica"],
+                             request_timeout_s=timeouts["request_s"],
+                             retries_on_stale=routing["retries_on_stale"])
+
+    # ---------------------------------------------------------------- lifecycle
+
+    @classmethod
+    def launch(cls, cfg: FleetConfig) -> Fleet:
+        """Start coordinator and replicas (or re-attach to running ones); return when all serve."""
+        ensure_ray(cfg.address, local_ray_init_kwargs(cfg))
+        _ensure_base_version(cfg)
+        cfg_dict = cfg.model_dump(mode="json")
+        coord = Coordinator.options(
+            name=coordinator_actor_name(cfg.name), namespace=cfg.namespace, lifetime="detached",
+            get_if_exists=True, num_cpus=0,
+        ).remote(cfg_dict)
+        plan = plan_placement(cfg)
+        pg = create_placement_group(plan, cfg.timeouts.launch_s, name=f"{cfg.name}.replicas")
+        cards = resolve_card_indexes(plan, pg)
+        handles = {}
+        for rp in plan.replicas:
+            card = cards.get(rp.replica_id)
+            opts = actor_options(rp, placement_group=pg, card_index=card)
+            handles[rp.replica_id] = Replica.options(
+                name=replica_actor_name(cfg.name, rp.replica_id), namespace=cfg.namespace,
+                lifetime="detached", get_if_exists=True, **opts,
+            ).remote(rp.replica_id, _replica_spec(cfg, card))
+        deadline = time.monotonic() + cfg.timeouts.launch_s
+        ray.get([h.ping.remote() for h in handles.values()], timeout=cfg.timeouts.launch_s)
+        for rid in handles:
+            ray.get(coord.join.remote(rid), timeout=max(1.0, deadline - time.monotonic()))
+        return cls(cfg.name, cfg.namespace, coord, cfg_dict)
+
+    @classmethod
+    def connect(cls, name: str, namespace: str = "weight-refit", address: str | None = None) -> Fleet:
+        """Attach to a running fleet by name (from another driver or a Ray job)."""
+        ensure_ray(address)
+        try:
+            coord = ray.get_actor(coordinator_actor_name(name), namespace=namespace)
+        except ValueError:
+            raise FleetNotFound(f"no fleet {name!r} in namespace {namespace!r} "
+                                f"(no actor {coordinator_actor_name(name)!r})") from None
+        cfg = ray.get(coord.config.remote())
+        return cls(name, namespace, coord, cfg)
+
+    def shutdown(self) -> None:
+        """Kill the replicas and the coordinator and remove the placement group. State dir stays."""
+        ray.get(self._coord.shutdown.remote())
+        ray.kill(self._coord, no_restart=True)
+        try:
+            from ray.util import get_placement_group, remove_placement_group
+
+            remove_placement_group(get_placement_group(f"{self.name}.replicas"))
+        except Exception:  # noqa: BLE001  (no placement group for cpu/cuda fleets)
+            pass
+
+    # ---------------------------------------------------------------- serving
+
+    def _members(self) -> dict[str, Any]:
+        return ray.get(self._coord.member_handles.remote(), timeout=self._request_s)
+
+    def infer(self, *inputs: Any, timeout_s: float | None = None) -> InferResponse:
+        """Infer on the least-loaded replica: ``r.outputs``, ``r.version``, ``r.replica``."""
+        if len(inputs) == 1 and isinstance(inputs[0], (list, tuple)):
+            inputs = tuple(inputs[0])
+        return self.router.call(list(inputs), timeout_s)
+
+    # ---------------------------------------------------------------- refits
+
+    def manifest(self) -> dict[str, Any]:
+        """name -> {shape, dtype} of every refittable weight."""
+        with self._lock:
+            if self._manifest is None:
+                self._manifest = ray.get(self._coord.manifest.remote(), timeout=self._request_s)
+            return self._manifest
+
+    def refit(self, weights: WeightsLike, key: str | None = None, *, strip_prefix: str | None = None,
+              add_prefix: str | None = None, mapping: Mapping[str, str] | None = None) -> RefitResult:
+        """Publish ``weights`` (a mapping or a .safetensors/.pt/.npz path) and refit every replica.
+
+        Validated and checksummed here before any transfer; put into the object store once. Raises
+        ``RefitAborted`` when any member votes NO (the fleet stays on its version). The same
+        ``key`` returns the first call's outcome.
+        """
+        t0 = time.perf_counter()
+        from engines.config import NonFinitePolicy
+
+        pub = publish(weights, self.manifest(), non_finite=NonFinitePolicy.REJECT,
+                      strip_prefix=strip_prefix, add_prefix=add_prefix, mapping=mapping)
+        out = ray.get(self._coord.refit.remote(pub.refs, pub.specs, pub.checksums, key),
+                      timeout=self._refit_timeout)
+        del pub.refs
+        return self._result(out, t0, pub.timings)
+
+    def rollback(self, to: int | None = None, key: str | None = None) -> RefitResult:
+        """A new version carrying an earlier version's weights (default: walk back one step)."""
+        t0 = time.perf_counter()
+        out = ray.get(self._coord.rollback.remote(to, key), timeout=self._refit_timeout)
+        return self._result(out, t0, {})
+
+    def _result(self, out: dict[str, Any], t0: float, timings: dict[str, float]) -> RefitResult:
+        if out["status"] == "aborted":
+            raise RefitAborted(out.get("reason") or "aborted", out.get("votes"), out.get("txn"))
+        if out["status"] == "in_doubt":
+            raise RefitAborted(f"transaction {out['txn']} is still in progress (in doubt); "
+                               f"ask fleet.outcome() later", {}, out.get("txn"))
+        version = int(out["version"])
+        self.router.observe(version)
+        return RefitResult(version=version, txn=out.get("txn"), duration_s=time.perf_counter() - t0,
+                           noop=out["status"] == "noop", duplicate=bool(out.get("duplicate")),
+                           replicas=out.get("replicas", {}),
+                           timings={**timings, "coordinator_s": out.get("duration_s", 0.0),
+                                    "prepare_s": out.get("prepare_s", 0.0)},
+                           evicted=list(out.get("evicted", [])))
+
+    def outcome(self, key_or_txn: str) -> dict[str, Any]:
+        """``{"status": committed | aborted | in_doubt | unknown, "version", "txn", "reason"}``."""
+        return ray.get(self._coord.outcome.remote(key_or_txn), timeout=self._request_s)
+
+    # ---------------------------------------------------------------- inspection
+
+    def status(self) -> dict[str, Any]:
+        """Version, epoch, in-flight txn; per replica: id, node, card, device, version, state, healthy."""
+        return ray.get(self._coord.status.remote(), timeout=self._request_s * 2)
+
+    def history(self) -> list[dict[str, Any]]:
+        """Every transaction in the log: committed and aborted, with reasons and durations."""
+        return ray.get(self._coord.history.remote(), timeout=self._request_s)

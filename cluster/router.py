@@ -1,0 +1,124 @@
+"""Client-side routing of inference requests over the fleet's replicas.
+
+Contract:
+- Least outstanding requests first (counted by this handle), at most ``max_queue`` outstanding
+  per replica: when every healthy replica is full the call fails at once with ``Overloaded``.
+- Monotonic reads (DESIGN step 5): each request carries the highest version this handle has
+  seen as ``min_version``; a replica that cannot serve it answers "stale" and the request is
+  retried on another member after the member list is refreshed. No handle sees versions go back.
+- A replica that fails (actor died, restarting) or times out is skipped for this request and
+  marked unhealthy for a short while; the request goes to another member, so no request fails
+  that a live member could serve.
+- Thread-safe: one handle may serve many client threads.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError
+
+from .errors import NoReplicaAvailable, Overloaded
+
+
+@dataclass
+class InferResponse:
+    """One answer: outputs (numpy arrays), the version that produced them, the replica's id."""
+
+    outputs: list[np.ndarray]
+    version: int
+    replica: str
+
+
+class Router:
+    """Routes requests over the members returned by ``refresh()``; see the module docstring."""
+
+    def __init__(self, refresh: Callable[[], dict[str, Any]], *, max_queue: int, request_timeout_s: float,
+                 retries_on_stale: int, unhealthy_s: float = 2.0) -> None:
+        self._refresh_fn = refresh
+        self._lock = threading.Lock()
+        self._members: dict[str, Any] = {}
+        self._outstanding: dict[str, int] = {}
+        self._unhealthy_until: dict[str, float] = {}
+        self.max_queue = max_queue
+        self.request_timeout_s = request_timeout_s
+        self.retries_on_stale = retries_on_stale
+        self.unhealthy_s = unhealthy_s
+        self.seen_version = 0
+        self.refresh()
+
+    def refresh(self) -> None:
+        members = self._refresh_fn()
+        with self._lock:
+            self._members = dict(members)
+            for rid in members:
+                self._outstanding.setdefault(rid, 0)
+
+    def observe(self, version: int) -> None:
+        """Raise this handle's floor (e.g. after ``refit`` returned version ``version``)."""
+        with self._lock:
+            self.seen_version = max(self.seen_version, version)
+
+    def _pick(self, skip: set[str]) -> tuple[str, Any, int]:
+        now = time.monotonic()
+        with self._lock:
+            candidates = [r for r in self._members if r not in skip and self._unhealthy_until.get(r, 0) <= now]
+            if not candidates:
+                candidates = [r for r in self._members if r not in skip]
+            if not candidates:
+                raise NoReplicaAvailable(
+                    f"no replica could serve the request (tried {sorted(skip) or 'none'}; "
+                    f"members {sorted(self._members)})")
+            free = [r for r in candidates if self._outstanding.get(r, 0) < self.max_queue]
+            if not free:
+                raise Overloaded(f"all {len(candidates)} replica(s) have {self.max_queue} outstanding "
+                                 f"requests (routing.max_queue_per_replica={self.max_queue})")
+            rid = min(free, key=lambda r: self._outstanding.get(r, 0))
+            self._outstanding[rid] = self._outstanding.get(rid, 0) + 1
+            return rid, self._members[rid], self.seen_version
+
+    def _done(self, rid: str) -> None:
+        with self._lock:
+            self._outstanding[rid] = max(0, self._outstanding.get(rid, 0) - 1)
+
+    def call(self, inputs: list[Any], timeout_s: float | None = None) -> InferResponse:
+        timeout = self.request_timeout_s if timeout_s is None else timeout_s
+        deadline = time.monotonic() + timeout
+        skip: set[str] = set()
+        stale = 0
+        last_error = ""
+        while True:
+            if time.monotonic() > deadline:
+                raise NoReplicaAvailable(f"request timed out after {timeout:g}s ({last_error})")
+            try:
+                rid, handle, floor = self._pick(skip)
+            except NoReplicaAvailable:
+                if stale > self.retries_on_stale or not skip:
+                    raise
+                self.refresh()
+                skip.clear()
+                stale += 1
+                continue
+            try:
+                resp = ray.get(handle.infer.remote(inputs, floor),
+                               timeout=max(0.001, deadline - time.monotonic()))
+            except (RayActorError, GetTimeoutError) as exc:
+                last_error = f"replica {rid}: {type(exc).__name__}"
+                with self._lock:
+                    self._unhealthy_until[rid] = time.monotonic() + self.unhealthy_s
+                skip.add(rid)
+                continue
+            finally:
+                self._done(rid)
+            if resp["stale"]:
+                last_error = f"replica {rid} stale at version {resp['version']} < {floor}"
+                skip.add(rid)
+                continue
+            self.observe(resp["version"])
+            return InferResponse(resp["outputs"], resp["version"], resp["replica"])
