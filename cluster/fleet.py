@@ -97,7 +97,8 @@ class Fleet:
         self._manifest: dict[str, Any] | None = None
         timeouts = cfg["timeouts"]
         routing = cfg["routing"]
-        self._refit_timeout = timeouts["prepare_s"] * 2 + timeouts["commit_s"] + timeouts["activate_s"] * 2 + 60
+        self._refit_timeout = (2 * timeouts["prepare_s"] + timeouts["commit_s"]
+                               + 2 * timeouts["activate_s"] + 60)
         self._request_s = timeouts["request_s"]
         self._lock = threading.Lock()
         self.router = Router(self._members, max_queue=routing["max_queue_per_replica"],

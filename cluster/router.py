@@ -68,7 +68,8 @@ class Router:
     def _pick(self, skip: set[str]) -> tuple[str, Any, int]:
         now = time.monotonic()
         with self._lock:
-            candidates = [r for r in self._members if r not in skip and self._unhealthy_until.get(r, 0) <= now]
+            candidates = [r for r in self._members
+                          if r not in skip and self._unhealthy_until.get(r, 0) <= now]
             if not candidates:
                 candidates = [r for r in self._members if r not in skip]
             if not candidates:
