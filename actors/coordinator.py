@@ -233,6 +233,10 @@ class Coordinator:
 
     # ------------------------------------------------------------------ queries
 
+    def arm_failpoint(self, name: str, action: str | None) -> None:
+        """Arm a failpoint in the coordinator (fault-injection tests)."""
+        self.fp.arm(name, action)
+
     def config(self) -> dict[str, Any]:
         """The fleet config this coordinator runs with (for ``Fleet.connect``)."""
         return dict(self.cfg)

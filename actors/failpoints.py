@@ -63,6 +63,17 @@ class Failpoints:
         self._counts: dict[str, int] = {}
         self._lock = threading.Lock()
 
+    def arm(self, name: str, action: str | None) -> None:
+        """Arm (or, with None, disarm) a hook at run time; its hit count restarts."""
+        if name not in KNOWN:
+            raise ValueError(f"unknown failpoint {name!r}; known: {sorted(KNOWN)}")
+        with self._lock:
+            if action is None:
+                self._armed.pop(name, None)
+            else:
+                self._armed[name] = action
+            self._counts.pop(name, None)
+
     def hit(self, name: str) -> None:
         action = self._armed.get(name)
         if action is None:

@@ -270,5 +270,10 @@ class Replica:
         return {n: tensor_checksum(t) for n, t in self.engine.weights().items()}
 
     @ray.method(concurrency_group="control")
+    def arm_failpoint(self, name: str, action: str | None) -> None:
+        """Arm a failpoint in this replica (fault-injection tests)."""
+        self.fp.arm(name, action)
+
+    @ray.method(concurrency_group="control")
     def ping(self) -> str:
         return self.replica_id

@@ -157,6 +157,7 @@ class FleetConfig(BaseModel):
     ray_init: dict[str, Any] = Field(default_factory=dict)
     persist_fsync: bool = True
     retain_versions: int = Field(default=3, ge=2)
+    engine_device: str | None = Field(default=None, pattern=r"^(cpu|cuda(:\d+)?|mlu(:\d+)?)$")
 
     @model_validator(mode="before")
     @classmethod

@@ -60,7 +60,7 @@ def ensure_ray(address: str | None = None, init_kwargs: Mapping[str, Any] | None
 
 
 def _replica_spec(cfg: FleetConfig, card: int | None) -> dict[str, Any]:
-    device = {"cpu": "cpu", "cuda": "cuda:0", "mlu": "mlu:0"}[cfg.device]
+    device = cfg.engine_device or {"cpu": "cpu", "cuda": "cuda:0", "mlu": "mlu:0"}[cfg.device]
     return {
         "engine": cfg.engine, "device": device, "state_dir": cfg.state_dir, "card": card,
         "memory_mode": cfg.memory_mode, "keep_previous": cfg.keep_previous,

@@ -78,7 +78,9 @@ class Engine:
                  config: BuilderConfig, version: int = 0) -> None:
         self.config = config
         self.backend = backend
-        self.device = config.device
+        # where inputs and weight buffers live: the card for torch, host memory for backends
+        # (MagicMind) that take host buffers and manage the device themselves
+        self.device = getattr(backend, "tensor_device", config.device)
         self._program_json = program_json
         self._constants = dict(constants)
         self._manifest: Manifest = manifest_of(weights)
