@@ -1,0 +1,238 @@
+"""stage / commit / discard semantics, subset refits and what they cost in memory, retained sets."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from engines import BuilderConfig, NotRetainedError, StagedState, build_engine
+
+
+class _TwoWeights(torch.nn.Module):
+    """outputs (x * a, x[:1] * b.sum()): a is 4 floats (16 B), b is 64 floats (256 B)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = torch.nn.Parameter(torch.zeros(4))
+        self.b = torch.nn.Parameter(torch.zeros(64))
+
+    def forward(self, x: torch.Tensor):
+        return x * self.a, x[:1] * self.b.sum()
+
+
+X = torch.ones(4)
+A_BYTES, B_BYTES = 16, 256
+
+
+def _engine(**cfg):
+    return build_engine(_TwoWeights(), [X], BuilderConfig(enable_refit=True, **cfg))
+
+
+def _values(engine) -> tuple[float, float, int]:
+    r = engine.infer(X)
+    assert np.all(r.outputs[0] == r.outputs[0][0])
+    return float(r.outputs[0][0]), float(r.outputs[1][0]), r.version
+
+
+def _full(a: float, b: float) -> dict[str, torch.Tensor]:
+    return {"a": torch.full((4,), a), "b": torch.full((64,), b / 64)}
+
+
+@pytest.fixture(params=["swap", "copy"])
+def mode(request):
+    return request.param
+
+
+# ------------------------------------------------------------------------- stage / commit / discard
+
+
+def test_staged_set_is_invisible_until_commit(mode):
+    engine = _engine(memory_mode=mode)
+    staged = engine.stage(_full(2.0, 3.0), version=7)
+    assert staged.state is StagedState.STAGED
+    assert staged.version == 7
+    assert _values(engine) == (0.0, 0.0, 0)
+    assert engine.version == 0
+    assert engine.commit(staged) == 7
+    assert staged.state is StagedState.COMMITTED
+    assert _values(engine) == (2.0, 3.0, 7)
+    assert engine.version == 7
+
+
+def test_commit_twice_is_idempotent(mode):
+    engine = _engine(memory_mode=mode)
+    staged = engine.stage(_full(2.0, 3.0), version=3)
+    assert engine.commit(staged) == 3
+    weights = engine.weights()
+    memory = engine.memory()
+    assert engine.commit(staged) == 3
+    assert _values(engine) == (2.0, 3.0, 3)
+    assert engine.memory() == memory
+    assert all(engine.weights()[n] is t for n, t in weights.items())
+
+
+def test_discard_frees_the_staged_memory(mode):
+    engine = _engine(memory_mode=mode)
+    assert engine.memory().staged_bytes == 0
+    staged = engine.stage(_full(2.0, 3.0), version=1)
+    assert staged.nbytes == A_BYTES + B_BYTES
+    assert engine.memory().staged_bytes == A_BYTES + B_BYTES
+    engine.discard(staged)
+    assert staged.state is StagedState.DISCARDED
+    assert engine.memory().staged_bytes == 0
+    assert _values(engine) == (0.0, 0.0, 0)
+    # the version number was not consumed: it can be staged again
+    assert engine.commit(engine.stage(_full(1.0, 1.0), version=1)) == 1
+
+
+def test_several_staged_sets_count_and_free_separately(mode):
+    engine = _engine(memory_mode=mode)
+    s1 = engine.stage({"a": torch.ones(4)}, version=1)
+    s2 = engine.stage({"b": torch.ones(64)}, version=2)
+    assert engine.memory().staged_bytes == A_BYTES + B_BYTES
+    engine.discard(s2)
+    assert engine.memory().staged_bytes == A_BYTES
+    engine.commit(s1)
+    assert engine.memory().staged_bytes == 0
+    assert _values(engine) == (1.0, 0.0, 1)
+
+
+def test_discarded_swap_buffers_are_reused_by_the_next_stage():
+    engine = _engine(memory_mode="swap")
+    s1 = engine.stage({"b": torch.ones(64)}, version=1)
+    ptr = s1.weight_set.tensors["b"].data_ptr()
+    engine.discard(s1)
+    assert engine.memory().pool_bytes == B_BYTES
+    s2 = engine.stage({"b": torch.full((64,), 2.0)}, version=1)
+    assert s2.weight_set.tensors["b"].data_ptr() == ptr
+    assert engine.memory().pool_bytes == 0
+    engine.commit(s2)
+    assert _values(engine) == (0.0, 128.0, 1)
+
+
+# ------------------------------------------------------------------------- subset refits
+
+
+def test_subset_refit_shares_the_unchanged_tensors():
+    engine = _engine(memory_mode="swap")
+    live = engine.weights()
+    staged = engine.stage({"a": torch.full((4,), 5.0)}, version=1)
+    assert staged.names == ("a",)
+    assert staged.nbytes == A_BYTES
+    assert engine.memory().staged_bytes == A_BYTES
+    engine.commit(staged)
+    new = engine.weights()
+    assert new["b"] is live["b"]
+    assert new["b"].data_ptr() == live["b"].data_ptr()
+    assert new["a"] is not live["a"]
+    assert new["a"].data_ptr() != live["a"].data_ptr()
+    assert torch.equal(live["a"], torch.zeros(4))  # the old set was not written
+    assert _values(engine) == (5.0, 0.0, 1)
+
+
+@pytest.mark.parametrize("names", [("a",), ("b",), ("a", "b")])
+def test_memory_of_a_subset_refit_is_the_changed_tensors(mode, names):
+    engine = _engine(memory_mode=mode)
+    sizes = {"a": A_BYTES, "b": B_BYTES}
+    full = _full(1.0, 64.0)
+    staged = engine.stage({n: full[n] for n in names}, version=1)
+    expected = sum(sizes[n] for n in names)
+    assert staged.nbytes == expected
+    report = engine.memory()
+    assert report.staged_bytes == expected
+    assert report.live_bytes == A_BYTES + B_BYTES
+    assert report.extra_bytes == expected
+    engine.commit(staged)
+    assert engine.memory().staged_bytes == 0
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_keep_previous(keep):
+    engine = _engine(memory_mode="swap", keep_previous=keep)
+    v0 = engine.weights()
+    engine.refit_now({"b": torch.ones(64)})
+    report = engine.memory()
+    if keep:
+        assert report.previous_bytes == B_BYTES  # b only: a is shared with the live set
+        assert engine.retained_versions() == [1, 0]
+        assert engine.weights(0)["b"] is v0["b"]
+        assert engine.weights(0)["a"] is engine.weights()["a"]
+    else:
+        assert report.previous_bytes == 0
+        assert engine.retained_versions() == [1]
+        with pytest.raises(NotRetainedError):
+            engine.weights(0)
+        assert report.pool_bytes == B_BYTES  # the replaced buffer went back to the pool
+    engine.drop_previous()
+    assert engine.memory().previous_bytes == 0
+    assert engine.retained_versions() == [1]
+
+
+def test_stage_retained_restages_the_previous_set_without_copying():
+    engine = _engine(memory_mode="swap", keep_previous=True)
+    engine.refit_now(_full(1.0, 64.0))
+    v1 = engine.weights()
+    engine.refit_now({"a": torch.full((4,), 9.0)})
+    assert _values(engine) == (9.0, 64.0, 2)
+    staged = engine.stage_retained(1, 3)
+    assert staged.nbytes == 0
+    assert engine.memory().staged_bytes == 0
+    assert _values(engine) == (9.0, 64.0, 2)  # invisible until commit
+    assert engine.commit(staged) == 3
+    assert _values(engine) == (1.0, 64.0, 3)
+    now = engine.weights()
+    for name in v1:
+        assert now[name] is v1[name]
+        assert now[name].data_ptr() == v1[name].data_ptr()
+    assert engine.retained_versions() == [3, 2]
+
+
+def test_stage_retained_of_the_live_version():
+    engine = _engine(memory_mode="swap")
+    engine.refit_now(_full(1.0, 64.0))
+    live = engine.weights()
+    engine.commit(engine.stage_retained(1, 2))
+    assert _values(engine) == (1.0, 64.0, 2)
+    assert all(engine.weights()[n] is t for n, t in live.items())
+
+
+def test_stage_retained_is_refused_in_copy_mode():
+    engine = _engine(memory_mode="copy")
+    engine.refit_now(_full(1.0, 64.0))
+    with pytest.raises(NotRetainedError):
+        engine.stage_retained(0, 2)
+    assert _values(engine) == (1.0, 64.0, 1)
+
+
+# ------------------------------------------------------------------------- commit modes
+
+
+def test_copy_mode_commits_in_place():
+    engine = _engine(memory_mode="copy")
+    ptrs = {n: t.data_ptr() for n, t in engine.weights().items()}
+    staged = engine.stage(_full(4.0, 64.0), version=1)
+    assert staged.weight_set is None
+    assert set(staged.host) == {"a", "b"}
+    assert all(t.device.type == "cpu" for t in staged.host.values())
+    engine.commit(staged)
+    assert {n: t.data_ptr() for n, t in engine.weights().items()} == ptrs
+    assert _values(engine) == (4.0, 64.0, 1)
+    report = engine.memory()
+    assert report.previous_bytes == 0
+    assert report.staged_bytes == 0
+    assert report.pool_bytes == 0
+    assert staged.host == {}
+
+
+def test_swap_mode_commit_is_a_reference_swap():
+    engine = _engine(memory_mode="swap")
+    ptrs = {n: t.data_ptr() for n, t in engine.weights().items()}
+    staged = engine.stage(_full(4.0, 64.0), version=1)
+    new_ptrs = {n: t.data_ptr() for n, t in staged.weight_set.tensors.items()}
+    assert set(new_ptrs.values()).isdisjoint(ptrs.values())
+    engine.commit(staged)
+    assert {n: t.data_ptr() for n, t in engine.weights().items()} == new_ptrs
+    # a functional upper bound on one reference swap, not a benchmark
+    assert engine.last_swap_ns < 100_000, engine.last_swap_ns
+    assert _values(engine) == (4.0, 64.0, 1)
