@@ -81,6 +81,16 @@ def _ensure_base_version(cfg: FleetConfig) -> None:
     store.save(0, ef.weights, checksum_all(ef.weights), fsync=cfg.persist_fsync)
 
 
+def _existing_placement_group(name: str) -> Any:
+    """The fleet's placement group if a previous launch left it (re-attach keeps card indexes)."""
+    from ray.util import get_placement_group
+
+    try:
+        return get_placement_group(f"{name}.replicas")
+    except ValueError:
+        return None
+
+
 class Fleet:
     """A handle on one fleet: its coordinator, and a router over its replicas.
 
@@ -113,13 +123,14 @@ class Fleet:
         ensure_ray(cfg.address, local_ray_init_kwargs(cfg))
         _ensure_base_version(cfg)
         cfg_dict = cfg.model_dump(mode="json")
+        plan = plan_placement(cfg)
+        pg = _existing_placement_group(cfg.name) or create_placement_group(
+            plan, cfg.timeouts.launch_s, name=f"{cfg.name}.replicas")
+        cards = resolve_card_indexes(plan, pg)
         coord = Coordinator.options(
             name=coordinator_actor_name(cfg.name), namespace=cfg.namespace, lifetime="detached",
             get_if_exists=True, num_cpus=0,
         ).remote(cfg_dict)
-        plan = plan_placement(cfg)
-        pg = create_placement_group(plan, cfg.timeouts.launch_s, name=f"{cfg.name}.replicas")
-        cards = resolve_card_indexes(plan, pg)
         handles = {}
         for rp in plan.replicas:
             card = cards.get(rp.replica_id)

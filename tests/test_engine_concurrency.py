@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from engines import BuilderConfig, build_engine
+from engines import BuilderConfig, build_engine, load_engine
 
 K = 4  # weights, one output each
 N = 64  # elements per weight
@@ -94,7 +94,8 @@ def _in_use_ptrs(engine, exclude=None) -> dict[int, str]:
 @pytest.mark.parametrize("subset", [False, True], ids=["full", "subset"])
 @pytest.mark.parametrize("mode", ["swap", "copy"])
 def test_readers_never_see_a_torn_or_older_result(fast_switching, mode, subset):
-    engine = _engine(memory_mode=mode)
+    # subset refits share buffers across sets; without a previous set they are reclaimed sooner
+    engine = _engine(memory_mode=mode, keep_previous=not subset)
     expected: dict[int, list[float]] = {0: [0.0] * K}
     done = threading.Event()
     start = threading.Barrier(READERS + 1)
@@ -283,3 +284,58 @@ def test_copy_mode_commit_waits_for_a_slow_reader():
     r = engine.infer(X)
     assert r.version == 1
     assert all(np.all(r.outputs[i] == 1.0) for i in range(K))
+
+
+# ------------------------------------------------------------------------- save during refits
+
+
+class _Big(torch.nn.Module):
+    """Two 1 MiB weights: big enough that serializing them overlaps a concurrent commit."""
+
+    def __init__(self, n: int = 1 << 18) -> None:
+        super().__init__()
+        self.w0 = torch.nn.Parameter(torch.zeros(n))
+        self.w1 = torch.nn.Parameter(torch.zeros(n))
+
+    def forward(self, x: torch.Tensor):
+        return x * self.w0[:4], x * self.w1[:4]
+
+
+@pytest.mark.parametrize("mode", ["swap", "copy"])
+def test_save_during_refits_writes_a_single_version(fast_switching, tmp_path, mode):
+    """``save`` reads the live set like a request does: the file must hold one version's weights,
+    the version its header names, however refits interleave (in copy mode a commit writes the
+    live buffers in place; in swap mode a retired set's buffers go back to the pool)."""
+    n = 1 << 18
+    engine = build_engine(_Big(n), [torch.ones(4)],
+                          BuilderConfig(enable_refit=True, memory_mode=mode, keep_previous=False))
+    done = threading.Event()
+    errors: list[BaseException] = []
+
+    def refitter() -> None:
+        try:
+            v = 0
+            while not done.is_set():
+                v += 1
+                engine.refit_now({"w0": torch.full((n,), float(v)), "w1": torch.full((n,), float(v))})
+        except BaseException as exc:
+            errors.append(exc)
+
+    t = threading.Thread(target=refitter)
+    t.start()
+    torn = []
+    try:
+        for i in range(20):
+            path = tmp_path / f"s{i}.engine"
+            engine.save(path)
+            saved = load_engine(path)
+            values = {name: sorted(set(w.unique().tolist())) for name, w in saved.weights().items()}
+            if any(vals != [float(saved.version)] for vals in values.values()):
+                torn.append((saved.version, {k: v[:4] for k, v in values.items()}))
+            path.unlink()
+    finally:
+        done.set()
+        t.join(timeout=60)
+    assert errors == []
+    assert engine.version > 0
+    assert torn == [], f"{len(torn)} of 20 saved files mix versions, first: {torn[:2]}"

@@ -1,0 +1,41 @@
+"""Placement on a simulated multi-node cluster (subprocess: one process attaches to one Ray)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def observed() -> dict:
+    proc = subprocess.run([sys.executable, str(ROOT / "tests/cluster_checks/mlu_placement.py")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def test_one_replica_per_card_and_indexes_unique_per_node(observed: dict) -> None:
+    assert observed["replicas"] == 6
+    assert len(observed["indexes_per_node"]) == 3, "replicas were not spread over the 3 nodes"
+    for indexes in observed["indexes_per_node"].values():
+        assert indexes == [0, 1]
+    assert observed["card_field"] == [0, 0, 0, 1, 1, 1]
+
+
+def test_refit_across_nodes_and_one_copy_per_node(observed: dict) -> None:
+    assert observed["status"] == "committed"
+    assert observed["values"] == [5.0]
+    copies = observed["copies_per_node"]
+    assert set(observed["replica_nodes"]) <= set(copies)
+    assert all(n == 1 for n in copies.values())  # each node holds one copy, whatever its replica count
+
+
+def test_more_replicas_than_cards_is_refused(observed: dict) -> None:
+    assert "impossible placement" in observed["impossible"]
