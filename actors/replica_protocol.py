@@ -41,6 +41,8 @@ TRANSITIONS: dict[TxnState | None, frozenset[TxnState]] = {
 }
 
 DECIDED = frozenset({TxnState.COMMITTED, TxnState.ACTIVE, TxnState.ABORTED})
+UNDECIDED = frozenset({TxnState.PREPARING, TxnState.PREPARED, TxnState.REFUSED})
+FORGETTABLE = frozenset({TxnState.ACTIVE, TxnState.ABORTED})  # hold no staged set
 
 
 class ProtocolViolation(Exception):
@@ -97,7 +99,7 @@ class ReplicaParticipant:
         if epoch > self.epoch:
             self.epoch = epoch
             for r in self._txns.values():
-                if r.epoch < epoch and r.txn != keep and r.state in (TxnState.PREPARING, TxnState.PREPARED):
+                if r.epoch < epoch and r.txn != keep and r.state in UNDECIDED:
                     r.state = TxnState.ABORTED
                     r.reason = f"dropped: undecided when epoch {epoch} began"
                     dropped.append(r)
@@ -123,8 +125,8 @@ class ReplicaParticipant:
 
     def finish_prepare(self, txn: str, ok: bool, reason: str = "") -> bool:
         """Record the vote. Returns False if the txn was aborted meanwhile (discard what was staged)."""
-        rec = self._txns[txn]
-        if rec.state is TxnState.ABORTED:
+        rec = self._txns.get(txn)
+        if rec is None or rec.state is TxnState.ABORTED:  # aborted (or forgotten) meanwhile
             return False
         new = TxnState.PREPARED if ok else TxnState.REFUSED
         self._move(rec, txn, new)
@@ -172,8 +174,10 @@ class ReplicaParticipant:
         return rec, True
 
     def _trim(self) -> None:
-        while len(self._txns) > self._remember:
-            oldest = next(iter(self._txns))
-            if self._txns[oldest].state not in DECIDED:
-                break
-            self._txns.popitem(last=False)
+        """Forget the oldest finished (ACTIVE/ABORTED) transactions beyond ``remember``; never one
+        that still holds or may hold a staged set."""
+        excess = len(self._txns) - self._remember
+        if excess <= 0:
+            return
+        for txn in [t for t, r in self._txns.items() if r.state in FORGETTABLE][:excess]:
+            del self._txns[txn]

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from itertools import count
 from pathlib import Path
@@ -90,6 +90,7 @@ class Engine:
         self._writer_waiting = False
         self._pool = BufferPool()
         self._staged: dict[int, StagedSet] = {}
+        self._draining: list[WeightSet] = []  # retired sets that still have readers
         device_tensors = {n: backend.to_device(t.contiguous()) for n, t in weights.items()}
         backend.synchronize()
         self._live = WeightSet(next(self._ids), version, device_tensors, backend.bind(device_tensors))
@@ -151,6 +152,7 @@ class Engine:
             ws.readers -= 1
             if ws.readers == 0:
                 if ws.retired:
+                    self._draining.remove(ws)
                     self._reclaim_locked(ws)
                 if self._writer_waiting:
                     self._cond.notify_all()
@@ -217,9 +219,7 @@ class Engine:
 
     def _stage_swap(self, tensors: Mapping[str, torch.Tensor], version: int, base: WeightSet,
                     need: int) -> StagedSet:
-        pooled = sum(_nbytes(t) for t in tensors.values()
-                     if self._pool.available(tuple(t.shape), t.dtype, self.device))
-        self._make_room(need - pooled)
+        self._make_room(lambda: need - self._pool.reusable_bytes(tensors.values(), self.device))
         new_tensors = dict(base.tensors)
         try:
             for name, src in tensors.items():
@@ -241,7 +241,7 @@ class Engine:
 
     def _stage_copy(self, tensors: Mapping[str, torch.Tensor], version: int, base: WeightSet,
                     need: int) -> StagedSet:
-        self._make_room(need)
+        self._make_room(lambda: need)
         pin = pinned_memory_available(self.device)
         host = {}
         for name, src in tensors.items():
@@ -251,20 +251,23 @@ class Engine:
         return StagedSet(version=version, names=tuple(tensors), nbytes=need, base_id=base.set_id,
                          stage_s=0.0, host=host, base_version=base.version)
 
-    def _make_room(self, need: int) -> None:
+    def _make_room(self, new_bytes: Callable[[], int]) -> None:
+        """Keep extra memory (previous + staged + pool + what this stage allocates) within the
+        budget: first drop the pool, then the previous set; else refuse before allocating.
+        ``new_bytes()`` is what the stage would allocate given the pool as it is now."""
         budget = self.config.memory_budget_bytes
-        if budget is None or need <= 0:
+        if budget is None:
             return
-        if self.memory().extra_bytes + need > budget:
+        if self.memory().extra_bytes + new_bytes() > budget:
             self._pool.clear()
-        if self.memory().extra_bytes + need > budget and self._previous is not None:
+        if self.memory().extra_bytes + new_bytes() > budget and self._previous is not None:
             self._retire(self._previous)
             self._previous = None
-        extra = self.memory().extra_bytes
+        extra, need = self.memory().extra_bytes, new_bytes()
         if extra + need > budget:
             raise MemoryBudgetError(
-                f"staging needs {need} bytes; {extra} already held beyond the live set; "
-                f"budget {budget} bytes"
+                f"staging needs {need} new bytes; {extra} already held beyond the live set; "
+                f"budget {budget} bytes (memory_budget_bytes)"
             )
 
     # ---------------------------------------------------------------- commit / discard
@@ -348,10 +351,14 @@ class Engine:
             ws.retired = True
             if ws.readers == 0:
                 self._reclaim_locked(ws)
+            else:
+                self._draining.append(ws)
 
     def _reclaim_locked(self, ws: WeightSet) -> None:
-        """Pool the buffers of a retired set that no held set shares. Caller holds ``_cond``."""
-        held = [self._live, self._previous] + [s.weight_set for s in self._staged.values()]
+        """Pool the buffers of a retired set that no other set shares: not the live, previous or
+        staged sets, nor a retired set some reader still holds. Caller holds ``_cond``."""
+        held = [self._live, self._previous, *self._draining]
+        held += [s.weight_set for s in self._staged.values()]
         referenced = {id(t) for s in held if s is not None and s is not ws for t in s.tensors.values()}
         for t in ws.tensors.values():
             if id(t) not in referenced:
@@ -400,18 +407,30 @@ class Engine:
             return MemoryReport(live, prev, staged, self._pool.nbytes)
 
     def save(self, path: str | Path) -> None:
-        """Write the program, manifest and live weights to one engine file (atomically)."""
-        with self._cond:
-            ws, version = self._live, self._live.version
+        """Write the program, manifest and live weights to one engine file (atomically).
+
+        The live set is held as a reader, so the file holds exactly one version: in swap mode its
+        buffers cannot be reused while held; in copy mode (commit writes in place) the weights are
+        copied out under the hold and written after it, so commits wait only for the copy.
+        """
+        ws, version = self._acquire()
+        try:
             tensors = dict(ws.tensors)
-        write_engine_file(path, EngineFile(
-            program_json=self._program_json,
-            weights=tensors,
-            constants=self._constants,
-            version=version,
-            builder_config=self.config.model_dump(mode="json"),
-            backend=self.backend.name,
-        ))
+            if self.config.memory_mode is MemoryMode.COPY:
+                tensors = {n: t.detach().to("cpu", copy=True) for n, t in tensors.items()}
+                self._release(ws)
+                ws = None
+            write_engine_file(path, EngineFile(
+                program_json=self._program_json,
+                weights=tensors,
+                constants=self._constants,
+                version=version,
+                builder_config=self.config.model_dump(mode="json"),
+                backend=self.backend.name,
+            ))
+        finally:
+            if ws is not None:
+                self._release(ws)
 
 
 class Refitter:

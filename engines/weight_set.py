@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -87,6 +88,19 @@ class BufferPool:
     def available(self, shape: tuple[int, ...], dtype: torch.dtype, device: str) -> int:
         with self._lock:
             return len(self._free.get((shape, dtype, str(torch.device(device))), ()))
+
+    def reusable_bytes(self, tensors: Iterable[torch.Tensor], device: str) -> int:
+        """Bytes of ``tensors`` that pooled buffers would cover (each buffer used once)."""
+        dev = str(torch.device(device))
+        with self._lock:
+            left = {k: len(v) for k, v in self._free.items()}
+        covered = 0
+        for t in tensors:
+            key = (tuple(t.shape), t.dtype, dev)
+            if left.get(key, 0) > 0:
+                left[key] -= 1
+                covered += t.numel() * t.element_size()
+        return covered
 
     def clear(self) -> int:
         with self._lock:

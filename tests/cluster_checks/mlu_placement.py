@@ -14,7 +14,6 @@ import tempfile
 from collections import Counter, defaultdict
 from pathlib import Path
 
-import numpy as np
 import ray
 from ray.cluster_utils import Cluster
 
