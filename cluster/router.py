@@ -99,9 +99,9 @@ class Router:
                 raise NoReplicaAvailable(f"request timed out after {timeout:g}s ({last_error})")
             try:
                 rid, handle, floor = self._pick(skip)
-            except NoReplicaAvailable:
-                if stale > self.retries_on_stale or not skip:
-                    raise
+            except NoReplicaAvailable as exc:
+                if stale >= self.retries_on_stale or not skip:
+                    raise NoReplicaAvailable(f"{exc}; last: {last_error or 'none'}") from None
                 self.refresh()
                 skip.clear()
                 stale += 1

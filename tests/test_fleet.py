@@ -13,10 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import ray
+import torch
 from fleet_models import fleet_config, probe_input, probe_value, probe_weights
 
-from cluster import Fleet, RefitAborted
+from cluster import Fleet, NoReplicaAvailable, Overloaded, RefitAborted
 from engines import NonFiniteWeightError, ShapeMismatchError, UnknownWeightError
+from engines.checksum import tensor_checksum
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -244,3 +246,45 @@ def test_i1_i3_under_concurrent_load(fleet: Fleet) -> None:
                 if issued > t_ret:
                     assert version >= v, f"request issued after refit({v}) returned got {version}"
     assert total > 50
+
+
+def test_overloaded_when_every_replica_is_full(fleet: Fleet) -> None:
+    handle = Fleet.connect(fleet.name, fleet.namespace)
+    router = handle.router
+    for rid in list(router._outstanding):
+        router._outstanding[rid] = router.max_queue
+    with pytest.raises(Overloaded, match="max_queue_per_replica"):
+        handle.infer(probe_input())
+    for rid in list(router._outstanding):
+        router._outstanding[rid] = 0
+    assert handle.infer(probe_input()).version == fleet.status()["version"]
+
+
+def test_stale_answers_are_retried_then_reported(fleet: Fleet) -> None:
+    handle = Fleet.connect(fleet.name, fleet.namespace)
+    handle.router.observe(fleet.status()["version"] + 1000)
+    with pytest.raises(NoReplicaAvailable, match="stale"):
+        handle.infer(probe_input(), timeout_s=5)
+
+
+def test_committed_version_activates_early_for_a_client_that_saw_it(fleet: Fleet) -> None:
+    """DESIGN step 5: a replica holding v committed-not-active serves min_version=v at once."""
+    fleet.refit(probe_weights(61.0))
+    st = fleet.status()
+    epoch, version = st["epoch"], st["last_version"] + 50
+    handles = ray.get(fleet._coord.member_handles.remote())
+    r0 = handles["r0"]
+    ref = ray.put({f"w.{i}": np.full(256, 62.0, np.float32) for i in range(4)})
+    sums = {f"w.{i}": tensor_checksum(torch.full((256,), 62.0)) for i in range(4)}
+    specs = {f"w.{i}": {"shape": [256], "dtype": "float32"} for i in range(4)}
+    vote = ray.get(r0.prepare.remote(epoch, "early-txn", version, [ref], specs, sums))
+    assert vote["yes"], vote
+    ray.get(r0.commit.remote(epoch, "early-txn"))
+    plain = ray.get(r0.infer.remote([probe_input()], 0))
+    assert plain["version"] == st["version"]  # committed, not active: still the old version
+    early = ray.get(r0.infer.remote([probe_input()], version))
+    assert early["version"] == version and float(early["outputs"][0][0]) == 62.0
+    # put the fleet back on one version (r0 alone moved): catch every member up
+    for h in handles.values():
+        ray.get(h.sync_to.remote(st["version"]))
+    assert _value_everywhere(fleet) == {61.0}
