@@ -69,15 +69,22 @@ class Coordinator:
         self._refit_lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=8)
         self.members: dict[str, Any] = {}
+        self.excluded: dict[str, Any] = {}  # evicted, alive or not: re-admitted once caught up
         self.current: CoordinatorTxn | None = None
+        self._renewed: dict[str, float] = {}  # replica -> monotonic time of the last renewal sent
+        self.lease_s = float(self.timeouts.get("lease_s", 10.0))
         for rid, event in self.state.members.items():
-            if event == "join":
+            if event in ("join", "evict"):
                 try:
-                    self.members[rid] = ray.get_actor(replica_actor_name(self.name, rid), self.namespace)
+                    handle = ray.get_actor(replica_actor_name(self.name, rid), self.namespace)
                 except ValueError:
                     logger.warning("member %s is gone", rid)
+                    continue
+                (self.members if event == "join" else self.excluded)[rid] = handle
+        self._stop = threading.Event()
         self._recovered = threading.Event()
         threading.Thread(target=self._recover, daemon=True).start()
+        threading.Thread(target=self._lease_loop, daemon=True).start()
 
     # ------------------------------------------------------------------ recovery
 
@@ -123,6 +130,56 @@ class Coordinator:
                                      duration_s=time.perf_counter() - t0), fsync=False)
         self._retain()
         return results
+
+    # ------------------------------------------------------------------ leases and repair
+
+    def _lease_loop(self) -> None:
+        """Renew members' leases every third of a lease; re-admit excluded replicas that answer."""
+        self._recovered.wait()
+        while not self._stop.wait(self.lease_s / 3):
+            for rid, handle in self.member_handles().items():
+                try:
+                    handle.renew_lease.remote(self.epoch, self.lease_s)
+                    self._renewed[rid] = time.monotonic()
+                except Exception:  # noqa: BLE001  (a dead member: its restart renews itself)
+                    logger.warning("lease renewal of %s failed", rid)
+            if self.excluded and self._refit_lock.acquire(blocking=False):
+                try:
+                    self._repair()
+                finally:
+                    self._refit_lock.release()
+
+    def _repair(self) -> None:
+        """Catch excluded replicas up to the active version and make them members again."""
+        version = self.state.active_version
+        for rid, handle in list(self.excluded.items()):
+            try:
+                ray.get(handle.ping.remote(), timeout=1.0)
+                ray.get(handle.sync_to.remote(version), timeout=self.timeouts["prepare_s"])
+                ray.get(handle.renew_lease.remote(self.epoch, self.lease_s), timeout=1.0)
+            except Exception:  # noqa: BLE001  (still hung or dead: try again later)
+                continue
+            with self._lock:
+                self.excluded.pop(rid, None)
+                self.members[rid] = handle
+            self._append(MemberRecord(epoch=self.epoch, replica_id=rid, event="join"), fsync=False)
+            logger.info("replica %s re-admitted at version %s", rid, version)
+
+    def confirm(self, rid: str, version: int) -> dict[str, Any]:
+        """A replica whose lease lapsed asks whether it may serve (never queued behind a refit)."""
+        with self._lock:
+            member = rid in self.members
+        if member:
+            self._renewed[rid] = time.monotonic()
+        return {"member": member, "active_version": self.state.active_version, "epoch": self.epoch}
+
+    def _wait_out_leases(self, rids: list[str]) -> None:
+        """Before a refit that excluded ``rids`` returns: their last lease must have lapsed, so a
+        replica that wakes up cannot serve the old version afterwards."""
+        for rid in rids:
+            left = self._renewed.get(rid, 0.0) + self.lease_s - time.monotonic()
+            if left > 0:
+                time.sleep(left)
 
     # ------------------------------------------------------------------ helpers
 
@@ -207,18 +264,30 @@ class Coordinator:
             status = ray.get(handle.status.remote(), timeout=self.timeouts["request_s"])
             if status["version"] != version:
                 ray.get(handle.sync_to.remote(version), timeout=self.timeouts["prepare_s"])
+            ray.get(handle.renew_lease.remote(self.epoch, self.lease_s), timeout=self.timeouts["request_s"])
+            self._renewed[rid] = time.monotonic()
             with self._lock:
+                self.excluded.pop(rid, None)
                 self.members[rid] = handle
             if self.state.members.get(rid) != "join":
                 self._append(MemberRecord(epoch=self.epoch, replica_id=rid, event="join"), fsync=False)
             return {"replica": rid, "version": version}
 
-    def leave(self, rid: str) -> dict[str, Any]:
-        """Remove a replica from the fleet (drain: no new refits include it)."""
-        with self._refit_lock, self._lock:
-            self.members.pop(rid, None)
+    def leave(self, rid: str, drain_s: float = 30.0) -> dict[str, Any]:
+        """Remove a replica: no new refit includes it, it drains its in-flight requests (routers
+        retry elsewhere), then it is stopped."""
+        with self._refit_lock:
+            with self._lock:
+                handle = self.members.pop(rid, None) or self.excluded.pop(rid, None)
             self._append(MemberRecord(epoch=self.epoch, replica_id=rid, event="leave"), fsync=False)
-            return {"replica": rid}
+        left = None
+        if handle is not None:
+            try:
+                left = ray.get(handle.drain.remote(drain_s), timeout=drain_s + 5)
+            except Exception:  # noqa: BLE001  (already dead)
+                left = None
+            ray.kill(handle, no_restart=True)
+        return {"replica": rid, "still_running": left}
 
     def _sync_members(self, rids: list[str]) -> None:
         version = self.state.active_version
@@ -263,6 +332,8 @@ class Coordinator:
             except BaseException as exc:
                 replicas.append({"id": rid, "healthy": False, "state": "unreachable",
                                  "error": _reason(exc), "version": None})
+        for rid in dict(self.excluded):
+            replicas.append({"id": rid, "healthy": False, "state": "excluded", "version": None})
         return {"name": self.name, "epoch": self.epoch, "version": self.state.active_version,
                 "last_version": self.state.last_version,
                 "in_flight": None if self.current is None else {
@@ -357,6 +428,7 @@ class Coordinator:
             self.fp.hit("coordinator.after_decision_logged")
             txn.move(Phase.ACTIVATING)
             activations = self._finish_committed(txn.txn, version, t0)
+            self._wait_out_leases(decision.evicted)
             txn.move(Phase.DONE)
             replicas: dict[str, dict[str, Any]] = {}
             for rid, vote in votes.items():
@@ -379,17 +451,21 @@ class Coordinator:
                 "votes": vote_text, "duration_s": time.perf_counter() - t0}
 
     def _evict(self, rid: str) -> None:
+        """Fence a member out: no more lease renewals; it serves again only once re-admitted."""
         with self._lock:
             handle = self.members.pop(rid, None)
+            if handle is not None:
+                self.excluded[rid] = handle
         self._append(MemberRecord(epoch=self.epoch, replica_id=rid, event="evict"), fsync=True)
         if handle is not None:
-            # Fencing by restart: the replica comes back through Ray, reloads the active version
-            # from the log and the store, and must rejoin before it serves fleet traffic again.
-            ray.kill(handle, no_restart=False)
+            handle.exclude.remote()  # best effort; the lease bounds it if the replica is hung
 
     def shutdown(self) -> None:
         """Kill every member (the driver kills this actor afterwards)."""
-        for handle in self.member_handles().values():
+        self._stop.set()
+        with self._lock:
+            handles = [*self.members.values(), *self.excluded.values()]
+        for handle in handles:
             try:
                 ray.kill(handle, no_restart=True)
             except BaseException:

@@ -55,6 +55,12 @@ class Replica:
         self._last_refit_s: float | None = None
         self._last_refit_at: float | None = None
         self.state = "loading"
+        self._lease_s = float(spec.get("lease_s", 10.0))
+        self._lease_expires = 0.0  # monotonic; 0: never granted, reconfirm before serving
+        self._excluded = False
+        self._inflight = 0
+        self._inflight_cv = threading.Condition()
+        self._coordinator: Any = None
         self.engine = self._load_engine()
         self.store = CheckpointStore.in_state_dir(spec["state_dir"], cleanup=False)
         self.active_checksums: dict[str, str] = {}
@@ -65,9 +71,11 @@ class Replica:
     # ------------------------------------------------------------------ start-up
 
     def _load_engine(self) -> Engine:
+        """The engine file on this replica's device. ``enable_refit`` is the file's own: an engine
+        built without it refuses every PREPARE (a NO vote naming RefitDisabledError)."""
         spec = self.spec
         return load_engine(
-            spec["engine"], device=spec["device"], enable_refit=True,
+            spec["engine"], device=spec["device"],
             memory_mode=spec.get("memory_mode", "swap"), keep_previous=spec.get("keep_previous", True),
             memory_budget_bytes=spec.get("memory_budget_bytes"),
         )
@@ -86,11 +94,79 @@ class Replica:
 
     @ray.method(concurrency_group="serve")
     def infer(self, inputs: list[Any], min_version: int = 0) -> dict[str, Any]:
-        """Run inference; answers ``stale`` when it cannot serve ``min_version`` or newer."""
+        """Run inference; answers ``stale`` when it cannot serve ``min_version`` or newer, when it
+        is draining, or when it is fenced out of the fleet (its lease lapsed and the coordinator
+        no longer counts it as a member)."""
+        if self.state == "draining" or not self._lease_ok():
+            return {"stale": True, "version": self.engine.version, "replica": self.replica_id,
+                    "reason": "draining" if self.state == "draining" else "fenced"}
         if min_version > self.engine.version and not self._activate_for(min_version):
-            return {"stale": True, "version": self.engine.version, "replica": self.replica_id}
-        r = self.engine.infer(*inputs)
+            return {"stale": True, "version": self.engine.version, "replica": self.replica_id,
+                    "reason": "behind"}
+        with self._inflight_cv:
+            self._inflight += 1
+        try:
+            r = self.engine.infer(*inputs)
+        finally:
+            with self._inflight_cv:
+                self._inflight -= 1
+                if self._inflight == 0:
+                    self._inflight_cv.notify_all()
         return {"stale": False, "outputs": r.outputs, "version": r.version, "replica": self.replica_id}
+
+    # ------------------------------------------------------------------ leases
+
+    def _lease_ok(self) -> bool:
+        """Serve under a lease; a lapsed lease is reconfirmed with the coordinator first.
+
+        Member: renewed. Excluded: fenced (refuse until the coordinator re-admits it). Coordinator
+        unreachable: keep serving the active version (an outage stops refits, not serving), and
+        ask again after half a lease."""
+        if time.monotonic() < self._lease_expires and not self._excluded:
+            return True
+        if self._excluded and time.monotonic() < self._lease_expires:
+            return False
+        try:
+            if self._coordinator is None:
+                self._coordinator = ray.get_actor(self.spec["coordinator"], self.spec["namespace"])
+            answer = ray.get(self._coordinator.confirm.remote(self.replica_id, self.engine.version),
+                             timeout=max(1.0, self._lease_s / 2))
+        except Exception:  # noqa: BLE001  (coordinator down or restarting)
+            self._coordinator = None
+            self._lease_expires = time.monotonic() + self._lease_s / 2
+            return not self._excluded
+        self._excluded = not answer["member"]
+        self._lease_expires = time.monotonic() + (self._lease_s if answer["member"] else 1.0)
+        if answer["member"] and answer["active_version"] != self.engine.version:
+            self.sync_to(answer["active_version"])
+        return answer["member"]
+
+    @ray.method(concurrency_group="control")
+    def renew_lease(self, epoch: int, lease_s: float) -> int:
+        """The coordinator's renewal: serve for ``lease_s`` more seconds as a member."""
+        with self._ctl:
+            self._fence(epoch)
+        self._lease_s = lease_s
+        self._excluded = False
+        self._lease_expires = time.monotonic() + lease_s
+        return self.engine.version
+
+    @ray.method(concurrency_group="control")
+    def exclude(self) -> None:
+        """Stop serving fleet traffic now (evicted or removed)."""
+        self._excluded = True
+        self._lease_expires = 0.0
+
+    @ray.method(concurrency_group="control")
+    def drain(self, timeout_s: float = 30.0) -> int:
+        """Refuse new requests (routers retry elsewhere); wait for in-flight ones; return how many
+        were still running at the deadline (0: drained)."""
+        self.state = "draining"
+        deadline = time.monotonic() + timeout_s
+        with self._inflight_cv:
+            while self._inflight and time.monotonic() < deadline:
+                self._inflight_cv.wait(timeout=max(0.0, deadline - time.monotonic()))
+            return self._inflight
 
     def _activate_for(self, min_version: int) -> bool:
         """DESIGN step 5: a committed-not-active version a client has already seen goes live now."""
@@ -256,7 +332,9 @@ class Replica:
                                 ("CUDA_VISIBLE_DEVICES", "MLU_VISIBLE_DEVICES") if os.environ.get(k)},
             "version": self.engine.version,
             "state": self.state,
-            "healthy": True,
+            "healthy": not self._excluded and self.state == "serving",
+            "lease_left_s": round(max(0.0, self._lease_expires - time.monotonic()), 3),
+            "inflight": self._inflight,
             "pending": [(r.txn, r.state.value) for r in self.participant.pending()],
             "staged_bytes": mem.staged_bytes,
             "previous_bytes": mem.previous_bytes,

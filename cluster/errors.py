@@ -36,3 +36,11 @@ class NoReplicaAvailable(FleetError):
 
 class FleetNotFound(FleetError):
     """``Fleet.connect`` found no coordinator of that name in the namespace."""
+
+
+class ObjectStoreTooSmall(FleetError):
+    """A version larger than the object store can hold; refused before it is put."""
+
+
+class EngineNotRefittable(FleetError):
+    """The fleet's engine file was built without ``enable_refit``."""

@@ -2,28 +2,35 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import os
 import threading
 import time
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import ray
+from ray.exceptions import GetTimeoutError, RayActorError
 
 from actors.coordinator import Coordinator, coordinator_actor_name, replica_actor_name
 from actors.replica import Replica
-from actors.store import CheckpointStore
+from actors.store import CheckpointStore, validate_label
 from engines.checksum import checksums as checksum_all
 from engines.engine_file import read_engine_file
 from engines.errors import EngineFileError
 from engines.weights import WeightsLike
 
 from .config import FleetConfig
-from .errors import FleetNotFound, RefitAborted
+from .errors import EngineNotRefittable, FleetNotFound, RefitAborted
 from .placement import (
     actor_options,
+    assign_card_indexes,
+    bundle_nodes,
+    cards_by_node,
     create_placement_group,
     local_ray_init_kwargs,
     plan_placement,
@@ -66,6 +73,8 @@ def _replica_spec(cfg: FleetConfig, card: int | None) -> dict[str, Any]:
         "memory_mode": cfg.memory_mode, "keep_previous": cfg.keep_previous,
         "memory_budget_bytes": cfg.memory_budget_bytes, "torch_threads": cfg.torch_threads,
         "failpoints": dict(cfg.failpoints), "fetch_timeout_s": cfg.timeouts.prepare_s,
+        "lease_s": cfg.timeouts.lease_s, "coordinator": coordinator_actor_name(cfg.name),
+        "namespace": cfg.namespace,
     }
 
 
@@ -78,7 +87,15 @@ def _ensure_base_version(cfg: FleetConfig) -> None:
         raise EngineFileError(f"engine file {cfg.engine!r} does not exist "
                               f"(build one with scripts/gen_model.py)")
     ef = read_engine_file(cfg.engine)
+    _check_refittable(cfg, ef.builder_config)
     store.save(0, ef.weights, checksum_all(ef.weights), fsync=cfg.persist_fsync)
+
+
+def _check_refittable(cfg: FleetConfig, builder_config: Mapping[str, Any]) -> None:
+    if not builder_config.get("enable_refit", False):
+        raise EngineNotRefittable(
+            f"engine file {cfg.engine!r} was built without enable_refit=True: its weights cannot be "
+            f"refit (rebuild it with BuilderConfig(enable_refit=True))")
 
 
 def _existing_placement_group(name: str) -> Any:
@@ -120,6 +137,8 @@ class Fleet:
     @classmethod
     def launch(cls, cfg: FleetConfig) -> Fleet:
         """Start coordinator and replicas (or re-attach to running ones); return when all serve."""
+        if Path(cfg.engine).is_file():
+            _check_refittable(cfg, read_engine_file(cfg.engine).builder_config)
         ensure_ray(cfg.address, local_ray_init_kwargs(cfg))
         _ensure_base_version(cfg)
         cfg_dict = cfg.model_dump(mode="json")
@@ -148,6 +167,7 @@ class Fleet:
     @classmethod
     def connect(cls, name: str, namespace: str = "weight-refit", address: str | None = None) -> Fleet:
         """Attach to a running fleet by name (from another driver or a Ray job)."""
+        validate_label(name)
         ensure_ray(address)
         try:
             coord = ray.get_actor(coordinator_actor_name(name), namespace=namespace)
@@ -158,15 +178,67 @@ class Fleet:
         return cls(name, namespace, coord, cfg)
 
     def shutdown(self) -> None:
-        """Kill the replicas and the coordinator and remove the placement group. State dir stays."""
+        """Kill the replicas and the coordinator and remove the placement groups. The state
+        directory (log and checkpoints) stays: a later launch resumes from it."""
         ray.get(self._coord.shutdown.remote())
         ray.kill(self._coord, no_restart=True)
-        try:
-            from ray.util import get_placement_group, remove_placement_group
+        from ray.util import remove_placement_group
+        from ray.util.placement_group import placement_group_table
 
-            remove_placement_group(get_placement_group(f"{self.name}.replicas"))
-        except Exception:  # noqa: BLE001  (no placement group for cpu/cuda fleets)
-            pass
+        prefix = f"{self.name}.replicas"
+        for info in placement_group_table().values():
+            if info.get("name", "").startswith(prefix) and info.get("state") != "REMOVED":
+                with contextlib.suppress(Exception):
+                    remove_placement_group(ray.util.get_placement_group(info["name"]))
+
+    # ---------------------------------------------------------------- membership
+
+    def scale(self, replicas: int) -> dict[str, Any]:
+        """Add replicas (they catch up to the active version before they join and serve) or
+        remove the newest ones (each drains its in-flight requests first). Returns the ids."""
+        if replicas < 1:
+            raise ValueError(f"replicas must be >= 1, got {replicas}")
+        cfg = FleetConfig(**{**self._cfg, "replicas": max(replicas, 1)})
+        st = self.status()
+        current = sorted((r["id"] for r in st["replicas"]), key=lambda r: int(r[1:]))
+        added: list[str] = []
+        removed: list[str] = []
+        if replicas > len(current):
+            added = self._add_replicas(cfg, current, st, replicas - len(current))
+        for rid in reversed(current[replicas:]):
+            ray.get(self._coord.leave.remote(rid), timeout=self._request_s + 60)
+            removed.append(rid)
+        self.router.refresh()
+        return {"added": added, "removed": removed, "replicas": replicas}
+
+    def _add_replicas(self, cfg: FleetConfig, current: list[str], st: dict[str, Any], n: int) -> list[str]:
+        start = 1 + max((int(r[1:]) for r in current), default=-1)
+        new_ids = [f"r{start + i}" for i in range(n)]
+        plan = plan_placement(cfg.model_copy(update={"replicas": n}))
+        plan = dataclasses.replace(plan, replicas=tuple(
+            dataclasses.replace(rp, replica_id=rid) for rp, rid in zip(plan.replicas, new_ids, strict=True)))
+        pg = create_placement_group(plan, cfg.timeouts.launch_s, name=f"{cfg.name}.replicas.{start}")
+        cards: dict[str, int] = {}
+        if plan.card_env_var and pg is not None:
+            existing = {r["id"]: r["card"] for r in st["replicas"] if r.get("card") is not None}
+            nodes = {r["id"]: r["node"] for r in st["replicas"] if r.get("node")}
+            bundle_node = bundle_nodes(pg)
+            nodes.update({rp.replica_id: bundle_node[rp.bundle_index] for rp in plan.replicas})
+            cards = {rid: c for rid, c in assign_card_indexes(
+                nodes, cards_by_node(plan.resource_name), existing,
+                replicas_per_card=plan.replicas_per_card).items() if rid in new_ids}
+        handles = {}
+        for rp in plan.replicas:
+            card = cards.get(rp.replica_id)
+            opts = actor_options(rp, placement_group=pg, card_index=card)
+            handles[rp.replica_id] = Replica.options(
+                name=replica_actor_name(cfg.name, rp.replica_id), namespace=cfg.namespace,
+                lifetime="detached", get_if_exists=True, **opts,
+            ).remote(rp.replica_id, _replica_spec(cfg, card))
+        ray.get([h.ping.remote() for h in handles.values()], timeout=cfg.timeouts.launch_s)
+        for rid in handles:
+            ray.get(self._coord.join.remote(rid), timeout=cfg.timeouts.launch_s)
+        return new_ids
 
     # ---------------------------------------------------------------- serving
 
@@ -189,28 +261,60 @@ class Fleet:
             return self._manifest
 
     def refit(self, weights: WeightsLike, key: str | None = None, *, strip_prefix: str | None = None,
-              add_prefix: str | None = None, mapping: Mapping[str, str] | None = None) -> RefitResult:
+              add_prefix: str | None = None, mapping: Mapping[str, str] | None = None,
+              complete: bool = False) -> RefitResult:
         """Publish ``weights`` (a mapping or a .safetensors/.pt/.npz path) and refit every replica.
 
         Validated and checksummed here before any transfer; put into the object store once. Raises
         ``RefitAborted`` when any member votes NO (the fleet stays on its version). The same
-        ``key`` returns the first call's outcome.
+        ``key`` returns the first call's outcome; without one a key is generated, so that a call
+        cut off by a coordinator crash still learns its outcome (it waits for the restarted
+        coordinator's recovery and returns or raises accordingly). ``complete`` refuses a set
+        that lacks any of the engine's weights.
         """
         t0 = time.perf_counter()
         from engines.config import NonFinitePolicy
 
+        key = key or f"auto-{uuid.uuid4().hex}"
         pub = publish(weights, self.manifest(), non_finite=NonFinitePolicy.REJECT,
-                      strip_prefix=strip_prefix, add_prefix=add_prefix, mapping=mapping)
-        out = ray.get(self._coord.refit.remote(pub.refs, pub.specs, pub.checksums, key),
-                      timeout=self._refit_timeout)
-        del pub.refs
+                      strip_prefix=strip_prefix, add_prefix=add_prefix, mapping=mapping,
+                      complete=complete)
+        try:
+            out = ray.get(self._coord.refit.remote(pub.refs, pub.specs, pub.checksums, key),
+                          timeout=self._refit_timeout)
+        except RayActorError:
+            out = self._await_outcome(key)
+        finally:
+            pub.refs.clear()  # the replicas and the store have their copies (or it aborted)
         return self._result(out, t0, pub.timings)
 
     def rollback(self, to: int | None = None, key: str | None = None) -> RefitResult:
         """A new version carrying an earlier version's weights (default: walk back one step)."""
         t0 = time.perf_counter()
-        out = ray.get(self._coord.rollback.remote(to, key), timeout=self._refit_timeout)
+        key = key or f"auto-{uuid.uuid4().hex}"
+        try:
+            out = ray.get(self._coord.rollback.remote(to, key), timeout=self._refit_timeout)
+        except RayActorError:
+            out = self._await_outcome(key)
         return self._result(out, t0, {})
+
+    def _await_outcome(self, key: str) -> dict[str, Any]:
+        """The coordinator died mid-call: ask its next incarnation until the outcome is decided."""
+        deadline = time.monotonic() + self._refit_timeout
+        while time.monotonic() < deadline:
+            try:
+                out = ray.get(self._coord.outcome.remote(key), timeout=self._request_s)
+            except (RayActorError, GetTimeoutError):
+                time.sleep(0.2)  # restarting; Ray queues nothing for a dead incarnation
+                continue
+            if out["status"] == "unknown":
+                return {"status": "aborted", "txn": None, "votes": {},
+                        "reason": "the coordinator died before the transaction began; nothing changed"}
+            if out["status"] == "aborted" or (out["status"] == "committed" and out.get("activated")):
+                return out
+            time.sleep(0.2)
+        raise RefitAborted(f"outcome of {key!r} still in doubt after {self._refit_timeout:g}s; "
+                           f"ask fleet.outcome({key!r}) later", {}, None)
 
     def _result(self, out: dict[str, Any], t0: float, timings: dict[str, float]) -> RefitResult:
         if out["status"] == "aborted":

@@ -11,25 +11,38 @@ import ray
 from actors.payload import Publication, spec_dict, to_wire
 from engines.checksum import checksums as checksum_all
 from engines.config import NonFinitePolicy
+from engines.errors import MissingWeightsError
 from engines.manifest import TensorSpec
 from engines.validation import check_weights
 from engines.weights import WeightsLike, load_weights
 
+from .errors import ObjectStoreTooSmall
+
 
 def publish(weights: WeightsLike, manifest: Mapping[str, Any], *,
             non_finite: NonFinitePolicy = NonFinitePolicy.REJECT, strip_prefix: str | None = None,
-            add_prefix: str | None = None, mapping: Mapping[str, str] | None = None) -> Publication:
+            add_prefix: str | None = None, mapping: Mapping[str, str] | None = None,
+            complete: bool = False) -> Publication:
     """Validate ``weights`` against the fleet manifest (I4: before any transfer), checksum them
-    (xxh3 per tensor) and ``ray.put`` them once. Raises the engine's errors naming the tensor."""
+    (xxh3 per tensor) and ``ray.put`` them once. Raises the engine's errors naming the tensor,
+    ``MissingWeightsError`` when ``complete`` and names are missing, ``ObjectStoreTooSmall`` with
+    the numbers when the version cannot fit the object store."""
     t0 = time.perf_counter()
     tensors = load_weights(weights, strip_prefix=strip_prefix, add_prefix=add_prefix, mapping=mapping)
     specs = {n: TensorSpec(shape=tuple(s["shape"]), dtype=s["dtype"]) for n, s in manifest.items()}
     check_weights(tensors, specs, non_finite)
+    if complete and (missing := sorted(set(specs) - set(tensors))):
+        raise MissingWeightsError(missing)
+    nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+    capacity = ray.cluster_resources().get("object_store_memory", 0.0)
+    if capacity and nbytes > 0.8 * capacity:
+        raise ObjectStoreTooSmall(
+            f"version of {nbytes} bytes does not fit the object store: {int(capacity)} bytes in the "
+            f"cluster, at most 80% usable for one version (raise object_store_memory)")
     t1 = time.perf_counter()
     sums = checksum_all(tensors)
     t2 = time.perf_counter()
     ref = ray.put(to_wire(tensors))
     t3 = time.perf_counter()
-    nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
     return Publication(refs=[ref], specs=spec_dict(tensors), checksums=sums, nbytes=nbytes,
                        timings={"load_validate_s": t1 - t0, "checksum_s": t2 - t1, "put_s": t3 - t2})

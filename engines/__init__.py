@@ -9,6 +9,7 @@ from .errors import (
     EngineError,
     EngineFileError,
     MemoryBudgetError,
+    MissingWeightsError,
     NonFiniteWeightError,
     NotRetainedError,
     RefitDisabledError,
@@ -29,6 +30,7 @@ from .weights import load_weights
 __all__ = [
     "BackendUnavailableError", "BuilderConfig", "DtypeMismatchError", "Engine", "EngineError",
     "EngineFileError", "InferResult", "MemoryBudgetError", "MemoryMode", "MemoryReport",
+    "MissingWeightsError",
     "NonFinitePolicy", "NonFiniteWeightError", "NotRetainedError", "RefitDisabledError", "RefitError",
     "Refitter", "ShapeMismatchError", "StagedSet", "StagedSetDiscardedError", "StagedSetError",
     "StagedSetSupersededError", "StagedState", "TensorSpec", "UnknownWeightError", "VersionOrderError",

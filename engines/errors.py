@@ -77,3 +77,12 @@ class VersionOrderError(RefitError):
 
 class NotRetainedError(RefitError):
     """A request to re-stage a weight set the engine no longer holds (not live, not previous)."""
+
+
+class MissingWeightsError(RefitError):
+    """A refit declared complete lacks weights; ``names`` lists them."""
+
+    def __init__(self, names: list[str]) -> None:
+        shown = ", ".join(repr(n) for n in names[:10]) + (" ..." if len(names) > 10 else "")
+        super().__init__(f"{len(names)} weight(s) missing from a complete refit: {shown}")
+        self.names = names

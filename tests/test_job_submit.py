@@ -56,7 +56,7 @@ def _stop_cluster(temp_dir: str) -> None:
 def test_ray_job_submit_refits_a_running_fleet(tmp_path: Path) -> None:
     ray_bin = shutil.which("ray", path=str(Path(sys.executable).parent)) or shutil.which("ray")
     assert ray_bin, "the ray CLI is not installed"
-    gcs, dash = _free_port(), _free_port()
+    gcs, dash, agent = _free_port(), _free_port(), _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     # token authentication, as the README's secure set-up: the cluster, the drivers and the job
     # client share one token (never the machine's ~/.ray/auth_token, which other Rays may own)
@@ -65,6 +65,7 @@ def test_ray_job_submit_refits_a_running_fleet(tmp_path: Path) -> None:
     temp_dir = tempfile.mkdtemp(prefix="wrjob", dir="/tmp")  # AF_UNIX paths must stay short
     start = _run([ray_bin, "start", "--head", f"--port={gcs}", "--num-cpus=4",
                   "--include-dashboard=true", f"--dashboard-port={dash}", "--disable-usage-stats",
+                  f"--dashboard-agent-listen-port={agent}",
                   "--object-store-memory=268435456", f"--temp-dir={temp_dir}"], env)
     assert start.returncode == 0, start.stderr[-3000:]
     env["RAY_ADDRESS"] = f"127.0.0.1:{gcs}"
