@@ -26,6 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import ray
+from ray.exceptions import ActorUnavailableError
 
 from engines.checksum import set_digest
 
@@ -109,22 +110,27 @@ class Coordinator:
             self._recovered.set()
 
     def _finish_committed(self, txn: str, version: int, t0: float) -> dict[str, Any]:
-        """COMMIT then ACTIVATE a logged-committed txn; members that lost it catch up from the store."""
+        """COMMIT then ACTIVATE a logged-committed txn. A member that lost its staged set (it
+        restarted) catches up from the checkpoint store; one that cannot within ``launch_s`` is
+        fenced out (evicted) and re-admitted by the repair loop once it has caught up."""
         acks = self._fan_out("commit", self.timeouts["commit_s"], self.epoch, txn)
         lost = [rid for rid, r in acks.items() if isinstance(r, BaseException)]
-        for rid in lost:
-            self._call_one(rid, "sync_to", self.timeouts["prepare_s"], version)
         ready = [rid for rid in acks if rid not in lost]
-        activations = {}
+        activations: dict[str, Any] = {}
         for i, rid in enumerate(ready):
             if i == 1:
                 self.fp.hit("coordinator.mid_activate")
             activations[rid] = self._pool.submit(self._call_one, rid, "activate",
                                                  self.timeouts["activate_s"], self.epoch, txn)
         results = {rid: f.result() for rid, f in activations.items()}
-        for rid, r in results.items():
-            if isinstance(r, BaseException):
-                self._call_one(rid, "sync_to", self.timeouts["prepare_s"], version)
+        lost += [rid for rid, r in results.items() if isinstance(r, BaseException)]
+        for rid in lost:
+            caught_up = self._call_until(rid, "sync_to", self.timeouts.get("launch_s", 120), version)
+            if isinstance(caught_up, BaseException):
+                logger.warning("member %s could not catch up to v%s: %s", rid, version, caught_up)
+                self._evict(rid)
+            else:
+                results[rid] = caught_up
         self.fp.hit("coordinator.before_activated_logged")
         self._append(ActivatedRecord(epoch=self.epoch, txn=txn, version=version,
                                      duration_s=time.perf_counter() - t0), fsync=False)
@@ -155,7 +161,7 @@ class Coordinator:
         for rid, handle in list(self.excluded.items()):
             try:
                 ray.get(handle.ping.remote(), timeout=1.0)
-                ray.get(handle.sync_to.remote(version), timeout=self.timeouts["prepare_s"])
+                ray.get(handle.sync_to.remote(version), timeout=self.timeouts.get("launch_s", 120))
                 ray.get(handle.renew_lease.remote(self.epoch, self.lease_s), timeout=1.0)
             except Exception:  # noqa: BLE001  (still hung or dead: try again later)
                 continue
@@ -195,6 +201,15 @@ class Coordinator:
             return ray.get(getattr(handle, method).remote(*args), timeout=timeout)
         except BaseException as exc:
             return exc
+
+    def _call_until(self, rid: str, method: str, timeout: float, *args: Any) -> Any:
+        """``_call_one`` that waits for a restarting actor (Ray refuses calls while it restarts)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            out = self._call_one(rid, method, max(0.1, deadline - time.monotonic()), *args)
+            if not isinstance(out, ActorUnavailableError) or time.monotonic() >= deadline:
+                return out
+            time.sleep(0.2)
 
     def _fan_out(self, method: str, timeout: float, *args: Any,
                  members: list[str] | None = None) -> dict[str, Any]:

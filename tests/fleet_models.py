@@ -70,3 +70,83 @@ def fleet_config(engine: Path, state_root: Path, **over: Any) -> Any:
     }
     fields.update(over)
     return FleetConfig(**fields)
+
+
+class ClientLoad:
+    """Client threads, each with its own fleet handle, inferring until stopped.
+
+    Records every failure and every response (version, value); ``check()`` asserts none failed,
+    none was torn, and no handle saw its versions go backwards.
+    """
+
+    def __init__(self, fleet: Any, clients: int = 2) -> None:
+        import threading
+
+        from cluster import Fleet
+
+        self._stop = threading.Event()
+        self.failures: list[str] = []
+        self.responses: list[list[tuple[int, float | None]]] = []
+        self._handles = [Fleet.connect(fleet.name, fleet.namespace) for _ in range(clients)]
+        self._threads = [threading.Thread(target=self._run, args=(h,), daemon=True) for h in self._handles]
+
+    def _run(self, handle: Any) -> None:
+        mine: list[tuple[int, float | None]] = []
+        self.responses.append(mine)
+        while not self._stop.is_set():
+            try:
+                r = handle.infer(probe_input())
+            except Exception as exc:  # noqa: BLE001  (every failure is a finding)
+                self.failures.append(f"{type(exc).__name__}: {exc}")
+                continue
+            mine.append((r.version, probe_value(r.outputs)))
+
+    def __enter__(self) -> ClientLoad:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=60)
+
+    def check(self, min_responses: int = 10) -> None:
+        assert not self.failures, self.failures[:5]
+        total = sum(len(m) for m in self.responses)
+        assert total >= min_responses, f"only {total} responses under load"
+        for mine in self.responses:
+            versions = [v for v, _ in mine]
+            assert versions == sorted(versions), "a client handle saw its versions go backwards"
+            assert all(val is not None for _, val in mine), "torn response"
+
+
+def wait_for(predicate: Any, timeout_s: float = 60.0, what: str = "condition") -> Any:
+    """Poll ``predicate`` until it returns a truthy value (for state that converges in the
+    background: a restarted actor, a re-admitted replica); fail with ``what`` at the deadline."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            last = predicate()
+        except Exception as exc:  # noqa: BLE001  (an actor still restarting)
+            last = exc
+        if last and not isinstance(last, Exception):
+            return last
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}; last: {last!r}")
+
+
+def converged(fleet: Any) -> dict[str, Any]:
+    """Every member on the coordinator's active version with equal checksums (I5); returns status."""
+    import ray
+
+    st = fleet.status()
+    members = ray.get(fleet._coord.member_handles.remote())
+    assert set(members) == {r["id"] for r in st["replicas"]}, st["replicas"]
+    assert all(r["version"] == st["version"] for r in st["replicas"]), st["replicas"]
+    sums = [ray.get(h.weight_checksums.remote()) for h in members.values()]
+    assert all(s == sums[0] for s in sums), "members hold different weights"
+    return st
