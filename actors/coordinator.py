@@ -317,6 +317,10 @@ class Coordinator:
 
     # ------------------------------------------------------------------ queries
 
+    def node_id(self) -> str:
+        """The node this incarnation runs on."""
+        return ray.get_runtime_context().get_node_id()
+
     def arm_failpoint(self, name: str, action: str | None) -> None:
         """Arm a failpoint in the coordinator (fault-injection tests)."""
         self.fp.arm(name, action)

@@ -98,6 +98,16 @@ def _check_refittable(cfg: FleetConfig, builder_config: Mapping[str, Any]) -> No
             f"refit (rebuild it with BuilderConfig(enable_refit=True))")
 
 
+def _head_node_strategy() -> Any:
+    """Prefer the head node for the coordinator (it outlives worker nodes; its log and store are
+    there on a one-machine fleet); soft, so a restart goes elsewhere if the head is gone."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    head = next((n["NodeID"] for n in ray.nodes()
+                 if n.get("Alive") and "node:__internal_head__" in n.get("Resources", {})), None)
+    return NodeAffinitySchedulingStrategy(head, soft=True) if head else "DEFAULT"
+
+
 def _existing_placement_group(name: str) -> Any:
     """The fleet's placement group if a previous launch left it (re-attach keeps card indexes)."""
     from ray.util import get_placement_group
@@ -148,7 +158,7 @@ class Fleet:
         cards = resolve_card_indexes(plan, pg)
         coord = Coordinator.options(
             name=coordinator_actor_name(cfg.name), namespace=cfg.namespace, lifetime="detached",
-            get_if_exists=True, num_cpus=0,
+            get_if_exists=True, num_cpus=0, scheduling_strategy=_head_node_strategy(),
         ).remote(cfg_dict)
         handles = {}
         for rp in plan.replicas:

@@ -39,3 +39,25 @@ def test_refit_across_nodes_and_one_copy_per_node(observed: dict) -> None:
 
 def test_more_replicas_than_cards_is_refused(observed: dict) -> None:
     assert "impossible placement" in observed["impossible"]
+
+
+@pytest.fixture(scope="module")
+def node_removed() -> dict:
+    proc = subprocess.run([sys.executable, str(ROOT / "tests/cluster_checks/node_removal.py")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def test_node_removed_mid_refit_commits_among_survivors(node_removed: dict) -> None:
+    assert not node_removed["coordinator_on_victim"]  # the coordinator prefers the head node
+    assert node_removed["evicted"] == sorted(node_removed["victims"])
+    assert node_removed["version_after"] == node_removed["committed_version"]
+
+
+def test_node_removed_replicas_come_back_and_no_request_failed(node_removed: dict) -> None:
+    assert node_removed["members_after"] == node_removed["replicas_before"]
+    assert node_removed["values"] == [2.0]
+    assert node_removed["client_failures"] == []
+    assert node_removed["torn_or_backwards"] == "" and node_removed["responses"] > 50
