@@ -35,6 +35,7 @@ from .failpoints import Failpoints
 from .log import AbortRecord, ActivatedRecord, BeginRecord, CommitRecord, MemberRecord, TxnLog
 from .persist import persist_version, warm_up
 from .store import CheckpointStore
+from .telemetry import count_prepare_failure, observe_refit, phase_log, reason_class
 
 logger = logging.getLogger("weight_refit.coordinator")
 
@@ -123,6 +124,8 @@ class Coordinator:
             activations[rid] = self._pool.submit(self._call_one, rid, "activate",
                                                  self.timeouts["activate_s"], self.epoch, txn)
         results = {rid: f.result() for rid, f in activations.items()}
+        if self.current is not None and self.current.txn == txn:
+            self.current.activated.update(r for r, v in results.items() if isinstance(v, dict))
         lost += [rid for rid, r in results.items() if isinstance(r, BaseException)]
         for rid in lost:
             caught_up = self._call_until(rid, "sync_to", self.timeouts.get("launch_s", 120), version)
@@ -211,26 +214,33 @@ class Coordinator:
                 return out
             time.sleep(0.2)
 
-    def _fan_out(self, method: str, timeout: float, *args: Any,
-                 members: list[str] | None = None) -> dict[str, Any]:
-        """Call ``method`` on every member at once; a failure or timeout comes back as the exception."""
+    def _fan_out(self, method: str, timeout: float, *args: Any, members: list[str] | None = None,
+                 progress: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Call ``method`` on every member at once; a failure or timeout comes back as the
+        exception. Results land in ``progress`` as they arrive (for ``progress()`` callers)."""
         rids = list(self.members) if members is None else members
-        refs = {}
+        out: dict[str, Any] = {}
+        pending: dict[Any, str] = {}
         for rid in rids:
             try:
-                refs[rid] = getattr(self.members[rid], method).remote(*args)
-            except BaseException as exc:
-                refs[rid] = exc
-        out: dict[str, Any] = {}
-        deadline = time.monotonic() + timeout
-        for rid, ref in refs.items():
-            if isinstance(ref, BaseException):
-                out[rid] = ref
-                continue
-            try:
-                out[rid] = ray.get(ref, timeout=max(0.0, deadline - time.monotonic()))
+                pending[getattr(self.members[rid], method).remote(*args)] = rid
             except BaseException as exc:
                 out[rid] = exc
+        deadline = time.monotonic() + timeout
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1,
+                                timeout=max(0.0, deadline - time.monotonic()))
+            if not ready:
+                break
+            rid = pending.pop(ready[0])
+            try:
+                out[rid] = ray.get(ready[0])
+            except BaseException as exc:
+                out[rid] = exc
+            if progress is not None:
+                progress[rid] = out[rid]
+        for rid in pending.values():
+            out[rid] = TimeoutError(f"replica {rid}: no answer to {method} within {timeout:g}s")
         return out
 
     def _active_checksums(self) -> dict[str, str]:
@@ -334,6 +344,17 @@ class Coordinator:
         m = self.store.manifest(min(self.store.versions()))
         return {n: {"shape": list(e.shape), "dtype": e.dtype} for n, e in m.tensors.items()}
 
+    def progress(self) -> dict[str, Any] | None:
+        """The transaction in flight: phase, members, who voted how so far, who activated."""
+        txn = self.current
+        if txn is None:
+            return None
+        votes = {rid: ("YES" if isinstance(r, dict) and r.get("yes") else "NO")
+                 for rid, r in list(txn.progress.items())}
+        return {"txn": txn.txn, "version": txn.version, "phase": txn.phase.value,
+                "members": list(txn.members), "votes": votes, "activated": sorted(txn.activated),
+                "elapsed_s": time.monotonic() - txn.started}
+
     def outcome(self, key_or_txn: str) -> dict[str, Any]:
         o = self._outcome_dict(key_or_txn)
         if o is None:
@@ -422,13 +443,20 @@ class Coordinator:
                                              base_version, from_version, self.cfg.get("persist_fsync", True))
             source = {"from_version": from_version} if from_version is not None else None
             t_prep = time.perf_counter()
+            phase_log("coordinator", "begin", txn.txn, version, 0.0, members=members, key=key)
             raw = self._fan_out("prepare", self.timeouts["prepare_s"], self.epoch, txn.txn, version,
-                                refs, specs, checksums, source, members=members)
+                                refs, specs, checksums, source, members=members, progress=txn.progress)
             votes = {rid: (Vote(rid, bool(r["yes"]), r["reason"], r.get("timings", {}))
                            if isinstance(r, dict) else Vote(rid, False, _reason(r)))
                      for rid, r in raw.items()}
             prepare_s = time.perf_counter() - t_prep
             txn.votes = votes
+            for vote in votes.values():
+                if not vote.yes:
+                    count_prepare_failure(self.name, reason_class(vote.reason))
+            phase_log("coordinator", "prepare", txn.txn, version, prepare_s,
+                      yes=sorted(r for r, v in votes.items() if v.yes),
+                      no={r: v.reason for r, v in votes.items() if not v.yes})
             persist_timings: dict[str, float] = {}
             persist_error = ""
             try:
@@ -443,19 +471,23 @@ class Coordinator:
             for rid in decision.evicted:
                 self._evict(rid)
             self._append(CommitRecord(epoch=self.epoch, txn=txn.txn, version=version), fsync=True)
+            phase_log("coordinator", "commit_logged", txn.txn, version, time.perf_counter() - t0)
             txn.move(Phase.COMMITTING)
             self.fp.hit("coordinator.after_decision_logged")
             txn.move(Phase.ACTIVATING)
             activations = self._finish_committed(txn.txn, version, t0)
             self._wait_out_leases(decision.evicted)
             txn.move(Phase.DONE)
+            duration = time.perf_counter() - t0
+            observe_refit(self.name, "committed", duration)
+            phase_log("coordinator", "activated", txn.txn, version, duration, evicted=decision.evicted)
             replicas: dict[str, dict[str, Any]] = {}
             for rid, vote in votes.items():
                 replicas[rid] = dict(vote.timings)
                 if isinstance(activations.get(rid), dict):
                     replicas[rid].update(activations[rid])
             return {"status": "committed", "txn": txn.txn, "version": version, "key": key,
-                    "duration_s": time.perf_counter() - t0, "prepare_s": prepare_s,
+                    "duration_s": duration, "prepare_s": prepare_s,
                     "persist": persist_timings, "evicted": decision.evicted, "replicas": replicas}
         finally:
             self.current = None
@@ -464,6 +496,8 @@ class Coordinator:
         vote_text = {rid: ("YES" if v.yes else f"NO: {v.reason}") for rid, v in votes.items()}
         self._append(AbortRecord(epoch=self.epoch, txn=txn.txn, reason=reason, votes=vote_text), fsync=True)
         txn.move(Phase.ABORTED)
+        observe_refit(self.name, "aborted", time.perf_counter() - t0)
+        phase_log("coordinator", "abort", txn.txn, txn.version, time.perf_counter() - t0, reason=reason)
         self._fan_out("abort", self.timeouts["commit_s"], self.epoch, txn.txn, reason, members=txn.members)
         self.store.retain(set(self.store.versions()) - {txn.version})
         return {"status": "aborted", "txn": txn.txn, "version": None, "key": txn.key, "reason": reason,

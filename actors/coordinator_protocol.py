@@ -6,8 +6,10 @@ the commit policy. The coordinator actor logs each decision before it acts on it
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Any
 
 
 class Phase(str, Enum):
@@ -82,6 +84,8 @@ class CoordinatorTxn:
     acked: set[str] = field(default_factory=set)
     activated: set[str] = field(default_factory=set)
     reason: str = ""
+    progress: dict[str, Any] = field(default_factory=dict)  # replica -> prepare answer, as they come
+    started: float = field(default_factory=time.monotonic)
 
     def move(self, new: Phase) -> None:
         if new not in PHASE_TRANSITIONS[self.phase]:

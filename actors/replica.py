@@ -32,6 +32,7 @@ from .log import TxnLog
 from .payload import from_wire
 from .replica_protocol import ProtocolViolation, ReplicaParticipant, TxnState
 from .store import CheckpointStore
+from .telemetry import observe_request, phase_log, set_version
 
 
 def _reason(exc: BaseException) -> str:
@@ -61,12 +62,14 @@ class Replica:
         self._inflight = 0
         self._inflight_cv = threading.Condition()
         self._coordinator: Any = None
+        self._fleet = str(spec.get("fleet", ""))
         self.engine = self._load_engine()
         self.store = CheckpointStore.in_state_dir(spec["state_dir"], cleanup=False)
         self.active_checksums: dict[str, str] = {}
         self.fp.hit("replica.on_start")
         self._catch_up_from_log()
         self.state = "serving"
+        set_version(self._fleet, replica_id, self.engine.version)
 
     # ------------------------------------------------------------------ start-up
 
@@ -105,8 +108,10 @@ class Replica:
                     "reason": "behind"}
         with self._inflight_cv:
             self._inflight += 1
+        t0 = time.perf_counter()
         try:
             r = self.engine.infer(*inputs)
+            observe_request(self._fleet, self.replica_id, time.perf_counter() - t0)
         finally:
             with self._inflight_cv:
                 self._inflight -= 1
@@ -241,6 +246,10 @@ class Replica:
 
     def _vote(self, txn: str, yes: bool, reason: str, timings: dict[str, float], t0: float) -> dict[str, Any]:
         timings["prepare_s"] = time.perf_counter() - t0
+        rec = self.participant.get(txn)
+        phase_log("replica", "prepare", txn, rec.version if rec else None, timings["prepare_s"],
+                  replica=self.replica_id, vote="YES" if yes else "NO", reason=reason,
+                  **{k: round(v, 6) for k, v in timings.items() if k != "prepare_s"})
         return {"replica": self.replica_id, "txn": txn, "yes": yes, "reason": reason,
                 "timings": timings, "version": self.engine.version}
 
@@ -249,8 +258,11 @@ class Replica:
         """Pin the staged set as committed; keep serving the old version. Idempotent."""
         self.fp.hit("replica.before_commit")
         with self._ctl:
+            t = time.perf_counter()
             self._fence(epoch, keep=txn)
             rec, _ = self.participant.commit(epoch, txn)
+            phase_log("replica", "commit", txn, rec.version, time.perf_counter() - t,
+                      replica=self.replica_id)
             return {"replica": self.replica_id, "txn": txn, "state": rec.state.value,
                     "version": self.engine.version}
 
@@ -262,6 +274,8 @@ class Replica:
             t = time.perf_counter()
             self._fence(epoch, keep=txn)
             self._activate_locked(epoch, txn)
+            phase_log("replica", "activate", txn, self.engine.version, time.perf_counter() - t,
+                      replica=self.replica_id, swap_ns=self.engine.last_swap_ns)
             return {"replica": self.replica_id, "txn": txn, "version": self.engine.version,
                     "activate_s": time.perf_counter() - t, "swap_ns": self.engine.last_swap_ns}
 
@@ -279,14 +293,18 @@ class Replica:
         self.engine.commit(staged)
         self.participant.activate(epoch, txn)
         self._last_refit_at = time.time()
+        set_version(self._fleet, self.replica_id, self.engine.version)
 
     @ray.method(concurrency_group="control")
     def abort(self, epoch: int, txn: str, reason: str = "") -> dict[str, Any]:
         """Discard the staged set of ``txn``; remember the decision. Idempotent."""
         with self._ctl:
+            t = time.perf_counter()
             self._fence(epoch)
-            self.participant.abort(epoch, txn, reason)
+            rec, _ = self.participant.abort(epoch, txn, reason)
             self._discard(txn)
+            phase_log("replica", "abort", txn, rec.version, time.perf_counter() - t,
+                      replica=self.replica_id, reason=reason)
             return {"replica": self.replica_id, "txn": txn, "version": self.engine.version}
 
     def _fence(self, epoch: int, keep: str | None = None) -> None:
@@ -312,6 +330,9 @@ class Replica:
                     staged = self.engine.stage(self.store.load(version), version)
                     self.engine.commit(staged)
             self.state = "serving"
+            set_version(self._fleet, self.replica_id, self.engine.version)
+            phase_log("replica", "sync", None, self.engine.version, time.perf_counter() - t,
+                      replica=self.replica_id)
             return {"replica": self.replica_id, "version": self.engine.version,
                     "sync_s": time.perf_counter() - t}
 

@@ -74,7 +74,7 @@ def _replica_spec(cfg: FleetConfig, card: int | None) -> dict[str, Any]:
         "memory_budget_bytes": cfg.memory_budget_bytes, "torch_threads": cfg.torch_threads,
         "failpoints": dict(cfg.failpoints), "fetch_timeout_s": cfg.timeouts.prepare_s,
         "lease_s": cfg.timeouts.lease_s, "coordinator": coordinator_actor_name(cfg.name),
-        "namespace": cfg.namespace,
+        "namespace": cfg.namespace, "fleet": cfg.name,
     }
 
 
