@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import os
 import threading
 import time
@@ -36,7 +37,7 @@ from .placement import (
     plan_placement,
     resolve_card_indexes,
 )
-from .publish import publish
+from .publish import load_and_check, publish
 from .router import InferResponse, Router
 
 
@@ -60,7 +61,7 @@ def ensure_ray(address: str | None = None, init_kwargs: Mapping[str, Any] | None
         return
     target = os.environ.get("RAY_ADDRESS") or address
     if target:
-        ray.init(address=target, log_to_driver=False)
+        ray.init(address=target, log_to_driver=False, logging_level=logging.WARNING)
     else:
         kwargs = {"include_dashboard": False, "log_to_driver": False, **dict(init_kwargs or {})}
         ray.init(**kwargs)
@@ -297,6 +298,25 @@ class Fleet:
         finally:
             pub.refs.clear()  # the replicas and the store have their copies (or it aborted)
         return self._result(out, t0, pub.timings)
+
+    def validate(self, weights: WeightsLike, *, strip_prefix: str | None = None,
+                 add_prefix: str | None = None, mapping: Mapping[str, str] | None = None,
+                 complete: bool = False) -> dict[str, Any]:
+        """Dry run of ``refit``: read and validate against the fleet manifest, checksum; nothing
+        is put or staged. Returns names, bytes, checksums and what is missing."""
+        from engines.checksum import checksums
+
+        manifest = self.manifest()
+        tensors = load_and_check(weights, manifest, strip_prefix=strip_prefix, add_prefix=add_prefix,
+                                 mapping=mapping, complete=complete)
+        missing = sorted(set(manifest) - set(tensors))
+        return {"valid": True, "tensors": len(tensors), "missing": missing,
+                "bytes": sum(t.numel() * t.element_size() for t in tensors.values()),
+                "checksums": checksums(tensors)}
+
+    def progress(self) -> dict[str, Any] | None:
+        """The transaction in flight (phase, votes so far, activated), or None."""
+        return ray.get(self._coord.progress.remote(), timeout=self._request_s)
 
     def rollback(self, to: int | None = None, key: str | None = None) -> RefitResult:
         """A new version carrying an earlier version's weights (default: walk back one step)."""

@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import ray
+import torch
 
 from actors.payload import Publication, spec_dict, to_wire
 from engines.checksum import checksums as checksum_all
@@ -19,6 +20,20 @@ from engines.weights import WeightsLike, load_weights
 from .errors import ObjectStoreTooSmall
 
 
+def load_and_check(weights: WeightsLike, manifest: Mapping[str, Any], *,
+                   non_finite: NonFinitePolicy = NonFinitePolicy.REJECT, strip_prefix: str | None = None,
+                   add_prefix: str | None = None, mapping: Mapping[str, str] | None = None,
+                   complete: bool = False) -> dict[str, torch.Tensor]:
+    """Read ``weights`` and check them against the fleet manifest (names, shapes, dtypes, values,
+    completeness when asked); raises the engine's errors naming the tensor."""
+    tensors = load_weights(weights, strip_prefix=strip_prefix, add_prefix=add_prefix, mapping=mapping)
+    specs = {n: TensorSpec(shape=tuple(s["shape"]), dtype=s["dtype"]) for n, s in manifest.items()}
+    check_weights(tensors, specs, non_finite)
+    if complete and (missing := sorted(set(specs) - set(tensors))):
+        raise MissingWeightsError(missing)
+    return tensors
+
+
 def publish(weights: WeightsLike, manifest: Mapping[str, Any], *,
             non_finite: NonFinitePolicy = NonFinitePolicy.REJECT, strip_prefix: str | None = None,
             add_prefix: str | None = None, mapping: Mapping[str, str] | None = None,
@@ -28,11 +43,8 @@ def publish(weights: WeightsLike, manifest: Mapping[str, Any], *,
     ``MissingWeightsError`` when ``complete`` and names are missing, ``ObjectStoreTooSmall`` with
     the numbers when the version cannot fit the object store."""
     t0 = time.perf_counter()
-    tensors = load_weights(weights, strip_prefix=strip_prefix, add_prefix=add_prefix, mapping=mapping)
-    specs = {n: TensorSpec(shape=tuple(s["shape"]), dtype=s["dtype"]) for n, s in manifest.items()}
-    check_weights(tensors, specs, non_finite)
-    if complete and (missing := sorted(set(specs) - set(tensors))):
-        raise MissingWeightsError(missing)
+    tensors = load_and_check(weights, manifest, non_finite=non_finite, strip_prefix=strip_prefix,
+                             add_prefix=add_prefix, mapping=mapping, complete=complete)
     nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
     capacity = ray.cluster_resources().get("object_store_memory", 0.0)
     if capacity and nbytes > 0.8 * capacity:
