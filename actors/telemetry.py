@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from functools import cache
 from typing import Any
@@ -90,4 +91,7 @@ def observe_request(fleet: str, replica: str, seconds: float) -> None:
 def reason_class(reason: str) -> str:
     """The error class of a NO vote's reason (``"ChecksumMismatch: ..."`` -> ``ChecksumMismatch``)."""
     head = reason.split(":", 1)[0].strip()
+    inner = re.fullmatch(r"\w+\((\w+)\)", head)  # RayTaskError(FailpointError) -> FailpointError
+    if inner:
+        head = inner.group(1)
     return head if head.isidentifier() else "other"

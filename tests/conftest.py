@@ -22,6 +22,7 @@ RAY_SYSTEM_CONFIG = {
     "health_check_period_ms": 500,
     "health_check_timeout_ms": 500,
     "health_check_failure_threshold": 3,
+    "metrics_report_interval_ms": 500,
 }
 
 
@@ -31,8 +32,11 @@ def ray_session() -> Iterator[None]:
     import ray
 
     if not ray.is_initialized():
+        from ray_head import free_port
+
+        os.environ["WEIGHT_REFIT_TEST_METRICS_PORT"] = str(port := free_port())
         ray.init(num_cpus=4, object_store_memory=512 << 20, include_dashboard=False,
-                 log_to_driver=False, _system_config=RAY_SYSTEM_CONFIG)
+                 log_to_driver=False, _system_config=RAY_SYSTEM_CONFIG, _metrics_export_port=port)
     yield
     ray.shutdown()
 
