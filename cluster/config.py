@@ -137,27 +137,42 @@ class FleetConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: str
-    namespace: str = Field(default="weight-refit", min_length=1)
-    address: str | None = None
-    engine: str = Field(min_length=1)
-    replicas: int = Field(default=2, ge=1)
-    device: Literal["cpu", "cuda", "mlu"] = "cpu"
+    name: str = Field(
+        description="fleet label: names the coordinator actor, placement groups and default state dir")
+    namespace: str = Field(default="weight-refit", min_length=1,
+                           description="Ray namespace of the detached actors (Fleet.connect looks here)")
+    address: str | None = Field(default=None,
+        description="Ray address; null: RAY_ADDRESS if set, else a local Ray")
+    engine: str = Field(min_length=1, description="engine file every replica loads (built with enable_refit)")
+    replicas: int = Field(default=2, ge=1, description="number of serving replicas")
+    device: Literal["cpu", "cuda", "mlu"] = Field(default="cpu", description="card kind each replica pins")
     placement: PlacementConfig = Field(default_factory=PlacementConfig)
-    state_dir: str = Field(min_length=1)
+    state_dir: str = Field(min_length=1,
+        description="durable log + checkpoint store (shared filesystem on multi-node); "
+                    "default ~/.weight-refit/<name>")
     timeouts: TimeoutConfig = Field(default_factory=TimeoutConfig)
     routing: RoutingConfig = Field(default_factory=RoutingConfig)
-    commit_policy: Literal["strict", "evict"] = "strict"
-    max_evict: int = Field(default=0, ge=0)
-    memory_mode: Literal["swap", "copy"] = "swap"
-    keep_previous: bool = True
-    torch_threads: int = Field(default=1, ge=1)
-    memory_budget_bytes: int | None = Field(default=None, ge=1)
-    failpoints: dict[str, str] = Field(default_factory=dict)
-    ray_init: dict[str, Any] = Field(default_factory=dict)
-    persist_fsync: bool = True
-    retain_versions: int = Field(default=3, ge=2)
-    engine_device: str | None = Field(default=None, pattern=r"^(cpu|cuda(:\d+)?|mlu(:\d+)?)$")
+    commit_policy: Literal["strict", "evict"] = Field(
+        default="strict",
+        description="strict: any NO aborts; evict: fence out up to max_evict members and commit")
+    max_evict: int = Field(default=0, ge=0, description="members the evict policy may fence out (< replicas)")
+    memory_mode: Literal["swap", "copy"] = Field(
+        default="swap",
+        description="swap: stage beside the live set; copy: stage in host memory, copy at commit")
+    keep_previous: bool = Field(default=True,
+        description="keep the previous set on the card for instant rollback")
+    torch_threads: int = Field(default=1, ge=1, description="intra-op threads per replica")
+    memory_budget_bytes: int | None = Field(
+        default=None, ge=1, description="extra bytes a replica may hold for staging; null: no limit")
+    failpoints: dict[str, str] = Field(default_factory=dict,
+        description="fault injection (tests): name -> action")
+    ray_init: dict[str, Any] = Field(default_factory=dict,
+        description="extra ray.init kwargs for a local Ray")
+    persist_fsync: bool = Field(default=True, description="fsync checkpoints and log records")
+    retain_versions: int = Field(default=3, ge=2, description="committed versions kept in the store")
+    engine_device: str | None = Field(
+        default=None, pattern=r"^(cpu|cuda(:\d+)?|mlu(:\d+)?)$",
+        description="override the engine's device in replicas (simulated cards in tests)")
 
     @model_validator(mode="before")
     @classmethod
