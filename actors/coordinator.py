@@ -460,7 +460,7 @@ class Coordinator:
             persist_timings: dict[str, float] = {}
             persist_error = ""
             try:
-                persist_timings = ray.get(persist, timeout=self.timeouts["prepare_s"])
+                persist_timings = ray.get(persist, timeout=self.timeouts.get("persist_s", 300.0))
             except BaseException as exc:
                 persist_error = f"persisting version {version} failed: {_reason(exc)}"
             decision = tally(votes, policy=self.cfg.get("commit_policy", "strict"),

@@ -88,7 +88,8 @@ class TimeoutConfig(BaseModel):
 
     ``prepare_s``: one PREPARE (fetch, verify, stage) per replica; ``commit_s``: one COMMIT ack;
     ``activate_s``: one ACTIVATE; ``request_s``: one inference request; ``lease_s``: a member's
-    serving lease; ``launch_s``: starting the fleet (placement, actors, engine loads).
+    serving lease; ``launch_s``: starting the fleet (placement, actors, engine loads);
+    ``persist_s``: writing a version to the checkpoint store (overlaps PREPARE; COMMIT waits for it).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -99,6 +100,7 @@ class TimeoutConfig(BaseModel):
     request_s: float = Field(default=30.0, gt=0.0)
     lease_s: float = Field(default=10.0, gt=0.0)
     launch_s: float = Field(default=120.0, gt=0.0)
+    persist_s: float = Field(default=300.0, gt=0.0)
 
 
 class RoutingConfig(BaseModel):
