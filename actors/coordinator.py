@@ -74,6 +74,7 @@ class Coordinator:
         self.excluded: dict[str, Any] = {}  # evicted, alive or not: re-admitted once caught up
         self.current: CoordinatorTxn | None = None
         self._renewed: dict[str, float] = {}  # replica -> monotonic time of the last renewal sent
+        self._late_evicted: list[str] = []  # fenced out during COMMIT/ACTIVATE of the current txn
         self.lease_s = float(self.timeouts.get("lease_s", 10.0))
         for rid, event in self.state.members.items():
             if event in ("join", "evict"):
@@ -126,12 +127,14 @@ class Coordinator:
         results = {rid: f.result() for rid, f in activations.items()}
         if self.current is not None and self.current.txn == txn:
             self.current.activated.update(r for r, v in results.items() if isinstance(v, dict))
-        lost += [rid for rid, r in results.items() if isinstance(r, BaseException)]
+        lost += [rid for rid, r in results.items()
+                 if isinstance(r, BaseException) or r.get("version") != version]
         for rid in lost:
             caught_up = self._call_until(rid, "sync_to", self.timeouts.get("launch_s", 120), version)
-            if isinstance(caught_up, BaseException):
+            if isinstance(caught_up, BaseException) or caught_up.get("version") != version:
                 logger.warning("member %s could not catch up to v%s: %s", rid, version, caught_up)
                 self._evict(rid)
+                self._late_evicted.append(rid)
             else:
                 results[rid] = caught_up
         self.fp.hit("coordinator.before_activated_logged")
@@ -475,12 +478,14 @@ class Coordinator:
             txn.move(Phase.COMMITTING)
             self.fp.hit("coordinator.after_decision_logged")
             txn.move(Phase.ACTIVATING)
+            self._late_evicted = []
             activations = self._finish_committed(txn.txn, version, t0)
-            self._wait_out_leases(decision.evicted)
+            evicted = decision.evicted + self._late_evicted
+            self._wait_out_leases(evicted)
             txn.move(Phase.DONE)
             duration = time.perf_counter() - t0
             observe_refit(self.name, "committed", duration)
-            phase_log("coordinator", "activated", txn.txn, version, duration, evicted=decision.evicted)
+            phase_log("coordinator", "activated", txn.txn, version, duration, evicted=evicted)
             replicas: dict[str, dict[str, Any]] = {}
             for rid, vote in votes.items():
                 replicas[rid] = dict(vote.timings)
@@ -488,7 +493,7 @@ class Coordinator:
                     replicas[rid].update(activations[rid])
             return {"status": "committed", "txn": txn.txn, "version": version, "key": key,
                     "duration_s": duration, "prepare_s": prepare_s,
-                    "persist": persist_timings, "evicted": decision.evicted, "replicas": replicas}
+                    "persist": persist_timings, "evicted": evicted, "replicas": replicas}
         finally:
             self.current = None
 

@@ -142,7 +142,9 @@ class Replica:
             return not self._excluded
         self._excluded = not answer["member"]
         self._lease_expires = time.monotonic() + (self._lease_s if answer["member"] else 1.0)
-        if answer["member"] and answer["active_version"] != self.engine.version:
+        if answer["member"] and answer["active_version"] > self.engine.version:
+            # only forward: the log's active version lags while an ACTIVATE fan-out (or a
+            # restarted coordinator's recovery) is under way, and this replica may be ahead
             self.sync_to(answer["active_version"])
         return answer["member"]
 
@@ -174,13 +176,19 @@ class Replica:
             return self._inflight
 
     def _activate_for(self, min_version: int) -> bool:
-        """DESIGN step 5: a committed-not-active version a client has already seen goes live now."""
-        with self._ctl:
+        """DESIGN step 5: a committed-not-active version a client has already seen goes live now.
+        Never blocks the serving path for long: if a protocol call holds the replica, answer
+        stale and let the client's handle try another member."""
+        if not self._ctl.acquire(timeout=0.5):
+            return False
+        try:
             rec = self.participant.committed_at_least(min_version)
             if rec is None:
                 return self.engine.version >= min_version
             self._activate_locked(None, rec.txn)
             return True
+        finally:
+            self._ctl.release()
 
     # ------------------------------------------------------------------ protocol
 

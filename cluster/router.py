@@ -14,6 +14,7 @@ Contract:
 
 from __future__ import annotations
 
+import random
 import threading
 import time
 from collections.abc import Callable
@@ -54,7 +55,13 @@ class Router:
         self.refresh()
 
     def refresh(self) -> None:
-        members = self._refresh_fn()
+        """Re-read the member list; keep the old one while the coordinator cannot answer."""
+        try:
+            members = self._refresh_fn()
+        except Exception:  # noqa: BLE001  (coordinator restarting: route over what we know)
+            if self._members:
+                return
+            raise
         with self._lock:
             self._members = dict(members)
             for rid in members:
@@ -80,7 +87,8 @@ class Router:
             if not free:
                 raise Overloaded(f"all {len(candidates)} replica(s) have {self.max_queue} outstanding "
                                  f"requests (routing.max_queue_per_replica={self.max_queue})")
-            rid = min(free, key=lambda r: self._outstanding.get(r, 0))
+            least = min(self._outstanding.get(r, 0) for r in free)
+            rid = random.choice([r for r in free if self._outstanding.get(r, 0) == least])
             self._outstanding[rid] = self._outstanding.get(rid, 0) + 1
             return rid, self._members[rid], self.seen_version
 
@@ -106,9 +114,13 @@ class Router:
                 skip.clear()
                 stale += 1
                 continue
+            # one attempt may not take the whole deadline: leave time to try the other members
+            with self._lock:
+                untried = max(1, len([r for r in self._members if r not in skip]))
+            attempt = max(0.5, (deadline - time.monotonic()) / untried)
             try:
                 resp = ray.get(handle.infer.remote(inputs, floor),
-                               timeout=max(0.001, deadline - time.monotonic()))
+                               timeout=min(attempt, max(0.001, deadline - time.monotonic())))
             except (RayActorError, GetTimeoutError) as exc:
                 last_error = f"replica {rid}: {type(exc).__name__}"
                 with self._lock:

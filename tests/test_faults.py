@@ -213,3 +213,35 @@ def test_stale_epoch_message_after_coordinator_restart_is_refused(make_fleet) ->
     assert not vote["yes"] and "StaleEpoch" in vote["reason"]
     assert ray.get(r0.status.remote())["staged_bytes"] == 0
     assert converged(fleet) and _values(fleet) == {17.0}
+
+
+def test_replica_never_goes_back_when_its_lease_lapses_mid_activate(make_fleet) -> None:
+    """Found by the soak: a lapsed lease reconfirmed while a restarted coordinator was finishing
+    ACTIVATE used to sync the replica back to the log's (lagging) active version."""
+    import threading
+
+    fleet = make_fleet(failpoints={"coordinator.mid_activate": "sleep:6"})
+    r0 = _handles(fleet)["r0"]
+    served: list[tuple[float, int]] = []
+    stop = threading.Event()
+
+    def direct() -> None:  # as from a handle that has not seen the new version yet
+        while not stop.is_set():
+            r = ray.get(r0.infer.remote([probe_input()], 0), timeout=30)
+            if not r["stale"]:
+                served.append((time.monotonic(), r["version"]))
+
+    th = threading.Thread(target=direct, daemon=True)
+    th.start()
+    try:
+        ray.get(fleet._coord.arm_failpoint.remote("coordinator.after_decision_logged", "exit"))
+        res = fleet.refit(probe_weights(2.0), key="k-lapse")
+        returned = time.monotonic()
+        wait_for(lambda: sum(t > returned for t, _ in served) >= 20, 60, "requests after the refit")
+    finally:
+        stop.set()
+        th.join(timeout=60)
+    versions = [v for _, v in served]
+    assert versions == sorted(versions), "r0 went back to an older version"
+    assert all(v >= res.version for t, v in served if t > returned)
+    assert converged(fleet)["version"] == res.version
