@@ -1,0 +1,47 @@
+"""Smoke test of the refit benchmark: a tiny model, one replica, two refits under load.
+
+Runs ``scripts/bench_refit.py`` in a subprocess (it starts its own local Ray) and checks that the
+JSON it writes has every key issue 5 asks for, and that no response failed or was torn/mixed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+REQUIRED = ("model_bytes", "replicas", "refit_s", "floor_s", "ratio_to_floor", "checksum_s", "persist_s",
+            "reload_baseline_s", "byvalue_baseline_s", "p99_idle_ms", "p99_refit_ms", "failed", "torn")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_bench_refit_tiny(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "bench_refit.py"), "--sizes-mib", "4", "--replicas", "1",
+         "--refits", "2", "--warm", "3", "--idle-s", "0.5", "--json", str(out),
+         "--workdir", str(tmp_path / "work")],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=580,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(out.read_text())
+    assert result["rows"], result.get("skipped")
+    for row in result["rows"]:
+        missing = [k for k in REQUIRED if k not in row]
+        assert not missing, f"row lacks {missing}"
+        assert row["model_bytes"] == 4 << 20 and row["replicas"] == 1
+        assert row["failed"] == 0 and row["torn"] == 0 and row["mixed"] == 0 and row["backwards"] == 0
+        assert row["refit_s"] > 0 and row["floor_s"] > 0 and row["ratio_to_floor"] > 0
+        assert row["reload_baseline_s"] > 0 and row["byvalue_baseline_s"] > 0
+        assert row["n_idle"] > 0 and row["n_refit"] > 0
+        assert row["swap_us"] < 10_000
+    assert result["floors"] and result["engine"]
