@@ -51,13 +51,14 @@ def main() -> None:
     fleet.refit(probe_weights(1.0))
     st = fleet.status()
     node_ids = {n.node_id: n for n in nodes}
-    victim_node = next(r["node"] for r in st["replicas"] if r["node"] in node_ids)
+    coord_node = ray.get(fleet._coord.node_id.remote())
+    # the node to lose hosts replicas but not the coordinator (its own crash is tested elsewhere)
+    victim_node = next(r["node"] for r in st["replicas"] if r["node"] in node_ids and r["node"] != coord_node)
     victims = [r["id"] for r in st["replicas"] if r["node"] == victim_node]
     handles = ray.get(fleet._coord.member_handles.remote())
     ray.get(handles[victims[0]].arm_failpoint.remote("replica.before_vote", "sleep:30"))
-    coord_node = ray.get(fleet._coord.node_id.remote())
     out: dict = {"victims": victims, "replicas_before": len(st["replicas"]),
-                 "coordinator_on_victim": coord_node == victim_node}
+                 "coordinator_on_head": coord_node == cluster.head_node.node_id}
     with ClientLoad(fleet) as load:
         result: dict = {}
         refit = threading.Thread(target=lambda: result.update(r=fleet.refit(probe_weights(2.0))))
