@@ -109,6 +109,23 @@ def _head_node_strategy() -> Any:
     return NodeAffinitySchedulingStrategy(head, soft=True) if head else "DEFAULT"
 
 
+def _start_replicas(cfg: FleetConfig, plan: Any, pg: Any, cards: Mapping[str, int], coord: Any) -> None:
+    """Create the plan's replica actors (detached, named), wait until they answer, and have the
+    coordinator admit each one (it catches the replica up to the active version first)."""
+    handles = {}
+    for rp in plan.replicas:
+        card = cards.get(rp.replica_id)
+        opts = actor_options(rp, placement_group=pg, card_index=card)
+        handles[rp.replica_id] = Replica.options(
+            name=replica_actor_name(cfg.name, rp.replica_id), namespace=cfg.namespace,
+            lifetime="detached", get_if_exists=True, **opts,
+        ).remote(rp.replica_id, _replica_spec(cfg, card))
+    deadline = time.monotonic() + cfg.timeouts.launch_s
+    ray.get([h.ping.remote() for h in handles.values()], timeout=cfg.timeouts.launch_s)
+    for rid in handles:
+        ray.get(coord.join.remote(rid), timeout=max(1.0, deadline - time.monotonic()))
+
+
 def _existing_placement_group(name: str) -> Any:
     """The fleet's placement group if a previous launch left it (re-attach keeps card indexes)."""
     from ray.util import get_placement_group
@@ -161,18 +178,7 @@ class Fleet:
             name=coordinator_actor_name(cfg.name), namespace=cfg.namespace, lifetime="detached",
             get_if_exists=True, num_cpus=0, scheduling_strategy=_head_node_strategy(),
         ).remote(cfg_dict)
-        handles = {}
-        for rp in plan.replicas:
-            card = cards.get(rp.replica_id)
-            opts = actor_options(rp, placement_group=pg, card_index=card)
-            handles[rp.replica_id] = Replica.options(
-                name=replica_actor_name(cfg.name, rp.replica_id), namespace=cfg.namespace,
-                lifetime="detached", get_if_exists=True, **opts,
-            ).remote(rp.replica_id, _replica_spec(cfg, card))
-        deadline = time.monotonic() + cfg.timeouts.launch_s
-        ray.get([h.ping.remote() for h in handles.values()], timeout=cfg.timeouts.launch_s)
-        for rid in handles:
-            ray.get(coord.join.remote(rid), timeout=max(1.0, deadline - time.monotonic()))
+        _start_replicas(cfg, plan, pg, cards, coord)
         return cls(cfg.name, cfg.namespace, coord, cfg_dict)
 
     @classmethod
@@ -238,17 +244,7 @@ class Fleet:
             cards = {rid: c for rid, c in assign_card_indexes(
                 nodes, cards_by_node(plan.resource_name), existing,
                 replicas_per_card=plan.replicas_per_card).items() if rid in new_ids}
-        handles = {}
-        for rp in plan.replicas:
-            card = cards.get(rp.replica_id)
-            opts = actor_options(rp, placement_group=pg, card_index=card)
-            handles[rp.replica_id] = Replica.options(
-                name=replica_actor_name(cfg.name, rp.replica_id), namespace=cfg.namespace,
-                lifetime="detached", get_if_exists=True, **opts,
-            ).remote(rp.replica_id, _replica_spec(cfg, card))
-        ray.get([h.ping.remote() for h in handles.values()], timeout=cfg.timeouts.launch_s)
-        for rid in handles:
-            ray.get(self._coord.join.remote(rid), timeout=cfg.timeouts.launch_s)
+        _start_replicas(cfg, plan, pg, cards, self._coord)
         return new_ids
 
     # ---------------------------------------------------------------- serving

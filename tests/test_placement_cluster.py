@@ -12,13 +12,18 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(scope="module")
-def observed() -> dict:
-    proc = subprocess.run([sys.executable, str(ROOT / "tests/cluster_checks/mlu_placement.py")],
+def _run_check(script: str) -> dict:
+    """Run one cluster check in its own process; return the JSON it prints after ``RESULT``."""
+    proc = subprocess.run([sys.executable, str(ROOT / "tests/cluster_checks" / script)],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads(lines[-1][len("RESULT "):])
+
+
+@pytest.fixture(scope="module")
+def observed() -> dict:
+    return _run_check("mlu_placement.py")
 
 
 def test_one_replica_per_card_and_indexes_unique_per_node(observed: dict) -> None:
@@ -43,11 +48,7 @@ def test_more_replicas_than_cards_is_refused(observed: dict) -> None:
 
 @pytest.fixture(scope="module")
 def node_removed() -> dict:
-    proc = subprocess.run([sys.executable, str(ROOT / "tests/cluster_checks/node_removal.py")],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return json.loads(lines[-1][len("RESULT "):])
+    return _run_check("node_removal.py")
 
 
 def test_node_removed_mid_refit_commits_among_survivors(node_removed: dict) -> None:
