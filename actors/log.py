@@ -28,6 +28,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
+from actors.durable import fsync_dir
 from engines.checksum import set_digest
 
 __all__ = [
@@ -215,13 +216,6 @@ def _describe(e: ValueError) -> str:
     return str(e) or type(e).__name__
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
 
 _fdatasync = getattr(os, "fdatasync", os.fsync)
 
@@ -260,7 +254,7 @@ class TxnLog:
         fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
         if created:
             os.fsync(fd)
-            _fsync_dir(state_dir)
+            fsync_dir(state_dir)
         log = cls(path, fd)
         try:
             with log._locked():

@@ -26,7 +26,9 @@ from typing import BinaryIO
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from actors.durable import fsync_dir
 from engines.checksum import ChecksumMismatch, bytes_checksum, set_digest, tensor_bytes, tensor_checksum
+from engines.manifest import dtype_name
 
 __all__ = [
     "CheckpointCorrupted",
@@ -139,16 +141,6 @@ class CheckpointManifest(BaseModel):
         return {name: e.checksum for name, e in self.tensors.items()}
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _write_all(f: BinaryIO, data: memoryview | bytes) -> None:
@@ -260,8 +252,11 @@ class CheckpointStore:
             missing = sorted(names - set(checksums))
             extra = sorted(set(checksums) - names)
             raise ValueError(f"checksums do not match tensors: missing {missing}, extra {extra}")
+        for name, t in tensors.items():
+            if t.dtype not in _ST_DTYPES:
+                raise ValueError(f"tensor {name!r}: dtype {t.dtype} cannot be stored in a checkpoint")
         entries: dict[str, TensorEntry] = {
-            name: TensorEntry(shape=list(t.shape), dtype=_dtype_name(t.dtype), checksum=checksums[name])
+            name: TensorEntry(shape=list(t.shape), dtype=dtype_name(t.dtype), checksum=checksums[name])
             for name, t in tensors.items()
         }
         header: dict[str, object] = {"__metadata__": {"format": MANIFEST_FORMAT, "version": str(version)}}
@@ -307,7 +302,7 @@ class CheckpointStore:
         if mpath.exists():  # re-save: the version stops counting until its new manifest lands
             mpath.unlink()
             if fsync:
-                _fsync_dir(self._root)
+                fsync_dir(self._root)
         dpath = self.data_path(version)
         self._atomic_write(dpath, write_data, fsync)
         mbytes = manifest.model_dump_json(indent=1).encode() + b"\n"
@@ -328,7 +323,7 @@ class CheckpointStore:
             tmp.unlink(missing_ok=True)
             raise
         if fsync:
-            _fsync_dir(self._root)
+            fsync_dir(self._root)
 
     # -- load ------------------------------------------------------------------------------------
 
@@ -360,11 +355,11 @@ class CheckpointStore:
         where = f"checkpoint v{version} ({dpath})"
         for name, entry in m.tensors.items():
             t = tensors[name]
-            if list(t.shape) != entry.shape or _dtype_name(t.dtype) != entry.dtype:
+            if list(t.shape) != entry.shape or dtype_name(t.dtype) != entry.dtype:
                 raise CheckpointCorrupted(
                     version,
                     str(dpath),
-                    f"tensor {name!r} is {_dtype_name(t.dtype)}{list(t.shape)}, "
+                    f"tensor {name!r} is {dtype_name(t.dtype)}{list(t.shape)}, "
                     f"manifest says {entry.dtype}{entry.shape}",
                 )
             got = tensor_checksum(t)
@@ -388,7 +383,7 @@ class CheckpointStore:
             self.manifest_path(v).unlink(missing_ok=True)
             self.data_path(v).unlink(missing_ok=True)
         if doomed:
-            _fsync_dir(self._root)
+            fsync_dir(self._root)
         return sorted(doomed)
 
     def clean_temp(self) -> list[Path]:

@@ -85,10 +85,6 @@ class BufferPool:
             self.nbytes -= t.numel() * t.element_size()
             return t
 
-    def available(self, shape: tuple[int, ...], dtype: torch.dtype, device: str) -> int:
-        with self._lock:
-            return len(self._free.get((shape, dtype, str(torch.device(device))), ()))
-
     def reusable_bytes(self, tensors: Iterable[torch.Tensor], device: str) -> int:
         """Bytes of ``tensors`` that pooled buffers would cover (each buffer used once)."""
         dev = str(torch.device(device))
