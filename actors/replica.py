@@ -64,6 +64,9 @@ class Replica:
         self._coordinator: Any = None
         self._fleet = str(spec.get("fleet", ""))
         self.engine = self._load_engine()
+        spare = int(spec.get("prefill_sets", 0))
+        if spare:
+            self.engine.prefill_pool(spare)
         self.store = CheckpointStore.in_state_dir(spec["state_dir"], cleanup=False)
         self.active_checksums: dict[str, str] = {}
         self.fp.hit("replica.on_start")

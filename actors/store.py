@@ -26,6 +26,7 @@ from typing import BinaryIO
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from actors.direct_io import DirectIOUnsupported, open_direct, write_views
 from actors.durable import fsync_dir
 from engines.checksum import ChecksumMismatch, bytes_checksum, set_digest, tensor_bytes, tensor_checksum
 from engines.manifest import dtype_name
@@ -163,21 +164,25 @@ class CheckpointStore:
     - ``load`` never unpickles; it checks names/shapes/dtypes/size against the manifest
       (``CheckpointCorrupted``) and every tensor's checksum (``ChecksumMismatch``, naming it).
     - ``retain(keep)`` deletes every version not in ``keep``; never one in ``keep``.
+    - Durable saves (``fsync=True``) write the data file with ``O_DIRECT`` where the filesystem
+      allows it (``direct_io=True``, the default; see ``actors.direct_io``), else buffered.
     - Opening with ``cleanup=True`` (the writer: the coordinator) deletes stray temp files left by a
       crashed save. Readers (replicas) should pass ``cleanup=False`` so they never remove the temp
       file of a save in progress.
     """
 
-    def __init__(self, root: Path | str, *, cleanup: bool = True) -> None:
+    def __init__(self, root: Path | str, *, cleanup: bool = True, direct_io: bool = True) -> None:
         self._root = Path(root)
+        self._direct_io = direct_io
         self._root.mkdir(parents=True, exist_ok=True)
         if cleanup:
             self.clean_temp()
 
     @classmethod
-    def in_state_dir(cls, state_dir: Path | str, *, cleanup: bool = True) -> CheckpointStore:
+    def in_state_dir(cls, state_dir: Path | str, *, cleanup: bool = True,
+                     direct_io: bool = True) -> CheckpointStore:
         """The store at ``<state_dir>/checkpoints``."""
-        return cls(Path(state_dir) / CHECKPOINT_DIR, cleanup=cleanup)
+        return cls(Path(state_dir) / CHECKPOINT_DIR, cleanup=cleanup, direct_io=direct_io)
 
     @property
     def root(self) -> Path:
@@ -285,8 +290,10 @@ class CheckpointStore:
         hjson += b" " * (-len(hjson) % 8)
         size = 8 + len(hjson) + offset
 
+        head = struct.pack("<Q", len(hjson)) + hjson
+
         def write_data(f: BinaryIO) -> None:
-            _write_all(f, struct.pack("<Q", len(hjson)) + hjson)
+            _write_all(f, head)
             for v in views:
                 _write_all(f, v)
 
@@ -304,15 +311,41 @@ class CheckpointStore:
             if fsync:
                 fsync_dir(self._root)
         dpath = self.data_path(version)
-        self._atomic_write(dpath, write_data, fsync)
+        if not (fsync and self._direct_io and self._direct_write(dpath, [head, *views])):
+            self._atomic_write(dpath, write_data, fsync)
         mbytes = manifest.model_dump_json(indent=1).encode() + b"\n"
         self._atomic_write(mpath, lambda f: _write_all(f, mbytes), fsync)
         return dpath
 
-    def _atomic_write(self, path: Path, write: Callable[[BinaryIO], None], fsync: bool) -> None:
-        tmp = path.with_name(
+    def _temp_path(self, path: Path) -> Path:
+        return path.with_name(
             f".{path.name}.{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}{_TMP_SUFFIX}"
         )
+
+    def _direct_write(self, path: Path, views: list[memoryview | bytes]) -> bool:
+        """Atomic durable write through O_DIRECT; False (nothing left behind) where unsupported."""
+        tmp = self._temp_path(path)
+        fd = open_direct(tmp)
+        if fd is None:
+            return False
+        try:
+            try:
+                write_views(fd, views)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+        except DirectIOUnsupported:
+            tmp.unlink(missing_ok=True)
+            return False
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        fsync_dir(self._root)
+        return True
+
+    def _atomic_write(self, path: Path, write: Callable[[BinaryIO], None], fsync: bool) -> None:
+        tmp = self._temp_path(path)
         try:
             with open(tmp, "xb", buffering=0) as f:
                 write(f)  # type: ignore[arg-type]
@@ -370,14 +403,15 @@ class CheckpointStore:
 
     # -- retention and cleanup -------------------------------------------------------------------
 
-    def retain(self, keep: Iterable[int]) -> list[int]:
-        """Delete the files of every version not in ``keep`` (complete or not); returns those
-        versions. The manifest goes first, so a half-deleted version is never a version."""
+    def retain(self, keep: Iterable[int], *, below: int | None = None) -> list[int]:
+        """Delete the files of every version not in ``keep`` (complete or not) and, if ``below`` is
+        given, lower than it; returns those versions. The manifest goes first, so a half-deleted
+        version is never a version."""
         keep = {self._check_version(v) for v in keep}
         doomed: set[int] = set()
         for p in self._root.iterdir():
             m = _VERSION_FILE.match(p.name)
-            if m and int(m.group(1)) not in keep:
+            if m and int(m.group(1)) not in keep and (below is None or int(m.group(1)) < below):
                 doomed.add(int(m.group(1)))
         for v in sorted(doomed):
             self.manifest_path(v).unlink(missing_ok=True)

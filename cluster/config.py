@@ -163,6 +163,9 @@ class FleetConfig(BaseModel):
         description="swap: stage beside the live set; copy: stage in host memory, copy at commit")
     keep_previous: bool = Field(default=True,
         description="keep the previous set on the card for instant rollback")
+    prefill_buffers: bool = Field(default=True,
+        description="swap mode: allocate and touch the spare staging buffers at launch (the steady "
+                    "state's footprint), so the first refits do not stage into fresh memory")
     torch_threads: int = Field(default=1, ge=1, description="intra-op threads per replica")
     memory_budget_bytes: int | None = Field(
         default=None, ge=1, description="extra bytes a replica may hold for staging; null: no limit")

@@ -76,6 +76,8 @@ def _replica_spec(cfg: FleetConfig, card: int | None) -> dict[str, Any]:
         "failpoints": dict(cfg.failpoints), "fetch_timeout_s": cfg.timeouts.prepare_s,
         "lease_s": cfg.timeouts.lease_s, "coordinator": coordinator_actor_name(cfg.name),
         "namespace": cfg.namespace, "fleet": cfg.name,
+        "prefill_sets": (2 if cfg.keep_previous else 1)
+        if cfg.prefill_buffers and cfg.memory_mode == "swap" else 0,
     }
 
 

@@ -944,6 +944,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-engine", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--mem-fraction", type=float, default=0.75, help="memory ceiling for a row (of MemTotal)")
     p.add_argument("--workdir", type=Path, help="scratch directory (default: a temp dir, removed)")
+    p.add_argument("--no-prealloc", action="store_true",
+                   help="do not let Ray touch the object store's pages at start "
+                        "(preallocate_plasma_memory): shows the page-fault cold start")
     p.add_argument("--ray-system-config", type=json.loads, default=None, help=argparse.SUPPRESS)
     p.add_argument("--_client", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--client-fleet", help=argparse.SUPPRESS)
@@ -1006,8 +1009,10 @@ def main(argv: list[str] | None = None) -> int:
     init: dict[str, Any] = {"address": "local", "num_cpus": max(4, 2 * max(args.replicas) + 2),
                             "object_store_memory": store_bytes,
                             "include_dashboard": False, "log_to_driver": False}
-    if args.ray_system_config:
-        init["_system_config"] = args.ray_system_config
+    system_config = {} if args.no_prealloc else {"preallocate_plasma_memory": True}
+    system_config.update(args.ray_system_config or {})
+    if system_config:
+        init["_system_config"] = system_config
     log(f"starting a local Ray: {init}")
     ray.init(**init)
     store = StoreProbe()
@@ -1020,7 +1025,7 @@ def main(argv: list[str] | None = None) -> int:
                    "concurrency": args.concurrency,
                    "idle_s": args.idle_s, "gap_s": args.gap_s, "persist_fsync": not args.no_fsync,
                    "object_store_memory": store_bytes, "torch_threads": 1, "keep_previous": True,
-                   "ray_system_config": args.ray_system_config, "quick": args.quick},
+                   "ray_system_config": system_config, "quick": args.quick},
         "floors": {}, "engine": {}, "rows": [], "skipped": [],
     }
     rows: list[dict[str, Any]] = []

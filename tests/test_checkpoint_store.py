@@ -178,6 +178,16 @@ def test_retention_keeps_the_given_set(tmp_path: Path) -> None:
     assert store.versions() == [4, 7, 9]
 
 
+def test_retention_below_a_bound_spares_newer_versions(tmp_path: Path) -> None:
+    """The coordinator retains in the background: a version newer than the bound may be in flight."""
+    store = CheckpointStore(tmp_path)
+    for v in (1, 2, 5, 6):
+        w = weights(v)
+        store.save(v, w, checksums(w), fsync=False)
+    assert store.retain({2}, below=5) == [1]
+    assert store.versions() == [2, 5, 6]
+
+
 def test_resave_same_version_overwrites(tmp_path: Path) -> None:
     store = CheckpointStore(tmp_path)
     a, b = weights(1), weights(2)

@@ -236,3 +236,31 @@ def test_swap_mode_commit_is_a_reference_swap():
     # a functional upper bound on one reference swap, not a benchmark
     assert engine.last_swap_ns < 100_000, engine.last_swap_ns
     assert _values(engine) == (4.0, 64.0, 1)
+
+
+# ------------------------------------------------------------------------- prefilled pool
+
+
+def test_prefilled_pool_serves_the_first_refits_without_new_buffers():
+    engine = _engine(keep_previous=True)
+    assert engine.prefill_pool(2) == 2 * (A_BYTES + B_BYTES)
+    assert engine.memory().pool_bytes == 2 * (A_BYTES + B_BYTES)
+    pooled = {t.data_ptr() for t in engine._pool._free[((4,), torch.float32, "cpu")]}
+    pooled |= {t.data_ptr() for t in engine._pool._free[((64,), torch.float32, "cpu")]}
+    seen = set()
+    for v, val in ((1, 2.0), (2, 3.0)):
+        engine.commit(engine.stage(_full(val, val), version=v))
+        seen |= {t.data_ptr() for t in engine.weights().values()}
+        assert _values(engine) == (val, val, v)
+    assert seen == pooled  # both refits staged into the prefilled buffers
+    assert engine.memory().pool_bytes == A_BYTES + B_BYTES  # v0's set, retired by the 2nd commit
+
+
+def test_prefill_respects_the_memory_budget_and_copy_mode():
+    budget = A_BYTES + B_BYTES + A_BYTES  # one spare set and one more small buffer
+    engine = _engine(memory_budget_bytes=budget)
+    added = engine.prefill_pool(3)
+    assert 0 < added <= budget and engine.memory().extra_bytes <= budget
+    engine.commit(engine.stage(_full(1.0, 1.0), version=1))  # still refits within the budget
+    assert _values(engine) == (1.0, 1.0, 1)
+    assert _engine(memory_mode="copy").prefill_pool(2) == 0

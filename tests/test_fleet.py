@@ -288,3 +288,28 @@ def test_committed_version_activates_early_for_a_client_that_saw_it(fleet: Fleet
     for h in handles.values():
         ray.get(h.sync_to.remote(st["version"]))
     assert _value_everywhere(fleet) == {61.0}
+
+
+def test_store_keeps_only_the_retention_set(fleet: Fleet) -> None:
+    results = [fleet.refit(probe_weights(40.0 + i)) for i in range(5)]
+    versions = [r.version for r in results]
+    held = ray.get(fleet._coord.versions.remote())  # waits for the background retention
+    assert held["active"] == versions[-1]
+    stored = set(held["stored"])
+    # v0 (the engine file's weights), the newest retain_versions (3) and the previous one stay...
+    assert {0, *versions[-3:]} <= stored
+    # ...and the older ones of these five are gone, whatever ran before them.
+    assert not stored & set(versions[:2])
+    assert stored <= {0, *held["committed"]}
+
+
+def test_a_lost_persistence_worker_is_replaced_before_the_next_refit(fleet: Fleet) -> None:
+    worker = ray.get(fleet._coord.persist_worker.remote())
+    ray.kill(worker, no_restart=True)
+    res = fleet.refit(probe_weights(61.0))  # would abort if the dead worker were used
+    assert fleet.status()["version"] == res.version
+    assert _value_everywhere(fleet) == {61.0}
+    held = ray.get(fleet._coord.versions.remote())
+    assert res.version in held["stored"]
+    replacement = ray.get(fleet._coord.persist_worker.remote())
+    assert replacement._actor_id != worker._actor_id
