@@ -297,17 +297,20 @@ class Engine:
 
     def _commit_swap(self, staged: StagedSet, live: WeightSet) -> None:
         assert staged.weight_set is not None
+        # One critical section for the swap and the bookkeeping: a set that stopped being live or
+        # previous must be retired before any reader's release can reclaim another set, or that
+        # reclaim would not see the set's tensors as held and would pool them under its readers.
         with self._cond:
             t0 = time.perf_counter_ns()
             self._live = staged.weight_set
             self.last_swap_ns = time.perf_counter_ns() - t0
-        old_previous = self._previous
-        if self.config.keep_previous:
-            self._previous = live
-        else:
-            self._retire(live)
-        if old_previous is not None and old_previous is not self._previous:
-            self._retire(old_previous)
+            old_previous = self._previous
+            if self.config.keep_previous:
+                self._previous = live
+            else:
+                self._retire_locked(live)
+            if old_previous is not None and old_previous is not self._previous:
+                self._retire_locked(old_previous)
 
     def _commit_copy(self, staged: StagedSet, live: WeightSet) -> None:
         with self._cond:
@@ -341,29 +344,35 @@ class Engine:
         staged.state = StagedState.DISCARDED
         with self._cond:
             self._staged.pop(id(staged), None)
+            if staged.weight_set is not None:
+                self._retire_locked(staged.weight_set)
         staged.host = {}
-        if staged.weight_set is not None:
-            self._retire(staged.weight_set)
-            staged.weight_set = None
+        staged.weight_set = None
 
     def _retire(self, ws: WeightSet) -> None:
         with self._cond:
-            ws.retired = True
-            if ws.readers == 0:
-                self._reclaim_locked(ws)
-            else:
-                self._draining.append(ws)
+            self._retire_locked(ws)
+
+    def _retire_locked(self, ws: WeightSet) -> None:
+        ws.retired = True
+        if ws.readers == 0:
+            self._reclaim_locked(ws)
+        else:
+            self._draining.append(ws)
 
     def _reclaim_locked(self, ws: WeightSet) -> None:
         """Pool the buffers of a retired set that no other set shares: not the live, previous or
         staged sets, nor a retired set some reader still holds. Caller holds ``_cond``."""
         held = [self._live, self._previous, *self._draining]
         held += [s.weight_set for s in self._staged.values()]
-        referenced = {id(t) for s in held if s is not None and s is not ws for t in s.tensors.values()}
+        others = [s for s in held if s is not None and s is not ws]
+        referenced = {id(t) for s in others for t in s.tensors.values()}
         for t in ws.tensors.values():
             if id(t) not in referenced:
                 self._pool.put(t)
         ws.tensors = {}
+        if all(s.program is not ws.program for s in others):  # stage_retained shares programs
+            self.backend.recycle(ws.program)
 
     def drop_previous(self) -> None:
         """Release the previous set (for memory); instant rollback to it is then gone."""
@@ -409,14 +418,22 @@ class Engine:
             return 0
         budget = self.config.memory_budget_bytes
         added = 0
+        programs = []  # a program ready for each spare set, recycled once all are built
         with self._refit_lock:
-            for _ in range(sets):
-                for t in self._live.tensors.values():
-                    if budget is not None and self.memory().extra_bytes + _nbytes(t) > budget:
-                        return added
-                    self._pool.put(torch.zeros_like(t))  # zeros: every page is touched now
-                    added += _nbytes(t)
-            self.backend.synchronize()
+            try:
+                for _ in range(sets):
+                    spare: dict[str, torch.Tensor] = {}
+                    for name, t in self._live.tensors.items():
+                        if budget is not None and self.memory().extra_bytes + _nbytes(t) > budget:
+                            return added
+                        spare[name] = torch.zeros_like(t)  # zeros: every page is touched now
+                        self._pool.put(spare[name])
+                        added += _nbytes(t)
+                    programs.append(self.backend.bind(spare))
+            finally:
+                for program in programs:
+                    self.backend.recycle(program)
+                self.backend.synchronize()
         return added
 
     def memory(self) -> MemoryReport:

@@ -339,3 +339,38 @@ def test_save_during_refits_writes_a_single_version(fast_switching, tmp_path, mo
     assert errors == []
     assert engine.version > 0
     assert torn == [], f"{len(torn)} of 20 saved files mix versions, first: {torn[:2]}"
+
+
+def test_a_reader_finishing_during_a_commit_cannot_pool_tensors_still_in_use():
+    """Regression: the commit used to swap the live set in one critical section and retire the
+    replaced set in another. A reader that released an older retired set in between had that
+    older set reclaimed while the replaced set (sharing tensors with it) was in neither list, so
+    the shared tensors were pooled under the replaced set's readers and pooled twice later: two
+    staged sets then received the same buffer (torn reads, seen 3 times in 60 stress runs).
+
+    The release is forced into that window by running it from ``_retire``, the step the old
+    commit took after leaving the critical section."""
+    engine = _engine(memory_mode="swap", keep_previous=False)
+    old, _ = engine._acquire()  # a reader on v0 ...
+    engine.commit(engine.stage({"w0": torch.full((N,), 1.0)}, version=1))  # ... so v0 drains
+    assert engine._draining == [old]
+    original_retire = engine._retire
+
+    def release_reader_then_retire(ws):  # what a reader finishing at that moment does
+        if engine._draining:
+            engine._release(old)
+        original_retire(ws)
+
+    engine._retire = release_reader_then_retire
+    engine.commit(engine.stage({n: torch.full((N,), 2.0) for n in NAMES[1:]}, version=2))
+    if engine._draining:  # the commit no longer leaves that window: release normally
+        engine._release(old)
+    pooled = [t for bucket in engine._pool._free.values() for t in bucket]
+    assert len({id(t) for t in pooled}) == len(pooled), "a buffer is in the pool twice"
+    live = {id(t) for t in engine._live.tensors.values()}
+    assert not live & {id(t) for t in pooled}, "a live buffer is in the pool"
+    for v in (3, 4):  # and the next refits get distinct buffers, so reads stay whole
+        engine.commit(engine.stage({"w1": torch.full((N,), float(v)), "w2": torch.full((N,), -float(v))},
+                                   version=v))
+        out = engine.infer(X).outputs
+        assert [float(o[0]) for o in out[:K]] == [1.0, float(v), float(-v), 2.0]

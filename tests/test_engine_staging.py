@@ -264,3 +264,30 @@ def test_prefill_respects_the_memory_budget_and_copy_mode():
     engine.commit(engine.stage(_full(1.0, 1.0), version=1))  # still refits within the budget
     assert _values(engine) == (1.0, 1.0, 1)
     assert _engine(memory_mode="copy").prefill_pool(2) == 0
+
+
+def test_refits_reuse_the_modules_of_retired_sets():
+    """Building a module holds the GIL for milliseconds, stalling serving threads: with the pool
+    prefilled, staged sets get the prefilled or a retired set's module, never a new one."""
+    engine = _engine(keep_previous=True)
+    engine.prefill_pool(2)
+    built = []
+    original = engine.backend.program.module
+
+    def counting_module():
+        built.append(1)
+        return original()
+
+    engine.backend.program.module = counting_module
+    modules = set()
+    for v in range(1, 11):
+        engine.commit(engine.stage(_full(float(v), float(v)), version=v))
+        modules.add(id(engine._live.program.module))
+        assert _values(engine) == (float(v), float(v), v)
+    assert built == []
+    assert len(modules) <= 3  # live + previous + the one being staged, round and round
+    engine.commit(engine.stage_retained(9, 11))  # shares the previous set's program
+    engine.commit(engine.stage(_full(12.0, 12.0), version=12))
+    assert _values(engine) == (12.0, 12.0, 12)
+    engine.commit(engine.stage(_full(13.0, 13.0), version=13))
+    assert _values(engine) == (13.0, 13.0, 13)

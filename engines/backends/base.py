@@ -29,6 +29,11 @@ class Backend(ABC):
     def bind(self, tensors: Mapping[str, torch.Tensor]) -> BoundProgram:
         """A callable running the program over ``tensors``."""
 
+    def recycle(self, program: BoundProgram) -> None:
+        """``program``'s weight set is retired and no reader or other set holds it: the backend may
+        reuse what ``bind`` built for it (default: nothing to reuse)."""
+        return None
+
     def to_device(self, host: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """Copy a host tensor onto the device (into ``out`` when given)."""
         if out is None:
