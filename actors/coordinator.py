@@ -26,7 +26,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import ray
-from ray.exceptions import ActorUnavailableError
+from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from engines.checksum import set_digest
@@ -169,6 +169,28 @@ class Coordinator:
             logger.warning("persistence worker lost (%s): starting a new one", _reason(exc))
             self._replace_persister()
             self._await_persister()
+
+    def _await_persist(self, pending: Any, args: tuple[Any, ...],
+                       deadline: float) -> tuple[dict[str, float], str]:
+        """Timings and "" once the version is in the store, else {} and the reason. A worker that
+        died mid-write (its node was lost) is replaced and the write retried once, within the same
+        ``persist_s``; a timeout or a bad payload is not retried."""
+        version = args[1]
+        for attempt in (1, 2):
+            try:
+                return ray.get(pending, timeout=max(0.0, deadline - time.monotonic())), ""
+            except RayActorError as exc:
+                self._replace_persister()
+                if attempt == 2 or time.monotonic() >= deadline:
+                    return {}, f"persisting version {version} failed: {_reason(exc)}"
+                logger.warning("persistence worker lost during v%s (%s): retrying on a new one",
+                               version, _reason(exc))
+                self._await_persister()
+                pending = self._persister.persist.remote(*args)
+            except BaseException as exc:
+                self._replace_persister()
+                return {}, f"persisting version {version} failed: {_reason(exc)}"
+        raise AssertionError("unreachable")
 
     def persist_worker(self) -> Any:
         """The persistence worker's handle (fault tests kill it)."""
@@ -500,9 +522,10 @@ class Coordinator:
                                      checksums=full, origin_version=origin), fsync=False)
             self.fp.hit("coordinator.after_begin")
             self._ensure_persister()
-            persist = self._persister.persist.remote(self.state_dir, version, refs, specs, checksums,
-                                                     base_version, from_version,
-                                                     self.cfg.get("persist_fsync", True))
+            persist_args = (self.state_dir, version, refs, specs, checksums, base_version,
+                            from_version, self.cfg.get("persist_fsync", True))
+            persist_deadline = time.monotonic() + self.timeouts.get("persist_s", 300.0)
+            persist = self._persister.persist.remote(*persist_args)
             source = {"from_version": from_version} if from_version is not None else None
             t_prep = time.perf_counter()
             phase_log("coordinator", "begin", txn.txn, version, 0.0, members=members, key=key)
@@ -519,13 +542,7 @@ class Coordinator:
             phase_log("coordinator", "prepare", txn.txn, version, prepare_s,
                       yes=sorted(r for r, v in votes.items() if v.yes),
                       no={r: v.reason for r, v in votes.items() if not v.yes})
-            persist_timings: dict[str, float] = {}
-            persist_error = ""
-            try:
-                persist_timings = ray.get(persist, timeout=self.timeouts.get("persist_s", 300.0))
-            except BaseException as exc:
-                persist_error = f"persisting version {version} failed: {_reason(exc)}"
-                self._replace_persister()
+            persist_timings, persist_error = self._await_persist(persist, persist_args, persist_deadline)
             decision = tally(votes, policy=self.cfg.get("commit_policy", "strict"),
                              max_evict=int(self.cfg.get("max_evict", 0)))
             if not decision.commit or persist_error:

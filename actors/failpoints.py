@@ -33,6 +33,7 @@ KNOWN = frozenset({
     "coordinator.after_decision_logged",
     "coordinator.mid_activate",
     "coordinator.before_activated_logged",
+    "persist.before_save",
 })
 
 

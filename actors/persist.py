@@ -18,6 +18,7 @@ from typing import Any
 
 import ray
 
+from .failpoints import Failpoints
 from .payload import from_wire
 from .store import CheckpointStore
 
@@ -51,10 +52,21 @@ def persist(state_dir: str, version: int, refs: list[Any] | None, specs: dict[st
 class PersistWorker:
     """Runs ``persist`` calls one at a time. Errors propagate to the caller (a NO for COMMIT)."""
 
+    def __init__(self) -> None:
+        self.fp = Failpoints(owner="persist")
+
+    def arm_failpoint(self, name: str, action: str | None) -> None:
+        """Arm a failpoint in this worker only (fault-injection tests)."""
+        self.fp.arm(name, action)
+
     def ping(self) -> bool:
         return True
+
+    def node_id(self) -> str:
+        return ray.get_runtime_context().get_node_id()
 
     def persist(self, state_dir: str, version: int, refs: list[Any] | None, specs: dict[str, Any],
                 checksums: dict[str, str], base_version: int | None, from_version: int | None,
                 fsync: bool) -> dict[str, float]:
+        self.fp.hit("persist.before_save")
         return persist(state_dir, version, refs, specs, checksums, base_version, from_version, fsync)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import ray
 import torch
-from fleet_models import fleet_config, probe_input, probe_value, probe_weights
+from fleet_models import fleet_config, probe_input, probe_value, probe_weights, wait_for
 
 from cluster import Fleet, NoReplicaAvailable, Overloaded, RefitAborted
 from engines import NonFiniteWeightError, ShapeMismatchError, UnknownWeightError
@@ -313,3 +313,19 @@ def test_a_lost_persistence_worker_is_replaced_before_the_next_refit(fleet: Flee
     assert res.version in held["stored"]
     replacement = ray.get(fleet._coord.persist_worker.remote())
     assert replacement._actor_id != worker._actor_id
+
+
+def test_a_persistence_worker_lost_mid_write_is_replaced_and_the_refit_commits(fleet: Fleet) -> None:
+    """As when the worker's node is lost: the write is retried once on a new worker."""
+    worker = ray.get(fleet._coord.persist_worker.remote())
+    ray.get(worker.arm_failpoint.remote("persist.before_save", "hang"))
+    result: dict = {}
+    refit = threading.Thread(target=lambda: result.update(r=fleet.refit(probe_weights(71.0))))
+    refit.start()
+    wait_for(lambda: fleet.status()["in_flight"] is not None, 30, "the refit to begin")
+    ray.kill(worker, no_restart=True)
+    refit.join(timeout=60)
+    assert not refit.is_alive() and "r" in result
+    assert fleet.status()["version"] == result["r"].version
+    assert _value_everywhere(fleet) == {71.0}
+    assert result["r"].version in ray.get(fleet._coord.versions.remote())["stored"]
