@@ -39,8 +39,12 @@ def fleet(ray_session: None, probe_engine_path: Path, tmp_path_factory: pytest.T
 
 def test_refit_duration_version_gauge_requests_and_failures(fleet: Fleet) -> None:
     res = fleet.refit(probe_weights(2.0))
-    for _ in range(5):
-        fleet.infer(probe_input())
+    served_by: set[str] = set()
+    for _ in range(200):  # at least 5 requests, and until both replicas served one
+        served_by.add(fleet.infer(probe_input()).replica)
+        if len(served_by) == 2 and _ >= 4:
+            break
+    assert served_by == {"r0", "r1"}
     handles = ray.get(fleet._coord.member_handles.remote())
     ray.get(handles["r1"].arm_failpoint.remote("replica.before_vote", "raise"))
     with pytest.raises(RefitAborted):
@@ -48,12 +52,19 @@ def test_refit_duration_version_gauge_requests_and_failures(fleet: Fleet) -> Non
     ray.get(handles["r1"].arm_failpoint.remote("replica.before_vote", None))
 
     def exported() -> str | None:
+        # every process exports on its own schedule: wait until each value asserted below is in
         text = _scrape()
         ok = (_value(text, "ray_weight_refit_refit_duration_seconds_count", fleet="metricsfleet",
                      outcome="committed")
+              and _value(text, "ray_weight_refit_refit_duration_seconds_count", fleet="metricsfleet",
+                         outcome="aborted")
               and _value(text, "ray_weight_refit_prepare_failures_total", fleet="metricsfleet")
-              and _value(text, "ray_weight_refit_active_version", replica="r1", fleet="metricsfleet")
-              == res.version)
+              and all(_value(text, "ray_weight_refit_active_version", replica=r, fleet="metricsfleet")
+                      == res.version for r in ("r0", "r1"))
+              and _value(text, "ray_weight_refit_request_latency_seconds_count", fleet="metricsfleet",
+                         replica="r0") is not None
+              and sum(_value(text, "ray_weight_refit_requests_total", fleet="metricsfleet",
+                             replica=r) or 0 for r in ("r0", "r1")) >= 5)
         return text if ok else None
 
     text = wait_for(exported, 60, "metrics export")
