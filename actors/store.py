@@ -179,10 +179,9 @@ class CheckpointStore:
             self.clean_temp()
 
     @classmethod
-    def in_state_dir(cls, state_dir: Path | str, *, cleanup: bool = True,
-                     direct_io: bool = True) -> CheckpointStore:
+    def in_state_dir(cls, state_dir: Path | str, *, cleanup: bool = True) -> CheckpointStore:
         """The store at ``<state_dir>/checkpoints``."""
-        return cls(Path(state_dir) / CHECKPOINT_DIR, cleanup=cleanup, direct_io=direct_io)
+        return cls(Path(state_dir) / CHECKPOINT_DIR, cleanup=cleanup)
 
     @property
     def root(self) -> Path:
