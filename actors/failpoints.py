@@ -6,21 +6,30 @@ Armed by a fleet config's ``failpoints`` mapping or by the environment variable
 - ``raise``: raise ``FailpointError`` at the hook.
 - ``exit``: kill the process at once (``os._exit``), as a crash would.
 - ``hang``: block the calling thread until the process dies.
-- ``sleep:S``: sleep S seconds, then go on.
+- ``sleep:S``: sleep S seconds, then go on (a delayed message, a slow disk).
+- ``drop:S``: a lost message: sleep S seconds (the sender times out meanwhile), then raise
+  ``MessageDropped`` instead of going on. At a ``message.*`` hook the work is never done; at a
+  ``reply.*`` hook the work was done and only the answer is lost.
+- ``oserror:NAME``: raise ``OSError`` with that errno (``ENOSPC``, ``EIO``, ``EACCES``, ...), as the
+  operating system would from the call the hook stands in front of.
 - any action may be suffixed ``@N`` to fire only on the N-th time the hook is reached (1-based),
-  and prefixed ``REPLICA_ID/`` to fire only in that replica (e.g. ``r1/exit``).
+  and prefixed ``OWNER/`` to fire only in that process (a replica id, ``coordinator`` or
+  ``persist``; e.g. ``r1/exit``).
 
 An unarmed hook costs one dictionary lookup.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import threading
 import time
 from collections.abc import Mapping
 
 ENV = "WEIGHT_REFIT_FAILPOINTS"
+
+PROTOCOL_MESSAGES = ("prepare", "commit", "activate", "abort", "sync_to", "renew_lease", "exclude")
 
 KNOWN = frozenset({
     "replica.before_vote",
@@ -34,11 +43,24 @@ KNOWN = frozenset({
     "coordinator.mid_activate",
     "coordinator.before_activated_logged",
     "persist.before_save",
+    # the operating system calls under the log and the checkpoint store
+    "log.write",
+    "log.fsync",
+    "store.write",
+    "store.fsync",
+    "store.read",
+    # one protocol message received by a replica (before its work) and its reply (after it)
+    *(f"message.{m}" for m in PROTOCOL_MESSAGES),
+    *(f"reply.{m}" for m in PROTOCOL_MESSAGES),
 })
 
 
 class FailpointError(RuntimeError):
     """Raised by a failpoint armed with ``raise``."""
+
+
+class MessageDropped(FailpointError):
+    """Raised by a failpoint armed with ``drop:S``: the message (or its reply) was lost."""
 
 
 def parse(spec: str) -> dict[str, str]:
@@ -50,15 +72,40 @@ def parse(spec: str) -> dict[str, str]:
     return out
 
 
+def check_action(name: str, action: str) -> None:
+    """Raise ValueError naming the failpoint if ``action`` is not a valid action."""
+    if name not in KNOWN:
+        raise ValueError(f"unknown failpoint {name!r}; known: {sorted(KNOWN)}")
+    body = action.partition("/")[2] if "/" in action else action
+    body, at, nth = body.partition("@")
+    if at and not (nth.isdigit() and int(nth) >= 1):
+        raise ValueError(f"failpoint {name!r}: '@{nth}' must be a hit count >= 1")
+    kind, _, arg = body.partition(":")
+    if kind in ("raise", "exit", "hang") and not arg:
+        return
+    if kind in ("sleep", "drop"):
+        try:
+            if float(arg) >= 0:
+                return
+        except ValueError:
+            pass
+        raise ValueError(f"failpoint {name!r}: {kind} needs seconds >= 0, as in '{kind}:2'")
+    if kind == "oserror":
+        if isinstance(getattr(errno, arg, None), int):
+            return
+        raise ValueError(f"failpoint {name!r}: oserror needs an errno name, as in 'oserror:ENOSPC'")
+    raise ValueError(f"failpoint {name!r}: unknown action {action!r} "
+                     f"(raise, exit, hang, sleep:S, drop:S, oserror:ERRNO)")
+
+
 class Failpoints:
     """The armed hooks of one process (an actor): ``fp.hit("replica.before_vote")``."""
 
     def __init__(self, armed: Mapping[str, str] | None = None, owner: str = "") -> None:
         spec = dict(parse(os.environ.get(ENV, "")))
         spec.update(armed or {})
-        unknown = set(spec) - KNOWN
-        if unknown:
-            raise ValueError(f"unknown failpoint(s) {sorted(unknown)}; known: {sorted(KNOWN)}")
+        for name, action in spec.items():
+            check_action(name, action)
         self._armed = spec
         self._owner = owner
         self._counts: dict[str, int] = {}
@@ -66,7 +113,9 @@ class Failpoints:
 
     def arm(self, name: str, action: str | None) -> None:
         """Arm (or, with None, disarm) a hook at run time; its hit count restarts."""
-        if name not in KNOWN:
+        if action is not None:
+            check_action(name, action)
+        elif name not in KNOWN:
             raise ValueError(f"unknown failpoint {name!r}; known: {sorted(KNOWN)}")
         with self._lock:
             if action is None:
@@ -75,7 +124,9 @@ class Failpoints:
                 self._armed[name] = action
             self._counts.pop(name, None)
 
-    def hit(self, name: str) -> None:
+    def hit(self, name: str, detail: str = "") -> None:
+        """Run the action armed at ``name``, if any. ``detail`` (a path, a transaction) goes into
+        the errors it raises."""
         action = self._armed.get(name)
         if action is None:
             return
@@ -92,11 +143,19 @@ class Failpoints:
             count = self._counts[name]
         if nth and count != nth:
             return
-        if action == "raise":
-            raise FailpointError(f"failpoint {name} fired")
-        if action == "exit":
+        kind, _, arg = action.partition(":")
+        where = f"failpoint {name}" + (f" ({detail})" if detail else "")
+        if kind == "raise":
+            raise FailpointError(f"{where} fired")
+        if kind == "exit":
             os._exit(17)
-        if action == "hang":
+        if kind == "hang":
             threading.Event().wait()
-        if action.startswith("sleep:"):
-            time.sleep(float(action.split(":", 1)[1]))
+        if kind == "sleep":
+            time.sleep(float(arg))
+        if kind == "drop":
+            time.sleep(float(arg))
+            raise MessageDropped(f"{where}: message dropped")
+        if kind == "oserror":
+            code = getattr(errno, arg)
+            raise OSError(code, os.strerror(code), detail or name)

@@ -1,26 +1,49 @@
 """The coordinator's durable transaction log: an append-only JSON-lines file ``<state_dir>/txn.log``.
 
-One record per line, each written with a single ``write()`` on an ``O_APPEND`` descriptor while
-holding an exclusive ``flock`` on the file. Only newline-terminated lines count: an unterminated last
-line is a torn write from a crash and is ignored (and cut off by the next writer that takes the lock);
-any other unparseable line is corruption (``LogCorrupted``, naming the line).
+Format. One record per line. Only newline-terminated lines count: an unterminated last line is a
+torn write from a crash and is ignored; any other unparseable line is corruption (``LogCorrupted``,
+naming the line).
+
+Writers (``TxnLog.open(state_dir)``) append under an exclusive ``flock`` on an ``O_APPEND``
+descriptor, first cutting off a torn tail left by a crashed writer. Every cut is recorded in
+``TxnLog.cut_tails`` and logged as a warning on the ``weight_refit.log`` logger (path, line, bytes).
+
+Fsync policy (the log's own, not the caller's): EPOCH, COMMIT, ABORT and MEMBER ``evict`` records are
+always ``fdatasync``'d before ``append`` returns; other kinds only when asked (``fsync=True``).
+Asking ``fsync=False`` for an always-synced kind raises ValueError.
+
+Failed writes leave nothing behind: a short write is retried for the rest of the line; if a write or
+the sync raises, the file is truncated back to where the record began (under the exclusive lock)
+and the original ``OSError`` is re-raised with its errno, its ``filename`` set to the log's path.
+The log stays usable: the next append (once space is freed) goes where the failed one would have.
+(Should the truncate itself fail, that is logged as an error and the next writer parses whatever
+the file then holds.) ``records()`` reads under a shared ``flock``, so no reader sees a record that
+a failing writer is removing.
+
+Readers (``TxnLog.open(state_dir, readonly=True)``) open the file ``O_RDONLY``: they never create
+the directory or the file (FileNotFoundError when missing), never cut a torn tail (they ignore it),
+and refuse ``append``/``bump_epoch``.
 
 Epoch fencing: every coordinator incarnation calls ``bump_epoch()`` before it sends anything; an
 append whose record carries an epoch lower than the highest EPOCH in the file raises ``StaleEpoch``.
 The check reads the file's new tail under the same lock as the write, so two incarnations appending
 to one file are fenced exactly (on a filesystem where ``flock`` works across the writers).
 
-``replay(records)`` is a pure function from records to ``LogState`` (presumed abort, idempotency
-keys, committed-but-not-activated transactions to finish).
+State. ``LogState.apply(record)`` folds one record into the state in time independent of the
+history's length (the coordinator applies each record it appends); ``replay(records)`` folds a whole
+log into a fresh ``LogState`` (presumed abort, idempotency keys, committed-but-not-activated
+transactions to finish).
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
+import logging
 import os
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +52,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
 from actors.durable import fsync_dir
+from actors.errors import StaleEpoch
+from actors.failpoints import Failpoints
 from engines.checksum import set_digest
 
 __all__ = [
@@ -36,6 +61,7 @@ __all__ = [
     "ActivatedRecord",
     "BeginRecord",
     "CommitRecord",
+    "CutTail",
     "EpochRecord",
     "HistoryEntry",
     "LOG_NAME",
@@ -47,10 +73,13 @@ __all__ = [
     "StaleEpoch",
     "TxnLog",
     "VersionInfo",
+    "must_fsync",
     "replay",
 ]
 
 LOG_NAME = "txn.log"
+
+logger = logging.getLogger("weight_refit.log")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -96,7 +125,7 @@ class BeginRecord(_Record):
 
 
 class CommitRecord(_Record):
-    """The commit point of a transaction (must be appended with fsync)."""
+    """The commit point of a transaction (always fsync'd)."""
 
     kind: Literal["COMMIT"] = "COMMIT"
     txn: str
@@ -122,7 +151,7 @@ class ActivatedRecord(_Record):
 
 
 class MemberRecord(_Record):
-    """A membership change."""
+    """A membership change (an ``evict`` is always fsync'd)."""
 
     kind: Literal["MEMBER"] = "MEMBER"
     replica_id: str
@@ -135,8 +164,6 @@ LogRecord = Annotated[
 ]
 _RECORD_ADAPTER: TypeAdapter[LogRecord] = TypeAdapter(LogRecord)
 
-_MUST_FSYNC = ("EPOCH", "COMMIT")
-
 
 def parse_record(line: str | bytes) -> LogRecord:
     """Parse one JSON line into its record type (raises pydantic ValidationError)."""
@@ -148,6 +175,22 @@ def dump_record(record: LogRecord) -> bytes:
     return record.model_dump_json().encode() + b"\n"
 
 
+def must_fsync(record: LogRecord) -> bool:
+    """The fsync policy: EPOCH, COMMIT, ABORT and MEMBER ``evict`` records are always synced."""
+    if isinstance(record, MemberRecord):
+        return record.event == "evict"
+    return isinstance(record, EpochRecord | CommitRecord | AbortRecord)
+
+
+def _sync_wanted(record: LogRecord, fsync: bool | None) -> bool:
+    if fsync is None:
+        return must_fsync(record)
+    if not fsync and must_fsync(record):
+        kind = "MEMBER evict" if isinstance(record, MemberRecord) else record.kind
+        raise ValueError(f"{kind} records are always fsync'd: append(fsync=False) is not allowed")
+    return fsync
+
+
 # --------------------------------------------------------------------------------------------------
 # Errors
 # --------------------------------------------------------------------------------------------------
@@ -156,33 +199,22 @@ def dump_record(record: LogRecord) -> bytes:
 class LogCorrupted(Exception):
     """A log line (other than a torn last line) cannot be parsed or makes no sense on replay.
 
-    Attributes: ``path`` (None when replaying in memory), ``line`` (1-based), ``detail``.
+    Attributes: ``path`` (None when replaying in memory), ``line`` (1-based; None when a record was
+    applied without one), ``detail``.
     """
 
-    def __init__(self, path: str | None, line: int, detail: str) -> None:
+    def __init__(self, path: str | None, line: int | None, detail: str) -> None:
         super().__init__(path, line, detail)
         self.path = path
         self.line = line
         self.detail = detail
 
     def __str__(self) -> str:
+        if self.line is None:
+            where = f" in {self.path}" if self.path else ""
+            return f"transaction log corrupted{where}: {self.detail}"
         where = f"{self.path}:" if self.path else "record "
         return f"transaction log corrupted at {where}{self.line}: {self.detail}"
-
-
-class StaleEpoch(Exception):
-    """An append from an older coordinator incarnation: the log has moved to a higher epoch."""
-
-    def __init__(self, record_epoch: int, log_epoch: int) -> None:
-        super().__init__(record_epoch, log_epoch)
-        self.record_epoch = record_epoch
-        self.log_epoch = log_epoch
-
-    def __str__(self) -> str:
-        return (
-            f"stale epoch {self.record_epoch}: the transaction log is at epoch {self.log_epoch} "
-            "(a newer coordinator took over)"
-        )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -216,49 +248,69 @@ def _describe(e: ValueError) -> str:
     return str(e) or type(e).__name__
 
 
-
 _fdatasync = getattr(os, "fdatasync", os.fsync)
+
+
+@dataclass(frozen=True)
+class CutTail:
+    """A torn (unterminated) last line a writer cut off: the 1-based line number it would have had,
+    the byte offset where it began and its length in bytes."""
+
+    line: int
+    offset: int
+    nbytes: int
 
 
 class TxnLog:
     """Append-only, epoch-fenced JSON-lines transaction log at ``<state_dir>/txn.log``.
 
-    Contract:
-    - ``records()`` re-reads the whole file; an unterminated last line is ignored, any other bad
-      line raises ``LogCorrupted`` naming its 1-based line number.
-    - ``append(record, fsync=...)`` writes one line with one ``write()`` under an exclusive
-      ``flock``; EPOCH and COMMIT records must be appended with ``fsync=True`` (ValueError
-      otherwise), and return only once durable. It raises ``StaleEpoch`` if the record's epoch is
-      lower than the highest EPOCH in the file (read from disk under the lock), ValueError if it is
-      higher (an epoch that was never bumped).
+    Contract (see also the module docstring):
+    - ``open(state_dir)`` opens for writing, creating the directory and the file if needed, and cuts
+      a torn tail; ``open(state_dir, readonly=True)`` opens ``O_RDONLY``, creates nothing
+      (FileNotFoundError when missing), cuts nothing, and refuses ``append``/``bump_epoch``
+      (ValueError). ``fp`` arms the ``log.write``/``log.fsync`` failpoints.
+    - ``records()`` re-reads the whole file under a shared lock; an unterminated last line is
+      ignored, any other bad line raises ``LogCorrupted`` naming its 1-based line number.
+    - ``append(record, fsync=None)`` writes one line under an exclusive ``flock``; ``fsync=None``
+      follows ``must_fsync(record)``, True forces a sync, False for a must-sync kind is a ValueError.
+      It raises ``StaleEpoch`` if the record's epoch is lower than the highest EPOCH in the file
+      (read from disk under the lock), ValueError if it is higher (an epoch that was never bumped),
+      and on a failed write or sync the ``OSError``, with the file as it was before the call.
     - ``bump_epoch()`` durably appends EPOCH(highest in file + 1) and adopts it as ``epoch``.
+    - ``cut_tails``: the torn tails this object cut, oldest first.
     - Thread-safe; several processes may hold the same file open.
     """
 
-    def __init__(self, path: Path, fd: int) -> None:
+    def __init__(self, path: Path, fd: int, *, readonly: bool = False, fp: Failpoints | None = None) -> None:
         self._path = path
         self._fd = fd
+        self._readonly = readonly
+        self._fp = fp
         self._lock = threading.Lock()
         self._offset = 0  # bytes of the file parsed so far (always at a line boundary)
         self._lines = 0  # complete lines parsed so far
         self._file_epoch = 0  # highest EPOCH seen in the file
         self._epoch = 0  # this incarnation's epoch (after bump_epoch); file's highest at open
+        self.cut_tails: list[CutTail] = []
 
     @classmethod
-    def open(cls, state_dir: Path | str) -> TxnLog:
-        """Open (creating the directory and the file if needed) the log in ``state_dir``."""
+    def open(cls, state_dir: Path | str, *, readonly: bool = False, fp: Failpoints | None = None) -> TxnLog:
+        """Open the log in ``state_dir``: for writing (creating what is missing) or ``readonly``."""
         state_dir = Path(state_dir)
-        state_dir.mkdir(parents=True, exist_ok=True)
         path = state_dir / LOG_NAME
-        created = not path.exists()
-        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
-        if created:
-            os.fsync(fd)
-            fsync_dir(state_dir)
-        log = cls(path, fd)
+        if readonly:
+            fd = os.open(path, os.O_RDONLY)
+        else:
+            state_dir.mkdir(parents=True, exist_ok=True)
+            created = not path.exists()
+            fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+            if created:
+                os.fsync(fd)
+                fsync_dir(state_dir)
+        log = cls(path, fd, readonly=readonly, fp=fp)
         try:
-            with log._locked():
-                log._refresh(cut_torn_tail=True)
+            with log._locked(exclusive=not readonly):
+                log._refresh()
         except BaseException:
             log._fd = -1
             os.close(fd)
@@ -271,6 +323,10 @@ class TxnLog:
     @property
     def path(self) -> Path:
         return self._path
+
+    @property
+    def readonly(self) -> bool:
+        return self._readonly
 
     @property
     def epoch(self) -> int:
@@ -287,7 +343,8 @@ class TxnLog:
     def records(self) -> list[LogRecord]:
         """All complete records in the file, in order (a torn last line is ignored)."""
         self._check_open()
-        data = self._read(0)
+        with self._locked(exclusive=False):
+            data = self._read(0)
         records, _ = _parse_lines(data, str(self._path), 1)
         return records
 
@@ -297,37 +354,35 @@ class TxnLog:
 
     # -- writing ---------------------------------------------------------------------------------
 
-    def append(self, record: LogRecord, *, fsync: bool) -> None:
-        """Append one record (see the class contract for fencing and fsync rules)."""
-        self._check_open()
-        if record.kind in _MUST_FSYNC and not fsync:
-            raise ValueError(f"{record.kind} records must be appended with fsync=True")
+    def append(self, record: LogRecord, *, fsync: bool | None = None) -> None:
+        """Append one record (see the class contract for fencing, fsync policy and failures)."""
+        self._check_writable()
+        sync = _sync_wanted(record, fsync)
         line = dump_record(record)
-        with self._locked():
-            self._refresh(cut_torn_tail=True)
+        with self._locked(exclusive=True):
+            self._refresh()
             if record.epoch < self._file_epoch:
-                raise StaleEpoch(record.epoch, self._file_epoch)
+                raise StaleEpoch(record.epoch, self._file_epoch, "the transaction log")
             if isinstance(record, EpochRecord):
                 if record.epoch <= self._file_epoch:
-                    raise StaleEpoch(record.epoch, self._file_epoch)
+                    raise StaleEpoch(record.epoch, self._file_epoch, "the transaction log")
             elif record.epoch > self._file_epoch:
                 raise ValueError(
                     f"record epoch {record.epoch} is above the log's epoch {self._file_epoch}: "
                     "call bump_epoch() first"
                 )
-            self._write(line, fsync)
+            self._write(line, sync)
             if isinstance(record, EpochRecord):
                 self._file_epoch = self._epoch = record.epoch
 
     def bump_epoch(self) -> int:
         """Durably start a new epoch (highest in the file + 1), adopt it and return it."""
-        self._check_open()
-        with self._locked():
-            self._refresh(cut_torn_tail=True)
+        self._check_writable()
+        with self._locked(exclusive=True):
+            self._refresh()
             epoch = self._file_epoch + 1
             self._write(dump_record(EpochRecord(epoch=epoch)), True)
-            self._file_epoch = epoch
-            self._epoch = epoch
+            self._file_epoch = self._epoch = epoch
         return epoch
 
     def close(self) -> None:
@@ -353,10 +408,15 @@ class TxnLog:
         if self._fd < 0:
             raise ValueError(f"transaction log {self._path} is closed")
 
+    def _check_writable(self) -> None:
+        self._check_open()
+        if self._readonly:
+            raise ValueError(f"transaction log {self._path} is open read-only: it cannot be written")
+
     @contextmanager
-    def _locked(self) -> Iterator[None]:
+    def _locked(self, *, exclusive: bool) -> Iterator[None]:
         with self._lock:
-            fcntl.flock(self._fd, fcntl.LOCK_EX)
+            fcntl.flock(self._fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
             try:
                 yield
             finally:
@@ -373,8 +433,9 @@ class TxnLog:
             offset += len(chunk)
         return b"".join(chunks)
 
-    def _refresh(self, *, cut_torn_tail: bool) -> None:
-        """Parse lines appended since our last read (by anyone). Caller holds the lock."""
+    def _refresh(self) -> None:
+        """Parse lines appended since our last read (by anyone); a writer cuts a torn tail.
+        Caller holds the lock (exclusive, for a writer)."""
         size = os.fstat(self._fd).st_size
         if size < self._offset:  # shrank under us: start over
             self._offset = self._lines = self._file_epoch = 0
@@ -387,23 +448,54 @@ class TxnLog:
                 self._file_epoch = max(self._file_epoch, r.epoch)
         self._offset += consumed
         self._lines += len(records)
-        if cut_torn_tail and consumed < len(data):
+        if not self._readonly and consumed < len(data):
             # We hold the exclusive lock, so no writer is mid-line: the tail is a torn write.
+            tail = CutTail(line=self._lines + 1, offset=self._offset, nbytes=len(data) - consumed)
             os.ftruncate(self._fd, self._offset)
             _fdatasync(self._fd)
+            self.cut_tails.append(tail)
+            logger.warning(
+                "cut a torn tail off %s: line %d, %d bytes (an unterminated write, from a crash)",
+                self._path, tail.line, tail.nbytes,
+            )
 
     def _write(self, line: bytes, fsync: bool) -> None:
-        n = os.write(self._fd, line)
-        if n != len(line):  # a short write (disk full): leaves a torn tail, cut by the next writer
-            raise OSError(f"short write to {self._path}: {n} of {len(line)} bytes")
-        if fsync:
-            _fdatasync(self._fd)
-        self._offset += n
+        """Write ``line`` at the end of the file (where ``_refresh`` left ``_offset``); on any
+        failure cut the file back to that offset and re-raise. Caller holds the exclusive lock."""
+        start, path = self._offset, str(self._path)
+        written = 0
+        try:
+            while written < len(line):
+                if self._fp is not None:
+                    self._fp.hit("log.write", path)
+                n = os.write(self._fd, memoryview(line)[written:])
+                if n == 0:
+                    raise OSError(errno.EIO, "write() wrote nothing", path)
+                written += n
+            if fsync:
+                if self._fp is not None:
+                    self._fp.hit("log.fsync", path)
+                _fdatasync(self._fd)
+        except BaseException as e:
+            if isinstance(e, OSError) and e.filename is None:
+                e.filename = path
+            self._cut_back(start, wrote=written > 0)
+            raise
+        self._offset += len(line)
         self._lines += 1
+
+    def _cut_back(self, offset: int, *, wrote: bool) -> None:
+        try:
+            os.ftruncate(self._fd, offset)
+            if wrote:
+                _fdatasync(self._fd)
+        except OSError as e:
+            # The next _refresh parses whatever is left, so the offsets stay consistent either way.
+            logger.error("could not cut the failed record off %s at byte %d: %s", self._path, offset, e)
 
 
 # --------------------------------------------------------------------------------------------------
-# Replay
+# State
 # --------------------------------------------------------------------------------------------------
 
 OutcomeStatus = Literal["committed", "aborted", "in_doubt"]
@@ -451,159 +543,237 @@ class HistoryEntry:
     origin_version: int | None
 
 
-@dataclass
-class LogState:
-    """The coordinator's state as the log says it is (see ``replay``)."""
+@dataclass(slots=True)
+class _Txn:
+    begin: BeginRecord
+    seq: int  # position in BEGIN order
+    status: OutcomeStatus = "in_doubt"  # as logged; presumed abort is derived (LogState._status)
+    reason: str | None = None
+    votes: dict[str, str] = field(default_factory=dict)
+    duration_s: float | None = None
+    activated: bool = False
+    outcome: Outcome | None = None  # cache, valid for outcome_epoch; reset on every change
+    outcome_epoch: int = -1
 
-    epoch: int = 0
-    active_version: int = 0
-    active_txn: str | None = None
-    versions: dict[int, VersionInfo] = field(default_factory=dict)
-    committed_not_activated: list[str] = field(default_factory=list)
-    undecided: list[str] = field(default_factory=list)
-    outcomes: dict[str, Outcome] = field(default_factory=dict)
-    last_version: int = 0
-    history: list[HistoryEntry] = field(default_factory=list)
-    members: dict[str, str] = field(default_factory=dict)
+
+class LogState:
+    """The coordinator's state as the log says it is, folded one record at a time by ``apply``.
+
+    - ``epoch``: the highest EPOCH. A non-EPOCH record whose epoch is below the highest EPOCH
+      applied before it is fenced out and ignored.
+    - ``versions``: committed versions. ``active_version``/``active_txn``: the last ACTIVATED one.
+    - ``committed_not_activated``: committed transactions newer than the active version, without
+      ACTIVATED, in BEGIN order (recovery must finish them, in order).
+    - ``undecided``: BEGIN without COMMIT or ABORT, in BEGIN order. Presumed abort: their outcome is
+      "aborted" from the EPOCH that raises the epoch above their BEGIN's, "in_doubt" while their own
+      epoch is the current one. They stay undecided until an ABORT (recovery appends one for each)
+      or a COMMIT is applied.
+    - ``outcomes``: a read-only mapping by transaction id and by idempotency key (a key maps to its
+      first transaction; a transaction id wins over an equal key).
+    - ``history``: every transaction, in BEGIN order.
+    - ``last_version``: the highest version number ever assigned (aborted ones included).
+    - ``members``: replica id -> its last membership event.
+    - ``apply`` raises ``LogCorrupted(None, line, ...)`` for COMMIT/ACTIVATED of an unknown
+      transaction or with a version other than its BEGIN's, COMMIT of an aborted or ACTIVATED of an
+      uncommitted transaction, ABORT of a committed one, or a duplicate BEGIN; the state is then
+      unchanged. An ABORT of an unknown transaction (it aborted before its BEGIN was logged) is a
+      no-op.
+    - Cost: ``apply`` and ``outcomes[...]`` take constant time, whatever the history's length;
+      ``history``, ``undecided`` and ``committed_not_activated`` are built when read.
+    """
+
+    def __init__(self) -> None:
+        self.epoch = 0
+        self.active_version = 0
+        self.active_txn: str | None = None
+        self.versions: dict[int, VersionInfo] = {}
+        self.last_version = 0
+        self.members: dict[str, str] = {}
+        self._txns: dict[str, _Txn] = {}  # BEGIN order
+        self._first_by_key: dict[str, str] = {}
+        self._undecided: dict[str, None] = {}  # BEGIN order
+        self._unactivated: dict[str, _Txn] = {}  # committed, no ACTIVATED yet
+        self._outcomes = _Outcomes(self)
+
+    # -- views -----------------------------------------------------------------------------------
 
     @property
     def active(self) -> VersionInfo | None:
         """The active version's info (None before the first activation)."""
         return self.versions.get(self.active_version)
 
-    def rollback_target(self) -> int | None:
-        """Default rollback target: the newest committed version older than the active version's
-        origin (its own number unless it is itself a rollback), so repeated rollbacks walk back."""
-        active = self.active
-        if active is None:
-            return None
-        origin = active.origin_version if active.origin_version is not None else active.version
-        older = [v for v in self.versions if v < origin]
-        return max(older) if older else None
+    @property
+    def undecided(self) -> list[str]:
+        return list(self._undecided)
+
+    @property
+    def committed_not_activated(self) -> list[str]:
+        newer = [t for t in self._unactivated.values() if t.begin.version > self.active_version]
+        return [t.begin.txn for t in sorted(newer, key=lambda t: t.seq)]
+
+    @property
+    def outcomes(self) -> Mapping[str, Outcome]:
+        return self._outcomes
+
+    @property
+    def history(self) -> list[HistoryEntry]:
+        entries = []
+        for t in self._txns.values():
+            b = t.begin
+            status, reason = self._status(t)
+            entries.append(HistoryEntry(
+                txn=b.txn, key=b.key, version=b.version, status=status, reason=reason,
+                duration_s=t.duration_s, ts=b.ts, activated=t.activated, origin_version=b.origin_version,
+            ))
+        return entries
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, LogState):
+            return NotImplemented
+        return self._fields() == other._fields()
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return (
+            f"LogState(epoch={self.epoch}, active_version={self.active_version}, "
+            f"last_version={self.last_version}, transactions={len(self._txns)}, "
+            f"undecided={self.undecided}, committed_not_activated={self.committed_not_activated})"
+        )
+
+    # -- folding ---------------------------------------------------------------------------------
+
+    def apply(self, record: LogRecord, line: int | None = None) -> None:
+        """Fold one record into the state; ``line`` (1-based) is what ``LogCorrupted`` names."""
+        match record:
+            case EpochRecord():
+                self._on_epoch(record)
+            case _ if record.epoch < self.epoch:
+                pass  # fenced: written by an older incarnation after a newer one took over
+            case BeginRecord():
+                self._on_begin(record, line)
+            case CommitRecord():
+                self._on_commit(record, line)
+            case AbortRecord():
+                self._on_abort(record, line)
+            case ActivatedRecord():
+                self._on_activated(record, line)
+            case MemberRecord():
+                self._on_member(record)
+
+    def _on_epoch(self, r: EpochRecord) -> None:
+        # Raising the epoch is what presumes older undecided transactions aborted (see _status).
+        self.epoch = max(self.epoch, r.epoch)
+
+    def _on_begin(self, r: BeginRecord, line: int | None) -> None:
+        if r.txn in self._txns:
+            raise LogCorrupted(None, line, f"duplicate BEGIN for transaction {r.txn}")
+        self._txns[r.txn] = _Txn(begin=r, seq=len(self._txns))
+        self._undecided[r.txn] = None
+        if r.key is not None:
+            self._first_by_key.setdefault(r.key, r.txn)
+        self.last_version = max(self.last_version, r.version)
+
+    def _on_commit(self, r: CommitRecord, line: int | None) -> None:
+        t = self._txns.get(r.txn)
+        if t is None:
+            raise LogCorrupted(None, line, f"COMMIT for unknown transaction {r.txn}")
+        b = t.begin
+        if r.version != b.version:
+            raise LogCorrupted(
+                None, line, f"COMMIT of {r.txn} names v{r.version}, BEGIN assigned v{b.version}"
+            )
+        if t.status == "aborted":
+            raise LogCorrupted(None, line, f"COMMIT of aborted transaction {r.txn}")
+        t.status, t.outcome = "committed", None
+        self._undecided.pop(r.txn, None)
+        if not t.activated:
+            self._unactivated[r.txn] = t
+        self.versions[b.version] = VersionInfo(
+            version=b.version, txn=b.txn, checksums=dict(b.checksums), digest=b.digest,
+            origin_version=b.origin_version, key=b.key, ts=r.ts,
+        )
+
+    def _on_abort(self, r: AbortRecord, line: int | None) -> None:
+        t = self._txns.get(r.txn)
+        if t is None:
+            return
+        if t.status == "committed":
+            raise LogCorrupted(None, line, f"ABORT of committed transaction {r.txn}")
+        t.status, t.reason, t.votes, t.outcome = "aborted", r.reason, dict(r.votes), None
+        self._undecided.pop(r.txn, None)
+
+    def _on_activated(self, r: ActivatedRecord, line: int | None) -> None:
+        t = self._txns.get(r.txn)
+        if t is None or t.status != "committed":
+            raise LogCorrupted(None, line, f"ACTIVATED for transaction {r.txn} that is not committed")
+        if r.version != t.begin.version:
+            raise LogCorrupted(
+                None, line, f"ACTIVATED of {r.txn} names v{r.version}, BEGIN assigned v{t.begin.version}"
+            )
+        t.activated, t.duration_s, t.outcome = True, r.duration_s, None
+        self._unactivated.pop(r.txn, None)
+        self.active_version, self.active_txn = r.version, r.txn
+
+    def _on_member(self, r: MemberRecord) -> None:
+        self.members[r.replica_id] = r.event
+
+    # -- internals -------------------------------------------------------------------------------
+
+    def _status(self, t: _Txn) -> tuple[OutcomeStatus, str | None]:
+        if t.status == "in_doubt" and t.begin.epoch < self.epoch:
+            return "aborted", f"presumed abort: not committed before coordinator epoch {self.epoch}"
+        return t.status, t.reason
+
+    def _outcome(self, t: _Txn) -> Outcome:
+        if t.outcome is None or t.outcome_epoch != self.epoch:
+            status, reason = self._status(t)
+            b = t.begin
+            t.outcome = Outcome(
+                txn=b.txn, status=status, version=b.version, key=b.key, reason=reason, votes=t.votes,
+                activated=t.activated,
+            )
+            t.outcome_epoch = self.epoch
+        return t.outcome
+
+    def _fields(self) -> tuple[object, ...]:
+        return (
+            self.epoch, self.active_version, self.active_txn, self.versions, self.committed_not_activated,
+            self.undecided, dict(self.outcomes), self.last_version, self.history, self.members,
+        )
 
 
-@dataclass
-class _Txn:
-    begin: BeginRecord
-    status: OutcomeStatus = "in_doubt"
-    reason: str | None = None
-    votes: dict[str, str] = field(default_factory=dict)
-    duration_s: float | None = None
-    activated: bool = False
+class _Outcomes(Mapping[str, Outcome]):
+    """``LogState.outcomes``: a live view, by transaction id first, then by idempotency key."""
+
+    def __init__(self, state: LogState) -> None:
+        self._state = state
+
+    def __getitem__(self, name: str) -> Outcome:
+        s = self._state
+        t = s._txns.get(name)
+        if t is None:
+            txn = s._first_by_key.get(name)
+            if txn is None:
+                raise KeyError(name)
+            t = s._txns[txn]
+        return s._outcome(t)
+
+    def __iter__(self) -> Iterator[str]:
+        s = self._state
+        yield from s._txns
+        yield from (k for k in s._first_by_key if k not in s._txns)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+    def __repr__(self) -> str:
+        return f"outcomes({dict(self)!r})"
 
 
 def replay(records: Iterable[LogRecord]) -> LogState:
-    """Fold log records into a ``LogState``. Pure.
-
-    - ``epoch``: the highest EPOCH. A non-EPOCH record whose epoch is below the highest EPOCH seen
-      before it is fenced out and ignored.
-    - ``versions``: committed versions. ``active_version``/``active_txn``: the last ACTIVATED one.
-    - ``committed_not_activated``: committed transactions newer than the active version, without
-      ACTIVATED (recovery must finish them, in order).
-    - ``undecided``: BEGIN without COMMIT or ABORT. Presumed abort: their outcome is "aborted" when a
-      later epoch exists, "in_doubt" while their own epoch is the current one.
-    - ``outcomes``: by transaction id and by idempotency key (a key maps to its first transaction).
-    - ``last_version``: the highest version number ever assigned (aborted ones included).
-    - Raises ``LogCorrupted`` (``line`` = 1-based record index) for COMMIT/ACTIVATED of an unknown
-      transaction or with a version other than its BEGIN's, or a duplicate BEGIN.
-    """
+    """Fold log records into a fresh ``LogState`` (``LogCorrupted.line``: the 1-based record index)."""
     state = LogState()
-    txns: dict[str, _Txn] = {}
-    order: list[str] = []
-    epoch = 0
-    members: dict[str, str] = {}
-
-    def bad(i: int, detail: str) -> LogCorrupted:
-        return LogCorrupted(None, i, detail)
-
-    for i, r in enumerate(records, start=1):
-        if isinstance(r, EpochRecord):
-            epoch = max(epoch, r.epoch)
-            continue
-        if r.epoch < epoch:
-            continue  # fenced: written by an older incarnation after a newer one took over
-        if isinstance(r, BeginRecord):
-            if r.txn in txns:
-                raise bad(i, f"duplicate BEGIN for transaction {r.txn}")
-            txns[r.txn] = _Txn(begin=r)
-            order.append(r.txn)
-            state.last_version = max(state.last_version, r.version)
-        elif isinstance(r, CommitRecord):
-            t = txns.get(r.txn)
-            if t is None:
-                raise bad(i, f"COMMIT for unknown transaction {r.txn}")
-            if r.version != t.begin.version:
-                raise bad(i, f"COMMIT of {r.txn} names v{r.version}, BEGIN assigned v{t.begin.version}")
-            if t.status == "aborted":
-                raise bad(i, f"COMMIT of aborted transaction {r.txn}")
-            t.status = "committed"
-            b = t.begin
-            state.versions[b.version] = VersionInfo(
-                version=b.version,
-                txn=b.txn,
-                checksums=dict(b.checksums),
-                digest=b.digest,
-                origin_version=b.origin_version,
-                key=b.key,
-                ts=r.ts,
-            )
-        elif isinstance(r, AbortRecord):
-            t = txns.get(r.txn)
-            if t is None:  # aborted before its BEGIN reached the log: nothing to undo
-                continue
-            if t.status == "committed":
-                raise bad(i, f"ABORT of committed transaction {r.txn}")
-            t.status = "aborted"
-            t.reason = r.reason
-            t.votes = dict(r.votes)
-        elif isinstance(r, ActivatedRecord):
-            t = txns.get(r.txn)
-            if t is None or t.status != "committed":
-                raise bad(i, f"ACTIVATED for transaction {r.txn} that is not committed")
-            if r.version != t.begin.version:
-                raise bad(i, f"ACTIVATED of {r.txn} names v{r.version}, BEGIN assigned v{t.begin.version}")
-            t.activated = True
-            t.duration_s = r.duration_s
-            state.active_version = r.version
-            state.active_txn = r.txn
-        elif isinstance(r, MemberRecord):
-            members[r.replica_id] = r.event
-
-    state.epoch = epoch
-    state.members = members
-    for txn in order:
-        t = txns[txn]
-        b = t.begin
-        if t.status == "in_doubt":
-            state.undecided.append(txn)
-            if b.epoch < epoch:
-                t.status = "aborted"
-                t.reason = f"presumed abort: not committed before coordinator epoch {epoch}"
-        elif t.status == "committed" and not t.activated and b.version > state.active_version:
-            state.committed_not_activated.append(txn)
-        outcome = Outcome(
-            txn=txn,
-            status=t.status,
-            version=b.version,
-            key=b.key,
-            reason=t.reason,
-            votes=t.votes,
-            activated=t.activated,
-        )
-        state.outcomes[txn] = outcome
-        if b.key is not None and b.key not in state.outcomes:
-            state.outcomes[b.key] = outcome
-        state.history.append(
-            HistoryEntry(
-                txn=txn,
-                key=b.key,
-                version=b.version,
-                status=t.status,
-                reason=t.reason,
-                duration_s=t.duration_s,
-                ts=b.ts,
-                activated=t.activated,
-                origin_version=b.origin_version,
-            )
-        )
+    for i, record in enumerate(records, start=1):
+        state.apply(record, i)
     return state

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from engines.manifest import TensorSpec, dtype_name, torch_dtype
+from engines.manifest import dtype_name, torch_dtype
 
 _VIEW_AS = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.bool: torch.uint8}
 
@@ -51,10 +51,6 @@ def from_wire(arrays: Mapping[str, np.ndarray], specs: Mapping[str, Any]) -> dic
 def spec_dict(tensors: Mapping[str, torch.Tensor]) -> dict[str, dict[str, Any]]:
     """``name -> {"shape": [...], "dtype": "float32"}``: the manifest as it travels."""
     return {n: {"shape": list(t.shape), "dtype": dtype_name(t.dtype)} for n, t in tensors.items()}
-
-
-def specs_from(manifest: Mapping[str, TensorSpec]) -> dict[str, dict[str, Any]]:
-    return {n: {"shape": list(s.shape), "dtype": s.dtype} for n, s in manifest.items()}
 
 
 @dataclass

@@ -1,50 +1,78 @@
 """Writing a version to the checkpoint store, in a long-lived Ray actor beside the coordinator.
 
-The coordinator never touches weight bytes: it hands this actor the same nested refs the replicas
-get, and waits for it before logging COMMIT. Subset refits are materialised: the actor overlays the
-changed tensors on the base version read back (verified) from the store. A rollback re-saves the
-target version's set under the new version number.
+The coordinator never touches weight bytes: it hands the ``PersistWorker`` the same nested refs the
+replicas get, and waits for it before logging COMMIT. Subset refits are materialised: the worker
+overlays the changed tensors on the base version read back (verified) from the store. A rollback
+re-saves the target version's set under the new version number.
 
 The worker is an actor, not a task, so that the first refit after a launch or a coordinator restart
-does not pay for starting a worker process and importing torch (measured 0.8-1.2 s here): the
-coordinator creates it at start and pings it during recovery. The coordinator owns it, so it dies
-with the coordinator and is created afresh by the next incarnation.
+does not pay for starting a worker process and importing torch: the coordinator creates it at start
+and ``Persister.ready`` waits for it during recovery. The coordinator owns it, so it dies with the
+coordinator and is created afresh by the next incarnation.
+
+``Persister`` supervises the worker (contract):
+- ``ensure()`` replaces a worker that died between refits (OOM, node loss) before it is needed.
+- ``wait(pending, deadline)`` returns the write's timings and "" once the version is stored, or {}
+  and a one-line reason. A worker that died mid-write is replaced and the write retried once within
+  the same deadline; a timeout or a failed write is not retried, and the worker is replaced so a
+  hung one cannot hold up the next refit.
 """
 
 from __future__ import annotations
 
+import logging
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import ray
+from ray.exceptions import RayActorError
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from .durable import describe_os_error
 from .failpoints import Failpoints
 from .payload import from_wire
 from .store import CheckpointStore
 
+logger = logging.getLogger("weight_refit.coordinator")
 
-def persist(state_dir: str, version: int, refs: list[Any] | None, specs: dict[str, Any],
-            checksums: dict[str, str], base_version: int | None, from_version: int | None,
-            fsync: bool) -> dict[str, float]:
-    """Save ``version`` as a full set; returns timings. Raises on any mismatch (a NO for COMMIT)."""
+__all__ = ["PersistJob", "PersistWorker", "Persister", "persist"]
+
+
+@dataclass(frozen=True)
+class PersistJob:
+    """One version to write: from the published refs, or (a rollback) from ``from_version``."""
+
+    state_dir: str
+    version: int
+    refs: list[Any] | None
+    specs: dict[str, Any]
+    checksums: dict[str, str]
+    base_version: int | None
+    from_version: int | None
+    fsync: bool
+
+
+def persist(job: PersistJob, fp: Failpoints | None = None) -> dict[str, float]:
+    """Save ``job.version`` as a full set; returns timings. Raises on any mismatch or I/O error."""
     t0 = time.perf_counter()
-    store = CheckpointStore.in_state_dir(state_dir, cleanup=False)
-    if from_version is not None:
-        tensors = store.load(from_version)
-        sums = store.manifest(from_version).checksums
+    store = CheckpointStore.in_state_dir(job.state_dir, cleanup=False, fp=fp)
+    if job.from_version is not None:
+        tensors = store.load(job.from_version)
+        sums = store.manifest(job.from_version).checksums
     else:
-        assert refs is not None
-        arrays = ray.get(refs[0])
-        tensors = from_wire(arrays, specs)
-        sums = dict(checksums)
-        if base_version is not None and set(tensors) != set(store.manifest(base_version).checksums):
-            base = store.load(base_version)
-            base_sums = store.manifest(base_version).checksums
+        assert job.refs is not None
+        arrays = ray.get(job.refs[0])
+        tensors = from_wire(arrays, job.specs)
+        sums = dict(job.checksums)
+        if job.base_version is not None and set(tensors) != set(store.manifest(job.base_version).checksums):
+            base = store.load(job.base_version)
+            base_sums = store.manifest(job.base_version).checksums
             base.update(tensors)
             tensors = base
-            sums = {**base_sums, **checksums}
+            sums = {**base_sums, **job.checksums}
     t1 = time.perf_counter()
-    store.save(version, tensors, sums, fsync=fsync)
+    store.save(job.version, tensors, sums, fsync=job.fsync)
     return {"read_s": t1 - t0, "write_s": time.perf_counter() - t1}
 
 
@@ -52,8 +80,8 @@ def persist(state_dir: str, version: int, refs: list[Any] | None, specs: dict[st
 class PersistWorker:
     """Runs ``persist`` calls one at a time. Errors propagate to the caller (a NO for COMMIT)."""
 
-    def __init__(self) -> None:
-        self.fp = Failpoints(owner="persist")
+    def __init__(self, failpoints: dict[str, str] | None = None) -> None:
+        self.fp = Failpoints(failpoints, owner="persist")
 
     def arm_failpoint(self, name: str, action: str | None) -> None:
         """Arm a failpoint in this worker only (fault-injection tests)."""
@@ -65,8 +93,88 @@ class PersistWorker:
     def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id()
 
-    def persist(self, state_dir: str, version: int, refs: list[Any] | None, specs: dict[str, Any],
-                checksums: dict[str, str], base_version: int | None, from_version: int | None,
-                fsync: bool) -> dict[str, float]:
+    def persist(self, job: PersistJob) -> dict[str, float]:
         self.fp.hit("persist.before_save")
-        return persist(state_dir, version, refs, specs, checksums, base_version, from_version, fsync)
+        return persist(job, self.fp)
+
+
+def _reason(exc: BaseException) -> str:
+    cause = getattr(exc, "cause", None) or exc
+    if isinstance(cause, OSError) and not isinstance(cause, TimeoutError):
+        return describe_os_error(cause, "writing the checkpoint")
+    text = str(cause).splitlines()[0] if str(cause) else ""
+    return f"{type(cause).__name__}: {text}"
+
+
+@dataclass
+class PendingPersist:
+    job: PersistJob
+    ref: Any
+
+
+class Persister:
+    """Supervises one ``PersistWorker`` (see the module docstring for the contract)."""
+
+    def __init__(self, ready_s: float, failpoints: dict[str, str] | None = None) -> None:
+        self._ready_s = ready_s
+        self._failpoints = dict(failpoints or {})
+        self._worker = self._new_worker()
+
+    @property
+    def worker(self) -> Any:
+        return self._worker
+
+    def _new_worker(self) -> Any:
+        here = ray.get_runtime_context().get_node_id()
+        return PersistWorker.options(
+            scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=True)).remote(self._failpoints)
+
+    def ready(self) -> None:
+        """Wait until the worker runs, so the first refit does not start it."""
+        try:
+            ray.get(self._worker.ping.remote(), timeout=self._ready_s)
+        except Exception as exc:  # noqa: BLE001  (the next persist reports it as the abort reason)
+            logger.warning("persistence worker not ready: %s", _reason(exc))
+
+    def ensure(self) -> None:
+        try:
+            ray.get(self._worker.ping.remote(), timeout=5.0)
+        except Exception as exc:  # noqa: BLE001
+            logger.warning("persistence worker lost (%s): starting a new one", _reason(exc))
+            self.replace()
+            self.ready()
+
+    def start(self, job: PersistJob) -> PendingPersist:
+        return PendingPersist(job, self._worker.persist.remote(job))
+
+    def wait(self, pending: PendingPersist, deadline: float) -> tuple[dict[str, float], str]:
+        version = pending.job.version
+        ref = pending.ref
+        for attempt in (1, 2):
+            try:
+                return ray.get(ref, timeout=max(0.0, deadline - time.monotonic())), ""
+            except RayActorError as exc:
+                self.replace()
+                if attempt == 2 or time.monotonic() >= deadline:
+                    return {}, f"persisting version {version} failed: {_reason(exc)}"
+                logger.warning("persistence worker lost during v%s (%s): retrying on a new one",
+                               version, _reason(exc))
+                self.ready()
+                ref = self._worker.persist.remote(pending.job)
+            except Exception as exc:  # noqa: BLE001  (a timeout, a bad payload, an I/O error)
+                self.replace()
+                return {}, f"persisting version {version} failed: {_reason(exc)}"
+        raise AssertionError("unreachable")
+
+    def replace(self) -> None:
+        try:
+            ray.kill(self._worker, no_restart=True)
+        except Exception:  # noqa: BLE001
+            logger.exception("killing the persistence worker failed")
+        self._worker = self._new_worker()
+
+    def stop(self) -> None:
+        try:
+            ray.kill(self._worker, no_restart=True)
+        except Exception:  # noqa: BLE001  (already gone)
+            logger.debug("persistence worker already gone", exc_info=True)

@@ -3,13 +3,19 @@
 Contract:
 - ``infer`` runs in the ``serve`` concurrency group and protocol calls in ``control``: a refit never
   queues behind inference, nor the reverse. Every response carries the version that produced it.
+  It serves only while its lifecycle is ``serving`` and its lease allows (``ServingLease``); it
+  never loads weights on the serving path (a replica found behind catches up in the background
+  and answers ``stale`` meanwhile).
 - ``prepare`` fetches the version's bytes from the object store, verifies every checksum, stages
-  them in the engine and votes. It never raises: every failure becomes a NO vote with a reason.
+  them in the engine and votes. It never raises: every failure becomes a NO vote with a reason. A
+  partial refit built on a version this replica does not serve is a NO. A repeated PREPARE of a
+  known transaction answers from its record and changes nothing.
 - ``commit``/``activate``/``abort`` are idempotent; their legality is decided by
-  ``ReplicaParticipant`` (epoch fencing, remembered decisions).
+  ``ReplicaParticipant`` (epoch fencing, remembered decisions), whose records hold the staged sets.
 - On start (and on every Ray restart) the replica loads the engine file, then catches up to the
-  fleet's active version as the coordinator's log names it, from the checkpoint store with
-  checksums verified, before it reports ready.
+  fleet's active version as the coordinator's log names it (read-only), from the checkpoint store
+  with checksums verified. If it cannot (a corrupted checkpoint, an unreadable log), it starts in
+  lifecycle ``failed``: it serves nothing, and ``status`` and lease renewals say why.
 """
 
 from __future__ import annotations
@@ -23,98 +29,116 @@ from typing import Any
 
 import ray
 
-from engines import Engine, StagedSet, load_engine
-from engines.checksum import ChecksumMismatch, tensor_checksum
-from engines.errors import NotRetainedError
+from engines import Engine, load_engine
+from engines.checksum import tensor_checksum
 
 from .failpoints import Failpoints
-from .log import TxnLog
-from .payload import from_wire
-from .replica_protocol import ProtocolViolation, ReplicaParticipant, TxnState
+from .log import LOG_NAME, TxnLog
+from .replica_client import coordinator_actor_name
+from .replica_core import ReplicaCore, reason_of
+from .replica_protocol import Lifecycle
+from .replies import Ack, LeaseReply, PrepareReply
+from .serving_lease import LeaseVerdict, ServingLease
+from .settings import ReplicaSettings
 from .store import CheckpointStore
-from .telemetry import observe_request, phase_log, set_version
-
-
-def _reason(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}"
+from .telemetry import observe_request, set_version
 
 
 @ray.remote(concurrency_groups={"serve": 32, "control": 4}, max_restarts=-1, max_task_retries=0)
 class Replica:
     """A Ray actor owning one engine on one card. See the module docstring for its contract."""
 
-    def __init__(self, replica_id: str, spec: dict[str, Any]) -> None:
+    def __init__(self, replica_id: str, settings: ReplicaSettings) -> None:
         import torch
 
-        torch.set_num_threads(int(spec.get("torch_threads", 1)))
+        torch.set_num_threads(settings.torch_threads)
         self.replica_id = replica_id
-        self.spec = spec
-        self.fp = Failpoints(spec.get("failpoints"), owner=replica_id)
-        self.participant = ReplicaParticipant()
-        self._ctl = threading.RLock()
-        self._staged: dict[str, StagedSet] = {}
-        self._last_refit_s: float | None = None
-        self._last_refit_at: float | None = None
-        self.state = "loading"
-        self._lease_s = float(spec.get("lease_s", 10.0))
-        self._lease_expires = 0.0  # monotonic; 0: never granted, reconfirm before serving
-        self._excluded = False
+        self.s = settings
+        self.fp = Failpoints(settings.failpoints, owner=replica_id)
+        self.lease = ServingLease(settings.lease_s, self._ask_coordinator)
         self._inflight = 0
         self._inflight_cv = threading.Condition()
         self._coordinator: Any = None
-        self._fleet = str(spec.get("fleet", ""))
-        self.engine = self._load_engine()
-        spare = int(spec.get("prefill_sets", 0))
-        if spare:
-            self.engine.prefill_pool(spare)
-        self.store = CheckpointStore.in_state_dir(spec["state_dir"], cleanup=False)
-        self.active_checksums: dict[str, str] = {}
+        self._background: threading.Thread | None = None
+        self._background_lock = threading.Lock()
+        store = CheckpointStore.in_state_dir(settings.state_dir, cleanup=False, fp=self.fp)
+        self.core = ReplicaCore(replica_id, self._load_engine, store, self._fetch, self.fp)
+        self.core.on_version = lambda v: set_version(settings.fleet, replica_id, v)
+        if settings.prefill_sets:
+            self.core.engine.prefill_pool(settings.prefill_sets)
         self.fp.hit("replica.on_start")
-        self._catch_up_from_log()
-        self.state = "serving"
-        set_version(self._fleet, replica_id, self.engine.version)
+        self._start_serving()
 
-    # ------------------------------------------------------------------ start-up
+    @property
+    def engine(self) -> Engine:
+        return self.core.engine
+
+    # ------------------------------------------------------------------ start-up and catch-up
 
     def _load_engine(self) -> Engine:
         """The engine file on this replica's device. ``enable_refit`` is the file's own: an engine
         built without it refuses every PREPARE (a NO vote naming RefitDisabledError)."""
-        spec = self.spec
-        return load_engine(
-            spec["engine"], device=spec["device"],
-            memory_mode=spec.get("memory_mode", "swap"), keep_previous=spec.get("keep_previous", True),
-            memory_budget_bytes=spec.get("memory_budget_bytes"),
-        )
+        return load_engine(self.s.engine, device=self.s.device, memory_mode=self.s.memory_mode,
+                           keep_previous=self.s.keep_previous,
+                           memory_budget_bytes=self.s.memory_budget_bytes)
 
-    def _catch_up_from_log(self) -> None:
-        log_path = Path(self.spec["state_dir"])
-        if not (log_path / "txn.log").exists():
-            return
-        with TxnLog.open(log_path) as log:
-            state = log.state()
-        if state.active_version and state.active_version != self.engine.version:
-            self.state = "catching_up"
-            self.sync_to(state.active_version)
+    def _fetch(self, refs: list[Any]) -> Any:
+        return ray.get(refs[0], timeout=self.s.fetch_timeout_s)
+
+    def _start_serving(self) -> None:
+        try:
+            version = 0
+            if (Path(self.s.state_dir) / LOG_NAME).exists():
+                with TxnLog.open(self.s.state_dir, readonly=True) as log:
+                    version = log.state().active_version
+            self.core.sync(version)
+        except Exception as exc:  # noqa: BLE001  (recorded: it serves nothing and says why)
+            self.core.lifecycle.move(Lifecycle.FAILED, reason_of(exc))
+        set_version(self.s.fleet, self.replica_id, self.engine.version)
+
+    def _catch_up_in_background(self, version: int) -> None:
+        """Found behind on the serving path: catch up off it (one catch-up at a time)."""
+        with self._background_lock:
+            if self._background is not None and self._background.is_alive():
+                return
+            self.core.lifecycle.move(Lifecycle.CATCHING_UP)
+            self._background = threading.Thread(target=self._sync_quietly, args=(version,), daemon=True)
+            self._background.start()
+
+    def _sync_quietly(self, version: int) -> None:
+        try:
+            with self.core.ctl:
+                if self.engine.version < version:
+                    self.core.sync(version)
+                else:
+                    self.core.lifecycle.move(Lifecycle.SERVING)
+        except Exception:  # noqa: BLE001  (state failed, with the reason, for status and renewals)
+            pass
 
     # ------------------------------------------------------------------ serving
 
     @ray.method(concurrency_group="serve")
     def infer(self, inputs: list[Any], min_version: int = 0) -> dict[str, Any]:
-        """Run inference; answers ``stale`` when it cannot serve ``min_version`` or newer, when it
-        is draining, or when it is fenced out of the fleet (its lease lapsed and the coordinator
-        no longer counts it as a member)."""
-        if self.state == "draining" or not self._lease_ok():
-            return {"stale": True, "version": self.engine.version, "replica": self.replica_id,
-                    "reason": "draining" if self.state == "draining" else "fenced"}
-        if min_version > self.engine.version and not self._activate_for(min_version):
-            return {"stale": True, "version": self.engine.version, "replica": self.replica_id,
-                    "reason": "behind"}
+        """Run inference; answers ``stale`` (with a reason) when it cannot serve ``min_version`` or
+        newer, is not serving (catching up, failed, draining) or is fenced out of the fleet."""
+        state = self.core.lifecycle.state
+        if state is not Lifecycle.SERVING:
+            why = f"failed: {self.core.lifecycle.error}" if state is Lifecycle.FAILED else state.value
+            return self._stale(why)
+        verdict, active = self.lease.check(self.engine.version)
+        if verdict is LeaseVerdict.FENCED:
+            return self._stale("fenced")
+        if verdict is LeaseVerdict.BEHIND:
+            self._catch_up_in_background(active)
+            return self._stale("behind")
+        if min_version > self.engine.version and not self.core.activate_for(min_version):
+            return self._stale("behind")
         with self._inflight_cv:
             self._inflight += 1
         t0 = time.perf_counter()
         try:
             r = self.engine.infer(*inputs)
-            observe_request(self._fleet, self.replica_id, time.perf_counter() - t0)
+            observe_request(self.s.fleet, self.replica_id, time.perf_counter() - t0)
         finally:
             with self._inflight_cv:
                 self._inflight -= 1
@@ -122,256 +146,115 @@ class Replica:
                     self._inflight_cv.notify_all()
         return {"stale": False, "outputs": r.outputs, "version": r.version, "replica": self.replica_id}
 
-    # ------------------------------------------------------------------ leases
+    def _stale(self, reason: str) -> dict[str, Any]:
+        return {"stale": True, "version": self.engine.version, "replica": self.replica_id, "reason": reason}
 
-    def _lease_ok(self) -> bool:
-        """Serve under a lease; a lapsed lease is reconfirmed with the coordinator first.
-
-        Member: renewed. Excluded: fenced (refuse until the coordinator re-admits it). Coordinator
-        unreachable: keep serving the active version (an outage stops refits, not serving), and
-        ask again after half a lease."""
-        if time.monotonic() < self._lease_expires and not self._excluded:
-            return True
-        if self._excluded and time.monotonic() < self._lease_expires:
-            return False
+    def _ask_coordinator(self) -> dict[str, Any]:
+        if self._coordinator is None:
+            self._coordinator = ray.get_actor(coordinator_actor_name(self.s.fleet), self.s.namespace)
         try:
-            if self._coordinator is None:
-                self._coordinator = ray.get_actor(self.spec["coordinator"], self.spec["namespace"])
-            answer = ray.get(self._coordinator.confirm.remote(self.replica_id, self.engine.version),
-                             timeout=max(1.0, self._lease_s / 2))
-        except Exception:  # noqa: BLE001  (coordinator down or restarting)
+            return ray.get(self._coordinator.confirm.remote(self.replica_id, self.engine.version),
+                           timeout=self.lease.confirm_s)
+        except Exception:
             self._coordinator = None
-            self._lease_expires = time.monotonic() + self._lease_s / 2
-            return not self._excluded
-        self._excluded = not answer["member"]
-        self._lease_expires = time.monotonic() + (self._lease_s if answer["member"] else 1.0)
-        if answer["member"] and answer["active_version"] > self.engine.version:
-            # only forward: the log's active version lags while an ACTIVATE fan-out (or a
-            # restarted coordinator's recovery) is under way, and this replica may be ahead
-            self.sync_to(answer["active_version"])
-        return answer["member"]
+            raise
+
+    # ------------------------------------------------------------------ leases and membership
 
     @ray.method(concurrency_group="control")
-    def renew_lease(self, epoch: int, lease_s: float) -> int:
+    def renew_lease(self, epoch: int, lease_s: float, generation: int = 0) -> LeaseReply:
         """The coordinator's renewal: serve for ``lease_s`` more seconds as a member."""
-        with self._ctl:
-            self._fence(epoch)
-        self._lease_s = lease_s
-        self._excluded = False
-        self._lease_expires = time.monotonic() + lease_s
-        return self.engine.version
+        self.fp.hit("message.renew_lease")
+        self.core.fence(epoch)
+        accepted = self.lease.renew(epoch, lease_s, generation)
+        self.fp.hit("reply.renew_lease")
+        lifecycle = self.core.lifecycle
+        return LeaseReply(self.replica_id, accepted, self.engine.version, lifecycle.state.value,
+                          lifecycle.error)
 
     @ray.method(concurrency_group="control")
-    def exclude(self) -> None:
-        """Stop serving fleet traffic now (evicted or removed)."""
-        self._excluded = True
-        self._lease_expires = 0.0
+    def exclude(self, epoch: int = 0, generation: int = 0) -> bool:
+        """Stop serving fleet traffic now (excluded); ignored if older than a later renewal."""
+        self.fp.hit("message.exclude")
+        return self.lease.exclude(epoch, generation)
 
     @ray.method(concurrency_group="control")
     def drain(self, timeout_s: float = 30.0) -> int:
         """Refuse new requests (routers retry elsewhere); wait for in-flight ones; return how many
         were still running at the deadline (0: drained)."""
-        self.state = "draining"
+        self.core.lifecycle.move(Lifecycle.DRAINING)
+        self.lease.revoke()
         deadline = time.monotonic() + timeout_s
         with self._inflight_cv:
             while self._inflight and time.monotonic() < deadline:
                 self._inflight_cv.wait(timeout=max(0.0, deadline - time.monotonic()))
             return self._inflight
 
-    def _activate_for(self, min_version: int) -> bool:
-        """DESIGN step 5: a committed-not-active version a client has already seen goes live now.
-        Never blocks the serving path for long: if a protocol call holds the replica, answer
-        stale and let the client's handle try another member."""
-        if not self._ctl.acquire(timeout=0.5):
-            return False
-        try:
-            rec = self.participant.committed_at_least(min_version)
-            if rec is None:
-                return self.engine.version >= min_version
-            self._activate_locked(None, rec.txn)
-            return True
-        finally:
-            self._ctl.release()
-
-    # ------------------------------------------------------------------ protocol
+    # ------------------------------------------------------------------ protocol (see ReplicaCore)
 
     @ray.method(concurrency_group="control")
     def prepare(self, epoch: int, txn: str, version: int, refs: list[Any] | None,
                 specs: dict[str, Any], checksums: dict[str, str],
-                source: dict[str, Any] | None = None) -> dict[str, Any]:
+                source: dict[str, Any] | None = None, base_version: int | None = None) -> PrepareReply:
         """Fetch, verify, stage; vote. ``source`` may name a version to re-stage (rollback)."""
-        t0 = time.perf_counter()
-        timings: dict[str, float] = {}
-        try:
-            with self._ctl:
-                self._fence(epoch)
-                self.participant.begin_prepare(epoch, txn, version)
-            staged = self._stage(version, refs, specs, checksums, source, timings)
-        except BaseException as exc:  # every failure is a NO vote, reported back
-            with self._ctl:
-                if self.participant.get(txn) is not None:
-                    self.participant.finish_prepare(txn, False, _reason(exc))
-            return self._vote(txn, False, _reason(exc), timings, t0)
-        with self._ctl:
-            keep = self.participant.finish_prepare(txn, True)
-            if not keep:
-                self.engine.discard(staged)
-                return self._vote(txn, False, "aborted while preparing", timings, t0)
-            self._staged[txn] = staged
-        self.fp.hit("replica.before_vote")
-        vote = self._vote(txn, True, "", timings, t0)
-        self.fp.hit("replica.after_vote")
+        self.fp.hit("message.prepare", txn)
+        vote = self.core.prepare(epoch, txn, version, refs, specs, checksums, source, base_version)
+        self.fp.hit("reply.prepare", txn)
         return vote
 
-    def _stage(self, version: int, refs: list[Any] | None, specs: dict[str, Any],
-               checksums: dict[str, str], source: dict[str, Any] | None,
-               timings: dict[str, float]) -> StagedSet:
-        if source and source.get("from_version") is not None:
-            from_version = int(source["from_version"])
-            try:
-                staged = self.engine.stage_retained(from_version, version)
-                timings["retained"] = 1.0
-                return staged
-            except NotRetainedError:
-                tensors = self.store.load(from_version)
-                timings["from_store"] = 1.0
-                return self.engine.stage(tensors, version)
-        t = time.perf_counter()
-        arrays = ray.get(refs[0], timeout=self.spec.get("fetch_timeout_s", 60))
-        timings["fetch_s"] = time.perf_counter() - t
-        try:
-            tensors = from_wire(arrays, specs)
-            t = time.perf_counter()
-            for name, tensor in tensors.items():
-                want = checksums.get(name)
-                got = tensor_checksum(tensor)
-                if want != got:
-                    raise ChecksumMismatch(name, str(want), got, f"replica {self.replica_id}")
-            timings["verify_s"] = time.perf_counter() - t
-            t = time.perf_counter()
-            staged = self.engine.stage(tensors, version)
-            timings["stage_s"] = time.perf_counter() - t
-            return staged
-        finally:
-            del arrays
-
-    def _vote(self, txn: str, yes: bool, reason: str, timings: dict[str, float], t0: float) -> dict[str, Any]:
-        timings["prepare_s"] = time.perf_counter() - t0
-        rec = self.participant.get(txn)
-        phase_log("replica", "prepare", txn, rec.version if rec else None, timings["prepare_s"],
-                  replica=self.replica_id, vote="YES" if yes else "NO", reason=reason,
-                  **{k: round(v, 6) for k, v in timings.items() if k != "prepare_s"})
-        return {"replica": self.replica_id, "txn": txn, "yes": yes, "reason": reason,
-                "timings": timings, "version": self.engine.version}
-
     @ray.method(concurrency_group="control")
-    def commit(self, epoch: int, txn: str) -> dict[str, Any]:
+    def commit(self, epoch: int, txn: str) -> Ack:
         """Pin the staged set as committed; keep serving the old version. Idempotent."""
+        self.fp.hit("message.commit", txn)
         self.fp.hit("replica.before_commit")
-        with self._ctl:
-            t = time.perf_counter()
-            self._fence(epoch, keep=txn)
-            rec, _ = self.participant.commit(epoch, txn)
-            phase_log("replica", "commit", txn, rec.version, time.perf_counter() - t,
-                      replica=self.replica_id)
-            return {"replica": self.replica_id, "txn": txn, "state": rec.state.value,
-                    "version": self.engine.version}
+        ack = self.core.commit(epoch, txn)
+        self.fp.hit("reply.commit", txn)
+        return ack
 
     @ray.method(concurrency_group="control")
-    def activate(self, epoch: int, txn: str) -> dict[str, Any]:
+    def activate(self, epoch: int, txn: str) -> Ack:
         """Make the committed set live (the swap). Idempotent."""
+        self.fp.hit("message.activate", txn)
         self.fp.hit("replica.before_activate")
-        with self._ctl:
-            t = time.perf_counter()
-            self._fence(epoch, keep=txn)
-            self._activate_locked(epoch, txn)
-            phase_log("replica", "activate", txn, self.engine.version, time.perf_counter() - t,
-                      replica=self.replica_id, swap_ns=self.engine.last_swap_ns)
-            return {"replica": self.replica_id, "txn": txn, "version": self.engine.version,
-                    "activate_s": time.perf_counter() - t, "swap_ns": self.engine.last_swap_ns}
-
-    def _activate_locked(self, epoch: int | None, txn: str) -> None:
-        rec = self.participant.get(txn)
-        if rec is not None and rec.state is TxnState.ACTIVE:
-            return
-        if rec is None or rec.state is not TxnState.COMMITTED:
-            if epoch is not None:
-                self.participant.check_epoch(epoch)
-            raise ProtocolViolation(f"txn {txn}: ACTIVATE needs a committed staged set here "
-                                    f"(state {rec.state.value if rec else 'unknown'})")
-        staged = self._staged.pop(txn)
-        self.fp.hit("replica.during_activate")
-        self.engine.commit(staged)
-        self.participant.activate(epoch, txn)
-        self._last_refit_at = time.time()
-        set_version(self._fleet, self.replica_id, self.engine.version)
+        ack = self.core.activate(epoch, txn)
+        self.fp.hit("reply.activate", txn)
+        return ack
 
     @ray.method(concurrency_group="control")
-    def abort(self, epoch: int, txn: str, reason: str = "") -> dict[str, Any]:
+    def abort(self, epoch: int, txn: str, reason: str = "") -> Ack:
         """Discard the staged set of ``txn``; remember the decision. Idempotent."""
-        with self._ctl:
-            t = time.perf_counter()
-            self._fence(epoch)
-            rec, _ = self.participant.abort(epoch, txn, reason)
-            self._discard(txn)
-            phase_log("replica", "abort", txn, rec.version, time.perf_counter() - t,
-                      replica=self.replica_id, reason=reason)
-            return {"replica": self.replica_id, "txn": txn, "version": self.engine.version}
-
-    def _fence(self, epoch: int, keep: str | None = None) -> None:
-        for dropped in self.participant.check_epoch(epoch, keep=keep):
-            self._discard(dropped.txn)
-
-    def _discard(self, txn: str) -> None:
-        staged = self._staged.pop(txn, None)
-        if staged is not None:
-            self.engine.discard(staged)
+        self.fp.hit("message.abort", txn)
+        ack = self.core.abort(epoch, txn, reason)
+        self.fp.hit("reply.abort", txn)
+        return ack
 
     @ray.method(concurrency_group="control")
-    def sync_to(self, version: int) -> dict[str, Any]:
-        """Catch up to ``version`` from the checkpoint store (checksums verified), or a retained set."""
-        with self._ctl:
-            t = time.perf_counter()
-            if self.engine.version != version:
-                for txn in list(self._staged):
-                    self._discard(txn)
-                if version < self.engine.version:
-                    self.engine = self._load_engine()  # versions only grow within one engine
-                if version != self.engine.version:
-                    staged = self.engine.stage(self.store.load(version), version)
-                    self.engine.commit(staged)
-            self.state = "serving"
-            set_version(self._fleet, self.replica_id, self.engine.version)
-            phase_log("replica", "sync", None, self.engine.version, time.perf_counter() - t,
-                      replica=self.replica_id)
-            return {"replica": self.replica_id, "version": self.engine.version,
-                    "sync_s": time.perf_counter() - t}
+    def sync_to(self, version: int) -> Ack:
+        """Catch up to ``version`` from the checkpoint store (checksums verified). Raises (and the
+        replica's state is ``failed``, with the reason) if it cannot."""
+        self.fp.hit("message.sync_to")
+        ack = self.core.sync(version)
+        self.fp.hit("reply.sync_to")
+        return ack
 
     # ------------------------------------------------------------------ inspection
 
     @ray.method(concurrency_group="control")
     def status(self) -> dict[str, Any]:
-        ctx = ray.get_runtime_context()
         mem = self.engine.memory()
+        core = self.core
+        state = core.lifecycle.state
         return {
-            "id": self.replica_id,
-            "node": ctx.get_node_id(),
-            "host": socket.gethostname(),
-            "pid": os.getpid(),
-            "card": self.spec.get("card"),
-            "device": self.spec["device"],
+            "id": self.replica_id, "node": ray.get_runtime_context().get_node_id(),
+            "host": socket.gethostname(), "pid": os.getpid(), "card": self.s.card, "device": self.s.device,
             "visible_devices": {k: os.environ.get(k) for k in
                                 ("CUDA_VISIBLE_DEVICES", "MLU_VISIBLE_DEVICES") if os.environ.get(k)},
-            "version": self.engine.version,
-            "state": self.state,
-            "healthy": not self._excluded and self.state == "serving",
-            "lease_left_s": round(max(0.0, self._lease_expires - time.monotonic()), 3),
-            "inflight": self._inflight,
-            "pending": [(r.txn, r.state.value) for r in self.participant.pending()],
-            "staged_bytes": mem.staged_bytes,
-            "previous_bytes": mem.previous_bytes,
-            "epoch": self.participant.epoch,
-            "last_refit_at": self._last_refit_at,
+            "version": self.engine.version, "state": state.value, "error": core.lifecycle.error,
+            "healthy": not self.lease.excluded and state is Lifecycle.SERVING,
+            "lease_left_s": round(self.lease.left_s(), 3), "inflight": self._inflight,
+            "pending": [(r.txn, r.state.value) for r in core.participant.pending()],
+            "staged_bytes": mem.staged_bytes, "previous_bytes": mem.previous_bytes,
+            "epoch": core.participant.epoch, "last_refit_at": core.last_refit_at,
         }
 
     @ray.method(concurrency_group="control")

@@ -10,13 +10,33 @@ does the work (fetch, verify, stage, swap) and reports back. Rules:
 - COMMIT, ABORT and ACTIVATE are idempotent: repeating one that already took effect is a no-op.
 - A decided transaction id is remembered, so a PREPARE arriving after its ABORT is refused and
   stages nothing.
+- A transaction's record holds its staged set (``TxnRecord.staged``): every move that frees it
+  (ABORTED, SUPERSEDED, ACTIVE) is where the actor discards or commits it, so the two never drift.
+- A catch-up (``sync_to``) supersedes every transaction still holding or building a staged set.
+- The coordinator runs one transaction at a time per epoch, so a PREPARE of a newer version
+  implies every older undecided transaction of the same epoch was aborted (a commit would have
+  reached this replica or caught it up first): ``drop_older_undecided`` frees their sets even
+  when their ABORT was lost.
+
+``ReplicaLifecycle`` is the replica's own state (loading, catching up, serving, failed, draining),
+moved only along ``LIFECYCLE_TRANSITIONS``: draining is final, so a catch-up cannot turn a
+draining replica back into a serving one.
 """
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from enum import Enum
+from typing import Any
+
+from .errors import ProtocolViolation, StaleEpoch
+
+__all__ = [
+    "DECIDED", "FORGETTABLE", "HOLDING", "LIFECYCLE_TRANSITIONS", "TRANSITIONS", "UNDECIDED", "Lifecycle",
+    "ProtocolViolation", "ReplicaLifecycle", "ReplicaParticipant", "StaleEpoch", "TxnRecord", "TxnState",
+]
 
 
 class TxnState(str, Enum):
@@ -28,29 +48,25 @@ class TxnState(str, Enum):
     COMMITTED = "committed"  # COMMIT received: staged set pinned, old version still served
     ACTIVE = "active"        # ACTIVATE done: the new version serves
     ABORTED = "aborted"      # ABORT received or dropped after an epoch change; staged set freed
+    SUPERSEDED = "superseded"  # a catch-up moved the replica past it; staged set freed
 
 
 TRANSITIONS: dict[TxnState | None, frozenset[TxnState]] = {
     None: frozenset({TxnState.PREPARING, TxnState.ABORTED}),
-    TxnState.PREPARING: frozenset({TxnState.PREPARED, TxnState.REFUSED, TxnState.ABORTED}),
-    TxnState.PREPARED: frozenset({TxnState.COMMITTED, TxnState.ABORTED}),
+    TxnState.PREPARING: frozenset({TxnState.PREPARED, TxnState.REFUSED, TxnState.ABORTED,
+                                   TxnState.SUPERSEDED}),
+    TxnState.PREPARED: frozenset({TxnState.COMMITTED, TxnState.ABORTED, TxnState.SUPERSEDED}),
     TxnState.REFUSED: frozenset({TxnState.ABORTED}),
-    TxnState.COMMITTED: frozenset({TxnState.ACTIVE}),
+    TxnState.COMMITTED: frozenset({TxnState.ACTIVE, TxnState.SUPERSEDED}),
     TxnState.ACTIVE: frozenset(),
     TxnState.ABORTED: frozenset(),
+    TxnState.SUPERSEDED: frozenset(),
 }
 
-DECIDED = frozenset({TxnState.COMMITTED, TxnState.ACTIVE, TxnState.ABORTED})
+DECIDED = frozenset({TxnState.COMMITTED, TxnState.ACTIVE, TxnState.ABORTED, TxnState.SUPERSEDED})
 UNDECIDED = frozenset({TxnState.PREPARING, TxnState.PREPARED, TxnState.REFUSED})
-FORGETTABLE = frozenset({TxnState.ACTIVE, TxnState.ABORTED})  # hold no staged set
-
-
-class ProtocolViolation(Exception):
-    """A message that the transaction's state does not allow (e.g. COMMIT of an aborted txn)."""
-
-
-class StaleEpoch(ProtocolViolation):
-    """A message from a coordinator epoch older than one this replica has already seen."""
+FORGETTABLE = frozenset({TxnState.ACTIVE, TxnState.ABORTED, TxnState.SUPERSEDED})  # hold no staged set
+HOLDING = frozenset({TxnState.PREPARING, TxnState.PREPARED, TxnState.COMMITTED})  # may hold one
 
 
 @dataclass
@@ -62,6 +78,12 @@ class TxnRecord:
     version: int
     state: TxnState
     reason: str = ""
+    staged: Any = None  # the engine's staged set while PREPARED or COMMITTED
+
+    def take_staged(self) -> Any:
+        """Hand over the staged set (to discard or commit it) and forget it here."""
+        staged, self.staged = self.staged, None
+        return staged
 
 
 class ReplicaParticipant:
@@ -94,7 +116,7 @@ class ReplicaParticipant:
         """Refuse older epochs; on a newer one, drop and return undecided older transactions
         (except ``keep``: the transaction a recovering coordinator is finishing)."""
         if epoch < self.epoch:
-            raise StaleEpoch(f"message from epoch {epoch}; this replica has seen epoch {self.epoch}")
+            raise StaleEpoch(epoch, self.epoch)
         dropped: list[TxnRecord] = []
         if epoch > self.epoch:
             self.epoch = epoch
@@ -123,15 +145,43 @@ class ReplicaParticipant:
         self._trim()
         return dropped
 
-    def finish_prepare(self, txn: str, ok: bool, reason: str = "") -> bool:
-        """Record the vote. Returns False if the txn was aborted meanwhile (discard what was staged)."""
+    def finish_prepare(self, txn: str, ok: bool, reason: str = "", staged: Any = None) -> bool:
+        """Record the vote (and, for YES, the staged set). Returns False if the txn was aborted or
+        superseded meanwhile (discard what was staged)."""
         rec = self._txns.get(txn)
-        if rec is None or rec.state is TxnState.ABORTED:  # aborted (or forgotten) meanwhile
+        if rec is None or rec.state in (TxnState.ABORTED, TxnState.SUPERSEDED):
             return False
         new = TxnState.PREPARED if ok else TxnState.REFUSED
         self._move(rec, txn, new)
         rec.state, rec.reason = new, reason
+        if ok:
+            rec.staged = staged
         return ok
+
+    def drop_older_undecided(self, epoch: int, version: int) -> list[TxnRecord]:
+        """Abort (and return) every undecided transaction of ``epoch`` older than ``version``."""
+        dropped = []
+        for r in self._txns.values():
+            if r.epoch == epoch and r.version < version and r.state in UNDECIDED:
+                r.state = TxnState.ABORTED
+                r.reason = f"dropped: the transaction of v{version} began"
+                dropped.append(r)
+        return dropped
+
+    def supersede(self, txn: str, reason: str) -> tuple[TxnRecord, bool]:
+        """A catch-up moved past ``txn``: (record, changed). Idempotent."""
+        rec = self._txns.get(txn)
+        if rec is None:
+            raise ProtocolViolation(f"txn {txn}: nothing to supersede")
+        if rec.state is TxnState.SUPERSEDED:
+            return rec, False
+        self._move(rec, txn, TxnState.SUPERSEDED)
+        rec.state, rec.reason = TxnState.SUPERSEDED, reason
+        return rec, True
+
+    def supersede_all(self, reason: str) -> list[TxnRecord]:
+        """Supersede every transaction that holds or is building a staged set; return them."""
+        return [self.supersede(r.txn, reason)[0] for r in list(self._txns.values()) if r.state in HOLDING]
 
     def commit(self, epoch: int, txn: str) -> tuple[TxnRecord, bool]:
         """COMMIT: (record, changed). Idempotent; refused for an unknown or aborted txn."""
@@ -181,3 +231,44 @@ class ReplicaParticipant:
             return
         for txn in [t for t, r in self._txns.items() if r.state in FORGETTABLE][:excess]:
             del self._txns[txn]
+
+
+class Lifecycle(str, Enum):
+    """The replica's own state."""
+
+    LOADING = "loading"          # loading its engine file
+    CATCHING_UP = "catching_up"  # loading the active version; answers stale meanwhile
+    SERVING = "serving"
+    FAILED = "failed"            # could not load its weights; answers stale, says why in status
+    DRAINING = "draining"        # leaving the fleet: refuses new requests, finishes the others
+
+
+LIFECYCLE_TRANSITIONS: dict[Lifecycle, frozenset[Lifecycle]] = {
+    Lifecycle.LOADING: frozenset({Lifecycle.CATCHING_UP, Lifecycle.SERVING, Lifecycle.FAILED,
+                                  Lifecycle.DRAINING}),
+    Lifecycle.CATCHING_UP: frozenset({Lifecycle.SERVING, Lifecycle.FAILED, Lifecycle.DRAINING}),
+    Lifecycle.SERVING: frozenset({Lifecycle.CATCHING_UP, Lifecycle.DRAINING}),
+    Lifecycle.FAILED: frozenset({Lifecycle.CATCHING_UP, Lifecycle.DRAINING}),
+    Lifecycle.DRAINING: frozenset(),
+}
+
+
+class ReplicaLifecycle:
+    """The replica's state, moved only along ``LIFECYCLE_TRANSITIONS`` (thread-safe)."""
+
+    def __init__(self) -> None:
+        self.state = Lifecycle.LOADING
+        self.error = ""
+        self._lock = threading.Lock()
+
+    def move(self, new: Lifecycle, error: str = "") -> bool:
+        """Move to ``new`` if the table allows it from the current state; False (unchanged) if not."""
+        with self._lock:
+            if new is self.state:
+                self.error = error or self.error
+                return True
+            if new not in LIFECYCLE_TRANSITIONS[self.state]:
+                return False
+            self.state = new
+            self.error = error if new is Lifecycle.FAILED else ""
+            return True

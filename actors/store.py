@@ -28,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from actors.direct_io import DirectIOUnsupported, open_direct, write_views
 from actors.durable import fsync_dir
+from actors.failpoints import Failpoints
 from engines.checksum import ChecksumMismatch, bytes_checksum, set_digest, tensor_bytes, tensor_checksum
 from engines.manifest import dtype_name
 
@@ -169,19 +170,28 @@ class CheckpointStore:
     - Opening with ``cleanup=True`` (the writer: the coordinator) deletes stray temp files left by a
       crashed save. Readers (replicas) should pass ``cleanup=False`` so they never remove the temp
       file of a save in progress.
+    - Creating the store's directory makes the directory entry durable too (fsync of its parent).
+    - An ``OSError`` from any write (disk full, I/O or permission error) leaves no temp file and no
+      new version behind; the previous versions are untouched. Failpoints ``store.write``,
+      ``store.fsync`` and ``store.read`` stand in front of those OS calls (fault tests).
     """
 
-    def __init__(self, root: Path | str, *, cleanup: bool = True, direct_io: bool = True) -> None:
+    def __init__(self, root: Path | str, *, cleanup: bool = True, direct_io: bool = True,
+                 fp: Failpoints | None = None) -> None:
         self._root = Path(root)
         self._direct_io = direct_io
-        self._root.mkdir(parents=True, exist_ok=True)
+        self._fp = fp or Failpoints()
+        if not self._root.is_dir():
+            self._root.mkdir(parents=True, exist_ok=True)
+            fsync_dir(self._root.parent)
         if cleanup:
             self.clean_temp()
 
     @classmethod
-    def in_state_dir(cls, state_dir: Path | str, *, cleanup: bool = True) -> CheckpointStore:
+    def in_state_dir(cls, state_dir: Path | str, *, cleanup: bool = True,
+                     fp: Failpoints | None = None) -> CheckpointStore:
         """The store at ``<state_dir>/checkpoints``."""
-        return cls(Path(state_dir) / CHECKPOINT_DIR, cleanup=cleanup)
+        return cls(Path(state_dir) / CHECKPOINT_DIR, cleanup=cleanup, fp=fp)
 
     @property
     def root(self) -> Path:
@@ -292,6 +302,7 @@ class CheckpointStore:
         head = struct.pack("<Q", len(hjson)) + hjson
 
         def write_data(f: BinaryIO) -> None:
+            self._fp.hit("store.write", str(dpath))
             _write_all(f, head)
             for v in views:
                 _write_all(f, v)
@@ -329,7 +340,9 @@ class CheckpointStore:
             return False
         try:
             try:
+                self._fp.hit("store.write", str(path))
                 write_views(fd, views)
+                self._fp.hit("store.fsync", str(path))
                 os.fsync(fd)
             finally:
                 os.close(fd)
@@ -349,6 +362,7 @@ class CheckpointStore:
             with open(tmp, "xb", buffering=0) as f:
                 write(f)  # type: ignore[arg-type]
                 if fsync:
+                    self._fp.hit("store.fsync", str(path))
                     os.fsync(f.fileno())
             os.replace(tmp, path)
         except BaseException:
@@ -366,6 +380,7 @@ class CheckpointStore:
 
         m = self.manifest(version)
         dpath = self.data_path(version)
+        self._fp.hit("store.read", str(dpath))
         try:
             size = dpath.stat().st_size
         except FileNotFoundError:

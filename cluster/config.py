@@ -21,6 +21,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from actors.failpoints import check_action
+from actors.settings import Timeouts as TimeoutConfig
+
 __all__ = [
     "ConfigError",
     "FleetConfig",
@@ -81,26 +84,6 @@ class PlacementConfig(BaseModel):
     def replicas_per_card(self) -> int:
         """How many replicas fit on one card at ``gpu_fraction`` (1 when not shared)."""
         return max(1, math.floor(1.0 / self.gpu_fraction + 1e-9))
-
-
-class TimeoutConfig(BaseModel):
-    """Timeouts in seconds, all strictly positive.
-
-    ``prepare_s``: one PREPARE (fetch, verify, stage) per replica; ``commit_s``: one COMMIT ack;
-    ``activate_s``: one ACTIVATE; ``request_s``: one inference request; ``lease_s``: a member's
-    serving lease; ``launch_s``: starting the fleet (placement, actors, engine loads);
-    ``persist_s``: writing a version to the checkpoint store (overlaps PREPARE; COMMIT waits for it).
-    """
-
-    model_config = ConfigDict(extra="forbid")
-
-    prepare_s: float = Field(default=60.0, gt=0.0)
-    commit_s: float = Field(default=10.0, gt=0.0)
-    activate_s: float = Field(default=10.0, gt=0.0)
-    request_s: float = Field(default=30.0, gt=0.0)
-    lease_s: float = Field(default=10.0, gt=0.0)
-    launch_s: float = Field(default=120.0, gt=0.0)
-    persist_s: float = Field(default=300.0, gt=0.0)
 
 
 class RoutingConfig(BaseModel):
@@ -223,6 +206,7 @@ class FleetConfig(BaseModel):
                 raise ValueError("failpoint names must be non-empty")
             if not action:
                 raise ValueError(f"failpoint {key!r} has an empty action")
+            check_action(key, action)
         return value
 
     @field_validator("ray_init")

@@ -17,9 +17,12 @@ from typing import Any
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError
 
-from actors.coordinator import Coordinator, coordinator_actor_name, replica_actor_name
+from actors.coordinator import Coordinator
 from actors.replica import Replica
+from actors.replica_client import coordinator_actor_name, replica_actor_name
+from actors.settings import CoordinatorSettings, ReplicaSettings, Timeouts
 from actors.store import CheckpointStore, validate_label
+from actors.two_phase import TxnResult
 from engines.checksum import checksums as checksum_all
 from engines.engine_file import read_engine_file
 from engines.errors import EngineFileError
@@ -67,18 +70,26 @@ def ensure_ray(address: str | None = None, init_kwargs: Mapping[str, Any] | None
         ray.init(**kwargs)
 
 
-def _replica_spec(cfg: FleetConfig, card: int | None) -> dict[str, Any]:
+def _replica_settings(cfg: FleetConfig, card: int | None) -> ReplicaSettings:
     device = cfg.engine_device or {"cpu": "cpu", "cuda": "cuda:0", "mlu": "mlu:0"}[cfg.device]
-    return {
-        "engine": cfg.engine, "device": device, "state_dir": cfg.state_dir, "card": card,
-        "memory_mode": cfg.memory_mode, "keep_previous": cfg.keep_previous,
-        "memory_budget_bytes": cfg.memory_budget_bytes, "torch_threads": cfg.torch_threads,
-        "failpoints": dict(cfg.failpoints), "fetch_timeout_s": cfg.timeouts.prepare_s,
-        "lease_s": cfg.timeouts.lease_s, "coordinator": coordinator_actor_name(cfg.name),
-        "namespace": cfg.namespace, "fleet": cfg.name,
-        "prefill_sets": (2 if cfg.keep_previous else 1)
-        if cfg.prefill_buffers and cfg.memory_mode == "swap" else 0,
-    }
+    spare = 2 if cfg.keep_previous else 1
+    return ReplicaSettings(
+        fleet=cfg.name, namespace=cfg.namespace, state_dir=cfg.state_dir,
+        failpoints=dict(cfg.failpoints), engine=cfg.engine, device=device, card=card,
+        memory_mode=cfg.memory_mode, keep_previous=cfg.keep_previous,
+        memory_budget_bytes=cfg.memory_budget_bytes, torch_threads=cfg.torch_threads,
+        prefill_sets=spare if cfg.prefill_buffers and cfg.memory_mode == "swap" else 0,
+        fetch_timeout_s=cfg.timeouts.prepare_s, lease_s=cfg.timeouts.lease_s,
+    )
+
+
+def _coordinator_settings(cfg: FleetConfig) -> CoordinatorSettings:
+    return CoordinatorSettings(
+        fleet=cfg.name, namespace=cfg.namespace, state_dir=cfg.state_dir,
+        failpoints=dict(cfg.failpoints), timeouts=cfg.timeouts, commit_policy=cfg.commit_policy,
+        max_evict=cfg.max_evict, retain_versions=cfg.retain_versions, persist_fsync=cfg.persist_fsync,
+        driver_config=cfg.model_dump(mode="json"),
+    )
 
 
 def _ensure_base_version(cfg: FleetConfig) -> None:
@@ -121,7 +132,7 @@ def _start_replicas(cfg: FleetConfig, plan: Any, pg: Any, cards: Mapping[str, in
         handles[rp.replica_id] = Replica.options(
             name=replica_actor_name(cfg.name, rp.replica_id), namespace=cfg.namespace,
             lifetime="detached", get_if_exists=True, **opts,
-        ).remote(rp.replica_id, _replica_spec(cfg, card))
+        ).remote(rp.replica_id, _replica_settings(cfg, card))
     deadline = time.monotonic() + cfg.timeouts.launch_s
     ray.get([h.ping.remote() for h in handles.values()], timeout=cfg.timeouts.launch_s)
     for rid in handles:
@@ -152,14 +163,13 @@ class Fleet:
         self._coord = coordinator
         self._cfg = cfg
         self._manifest: dict[str, Any] | None = None
-        timeouts = cfg["timeouts"]
+        timeouts = Timeouts(**cfg["timeouts"])
         routing = cfg["routing"]
-        self._refit_timeout = (2 * timeouts["prepare_s"] + timeouts["commit_s"]
-                               + 2 * timeouts["activate_s"] + 60)
-        self._request_s = timeouts["request_s"]
+        self._refit_timeout = timeouts.refit_call_s()
+        self._request_s = timeouts.request_s
         self._lock = threading.Lock()
         self.router = Router(self._members, max_queue=routing["max_queue_per_replica"],
-                             request_timeout_s=timeouts["request_s"],
+                             request_timeout_s=timeouts.request_s,
                              retries_on_stale=routing["retries_on_stale"])
 
     # ---------------------------------------------------------------- lifecycle
@@ -171,7 +181,6 @@ class Fleet:
             _check_refittable(cfg, read_engine_file(cfg.engine).builder_config)
         ensure_ray(cfg.address, local_ray_init_kwargs(cfg))
         _ensure_base_version(cfg)
-        cfg_dict = cfg.model_dump(mode="json")
         plan = plan_placement(cfg)
         pg = _existing_placement_group(cfg.name) or create_placement_group(
             plan, cfg.timeouts.launch_s, name=f"{cfg.name}.replicas")
@@ -179,9 +188,9 @@ class Fleet:
         coord = Coordinator.options(
             name=coordinator_actor_name(cfg.name), namespace=cfg.namespace, lifetime="detached",
             get_if_exists=True, num_cpus=0, scheduling_strategy=_head_node_strategy(),
-        ).remote(cfg_dict)
+        ).remote(_coordinator_settings(cfg))
         _start_replicas(cfg, plan, pg, cards, coord)
-        return cls(cfg.name, cfg.namespace, coord, cfg_dict)
+        return cls(cfg.name, cfg.namespace, coord, cfg.model_dump(mode="json"))
 
     @classmethod
     def connect(cls, name: str, namespace: str = "weight-refit", address: str | None = None) -> Fleet:
@@ -289,10 +298,7 @@ class Fleet:
                       strip_prefix=strip_prefix, add_prefix=add_prefix, mapping=mapping,
                       complete=complete)
         try:
-            out = ray.get(self._coord.refit.remote(pub.refs, pub.specs, pub.checksums, key),
-                          timeout=self._refit_timeout)
-        except RayActorError:
-            out = self._await_outcome(key)
+            out = self._call(self._coord.refit.remote(pub.refs, pub.specs, pub.checksums, key), key)
         finally:
             pub.refs.clear()  # the replicas and the store have their copies (or it aborted)
         return self._result(out, t0, pub.timings)
@@ -320,48 +326,55 @@ class Fleet:
         """A new version carrying an earlier version's weights (default: walk back one step)."""
         t0 = time.perf_counter()
         key = key or f"auto-{uuid.uuid4().hex}"
-        try:
-            out = ray.get(self._coord.rollback.remote(to, key), timeout=self._refit_timeout)
-        except RayActorError:
-            out = self._await_outcome(key)
-        return self._result(out, t0, {})
+        return self._result(self._call(self._coord.rollback.remote(to, key), key), t0, {})
 
-    def _await_outcome(self, key: str) -> dict[str, Any]:
-        """The coordinator died mid-call: ask its next incarnation until the outcome is decided."""
+    def _call(self, ref: Any, key: str) -> TxnResult:
+        """The coordinator's answer to a refit or rollback call. If the coordinator died meanwhile,
+        or the call outlived every phase's timeout (it may have queued behind other drivers'
+        refits), the outcome is resolved through the call's idempotency key."""
+        try:
+            return ray.get(ref, timeout=self._refit_timeout)
+        except RayActorError:
+            return self._await_outcome(key, queued=False)
+        except GetTimeoutError:
+            return self._await_outcome(key, queued=True)
+
+    def _await_outcome(self, key: str, *, queued: bool) -> TxnResult:
+        """Ask (the next incarnation of) the coordinator until ``key``'s outcome is decided.
+        ``queued``: the call may still be waiting for its turn, so "unknown" is not final."""
         deadline = time.monotonic() + self._refit_timeout
         while time.monotonic() < deadline:
             try:
-                out = ray.get(self._coord.outcome.remote(key), timeout=self._request_s)
+                out: TxnResult = ray.get(self._coord.outcome.remote(key), timeout=self._request_s)
             except (RayActorError, GetTimeoutError):
                 time.sleep(0.2)  # restarting; Ray queues nothing for a dead incarnation
                 continue
-            if out["status"] == "unknown":
-                return {"status": "aborted", "txn": None, "votes": {},
-                        "reason": "the coordinator died before the transaction began; nothing changed"}
-            if out["status"] == "aborted" or (out["status"] == "committed" and out.get("activated")):
+            if out.status == "unknown" and not queued:
+                return TxnResult(status="aborted", txn=None, version=None, key=key,
+                                 reason="the coordinator died before the transaction began; nothing changed")
+            if out.status == "aborted" or (out.status == "committed" and out.activated):
                 return out
             time.sleep(0.2)
         raise RefitAborted(f"outcome of {key!r} still in doubt after {self._refit_timeout:g}s; "
                            f"ask fleet.outcome({key!r}) later", {}, None)
 
-    def _result(self, out: dict[str, Any], t0: float, timings: dict[str, float]) -> RefitResult:
-        if out["status"] == "aborted":
-            raise RefitAborted(out.get("reason") or "aborted", out.get("votes"), out.get("txn"))
-        if out["status"] == "in_doubt":
-            raise RefitAborted(f"transaction {out['txn']} is still in progress (in doubt); "
-                               f"ask fleet.outcome() later", {}, out.get("txn"))
-        version = int(out["version"])
-        self.router.observe(version)
-        return RefitResult(version=version, txn=out.get("txn"), duration_s=time.perf_counter() - t0,
-                           noop=out["status"] == "noop", duplicate=bool(out.get("duplicate")),
-                           replicas=out.get("replicas", {}),
-                           timings={**timings, "coordinator_s": out.get("duration_s", 0.0),
-                                    "prepare_s": out.get("prepare_s", 0.0)},
-                           evicted=list(out.get("evicted", [])))
+    def _result(self, out: TxnResult, t0: float, timings: dict[str, float]) -> RefitResult:
+        if out.status == "aborted":
+            raise RefitAborted(out.reason or "aborted", out.votes, out.txn)
+        if out.status in ("in_doubt", "unknown") or (out.status == "committed" and not out.activated):
+            raise RefitAborted(f"transaction {out.txn} is still in progress ({out.phase or 'in doubt'}); "
+                               f"ask fleet.outcome() later", {}, out.txn)
+        assert out.version is not None
+        self.router.observe(out.version)
+        return RefitResult(version=out.version, txn=out.txn, duration_s=time.perf_counter() - t0,
+                           noop=out.status == "noop", duplicate=out.duplicate, replicas=out.replicas,
+                           timings={**timings, "coordinator_s": out.duration_s, "prepare_s": out.prepare_s},
+                           evicted=list(out.evicted))
 
     def outcome(self, key_or_txn: str) -> dict[str, Any]:
-        """``{"status": committed | aborted | in_doubt | unknown, "version", "txn", "reason"}``."""
-        return ray.get(self._coord.outcome.remote(key_or_txn), timeout=self._request_s)
+        """``{"status": committed | aborted | in_doubt | unknown, "version", "txn", "reason", ...}``."""
+        out: TxnResult = ray.get(self._coord.outcome.remote(key_or_txn), timeout=self._request_s)
+        return dataclasses.asdict(out)
 
     # ---------------------------------------------------------------- inspection
 

@@ -8,7 +8,8 @@ Contract:
   retried on another member after the member list is refreshed. No handle sees versions go back.
 - A replica that fails (actor died, restarting) or times out is skipped for this request and
   marked unhealthy for a short while; the request goes to another member, so no request fails
-  that a live member could serve.
+  that a live member could serve. A timed-out request stays counted against its replica until
+  the replica really finishes it (or dies): the replica is still busy with it.
 - Thread-safe: one handle may serve many client threads.
 """
 
@@ -72,6 +73,11 @@ class Router:
         with self._lock:
             self.seen_version = max(self.seen_version, version)
 
+    def outstanding(self) -> dict[str, int]:
+        """Replica id -> requests this handle counts against it now (a snapshot)."""
+        with self._lock:
+            return dict(self._outstanding)
+
     def _pick(self, skip: set[str]) -> tuple[str, Any, int]:
         now = time.monotonic()
         with self._lock:
@@ -96,6 +102,18 @@ class Router:
         with self._lock:
             self._outstanding[rid] = max(0, self._outstanding.get(rid, 0) - 1)
 
+    def _done_when_finished(self, rid: str, ref: ray.ObjectRef) -> None:
+        """Uncount a timed-out request once its remote call really ends, without waiting for it.
+
+        The ref completes however the call ends: a result, the method's error, or the actor's
+        death (RayActorError), so the callback runs exactly once and the count cannot stick.
+        The callback holds ``ref`` so that the pending result is not released before it fires.
+        """
+        def finished(_: Any, ref: ray.ObjectRef = ref) -> None:
+            self._done(rid)
+
+        ref.future().add_done_callback(finished)
+
     def call(self, inputs: list[Any], timeout_s: float | None = None) -> InferResponse:
         timeout = self.request_timeout_s if timeout_s is None else timeout_s
         deadline = time.monotonic() + timeout
@@ -118,17 +136,23 @@ class Router:
             with self._lock:
                 untried = max(1, len([r for r in self._members if r not in skip]))
             attempt = max(0.5, (deadline - time.monotonic()) / untried)
+            still_running = False
             try:
-                resp = ray.get(handle.infer.remote(inputs, floor),
-                               timeout=min(attempt, max(0.001, deadline - time.monotonic())))
+                ref = handle.infer.remote(inputs, floor)
+                resp = ray.get(ref, timeout=min(attempt, max(0.001, deadline - time.monotonic())))
             except (RayActorError, GetTimeoutError) as exc:
+                if isinstance(exc, GetTimeoutError):
+                    # the replica is still working on it: it stays counted until the call ends
+                    self._done_when_finished(rid, ref)
+                    still_running = True
                 last_error = f"replica {rid}: {type(exc).__name__}"
                 with self._lock:
                     self._unhealthy_until[rid] = time.monotonic() + self.unhealthy_s
                 skip.add(rid)
                 continue
             finally:
-                self._done(rid)
+                if not still_running:
+                    self._done(rid)
             if resp["stale"]:
                 last_error = f"replica {rid} stale at version {resp['version']} < {floor}"
                 skip.add(rid)

@@ -96,7 +96,6 @@ class Engine:
         self._live = WeightSet(next(self._ids), version, device_tensors, backend.bind(device_tensors))
         self._previous: WeightSet | None = None
         self.last_swap_ns = 0
-        self.last_stage_s = 0.0
 
     # ---------------------------------------------------------------- serving
 
@@ -212,7 +211,6 @@ class Engine:
             else:
                 staged = self._stage_swap(tensors, version, base, need)
             staged.stage_s = time.perf_counter() - t0
-            self.last_stage_s = staged.stage_s
             with self._cond:
                 self._staged[id(staged)] = staged
             return staged

@@ -2,6 +2,9 @@
 
 Every error that concerns one weight names it in ``.name``; every refit error is raised before
 anything is copied, so the engine keeps serving the weights it served before the call (I4).
+
+Errors about a bad value are also ``ValueError``s (a wrong dtype is also a ``TypeError``), so a
+caller's ``except ValueError`` catches them as Python's conventions lead it to expect.
 """
 
 from __future__ import annotations
@@ -23,8 +26,8 @@ class RefitDisabledError(RefitError):
     """The engine was built without ``enable_refit``: its weights are frozen."""
 
 
-class WeightError(RefitError):
-    """A refit was refused because of one named weight."""
+class WeightError(RefitError, ValueError):
+    """A refit was refused because of one named weight (a bad value: also a ``ValueError``)."""
 
     def __init__(self, name: str, message: str) -> None:
         super().__init__(f"weight {name!r}: {message}")
@@ -39,15 +42,15 @@ class ShapeMismatchError(WeightError):
     """A weight whose shape differs from the manifest's."""
 
 
-class DtypeMismatchError(WeightError):
-    """A weight whose dtype differs from the manifest's (no silent casts)."""
+class DtypeMismatchError(WeightError, TypeError):
+    """A weight whose dtype differs from the manifest's (no silent casts); also a ``TypeError``."""
 
 
 class NonFiniteWeightError(WeightError):
     """A floating-point weight holding NaN or Inf while the policy is ``reject``."""
 
 
-class WeightFileError(RefitError):
+class WeightFileError(RefitError, ValueError):
     """A weights file that cannot be read safely: malformed, truncated, or carrying code (pickle)."""
 
 
@@ -71,7 +74,7 @@ class BackendUnavailableError(EngineError):
     """The requested backend or device is not available on this machine (SDK or hardware absent)."""
 
 
-class VersionOrderError(RefitError):
+class VersionOrderError(RefitError, ValueError):
     """A staged version number that is not newer than the live one (versions only grow)."""
 
 
@@ -79,7 +82,7 @@ class NotRetainedError(RefitError):
     """A request to re-stage a weight set the engine no longer holds (not live, not previous)."""
 
 
-class MissingWeightsError(RefitError):
+class MissingWeightsError(RefitError, ValueError):
     """A refit declared complete lacks weights; ``names`` lists them."""
 
     def __init__(self, names: list[str]) -> None:

@@ -705,8 +705,8 @@ def run_row(size_mib: float, n: int, engine_path: Path, weights: dict[str, torch
     raws: list[dict[str, Any]] = []
     orig_result = getattr(fleet, "_result", None)
 
-    def capture(out: dict[str, Any], t0: float, timings: dict[str, float]) -> Any:
-        raws.append(out)  # the coordinator's own report (persist timings), for the breakdown
+    def capture(out: Any, t0: float, timings: dict[str, float]) -> Any:
+        raws.append(dataclasses.asdict(out))  # the coordinator's own report, for the breakdown
         return orig_result(out, t0, timings)
 
     if callable(orig_result):

@@ -88,8 +88,8 @@ def test_bytes_flipped_after_checksumming_are_refused_by_every_replica(fleet: Fl
     wire["w.1"].view(np.uint8)[5] ^= 0x40  # one bit flipped "in transit"
     ref = ray.put(wire)
     out = ray.get(fleet._coord.refit.remote([ref], spec_dict(tensors), sums, None))
-    assert out["status"] == "aborted"
-    assert all("ChecksumMismatch" in v and "w.1" in v for v in out["votes"].values()), out["votes"]
+    assert out.status == "aborted"
+    assert all("ChecksumMismatch" in v and "w.1" in v for v in out.votes.values()), out.votes
 
 
 def test_truncated_and_malformed_safetensors(fleet: Fleet, unchanged: None, tmp_path: Path) -> None:

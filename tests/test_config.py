@@ -72,7 +72,7 @@ def test_yaml_round_trip(tmp_path: Path) -> None:
         keep_previous=False,
         torch_threads=4,
         memory_budget_bytes=1 << 30,
-        failpoints={"replica.prepare": "raise"},
+        failpoints={"replica.before_vote": "raise"},
         ray_init={"num_cpus": 2, "object_store_memory": 512 << 20},
         persist_fsync=False,
         address="auto",

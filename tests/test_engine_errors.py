@@ -8,19 +8,24 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
 
+from cluster.publish import load_and_check
 from engines import (
     BuilderConfig,
     DtypeMismatchError,
     MemoryBudgetError,
+    MissingWeightsError,
     NonFiniteWeightError,
     NotRetainedError,
     RefitDisabledError,
+    RefitError,
     ShapeMismatchError,
     StagedSetDiscardedError,
     StagedSetSupersededError,
@@ -144,6 +149,66 @@ def test_non_finite_allowed_by_policy_goes_through(bad):
     r = engine.infer(X)
     assert r.version == 1
     assert not np.isfinite(r.outputs[0]).any()
+
+
+# ------------------------------------------------------------------------- Python's conventions
+
+
+def _nan_b() -> torch.Tensor:
+    b = torch.zeros(8)
+    b[2] = math.nan
+    return b
+
+
+def _complete_refit_lacking_b(engine) -> None:
+    """The caller's half of a complete refit (the engine itself accepts subsets)."""
+    manifest = {n: s.model_dump() for n, s in engine.manifest().items()}
+    load_and_check({"a": GOOD_A}, manifest, complete=True)
+
+
+# (error, the call that raises it, what its message must name)
+BAD_VALUES: list[tuple[type[RefitError], Callable[[Any], Any], str]] = [
+    (UnknownWeightError, lambda e: e.stage({"a": GOOD_A, "nope.weight": torch.zeros(4)}, version=5),
+     "'nope.weight'"),
+    (ShapeMismatchError, lambda e: e.stage({"a": GOOD_A, "b": torch.zeros(5)}, version=5), "'b'"),
+    (DtypeMismatchError, lambda e: e.stage({"b": torch.zeros(8, dtype=torch.float16)}, version=5), "'b'"),
+    (NonFiniteWeightError, lambda e: e.stage({"a": GOOD_A, "b": _nan_b()}, version=5), "'b'"),
+    (NonFiniteWeightError, lambda e: e.create_refitter().set_named_weights("b", _nan_b()), "'b'"),
+    (WeightFileError, lambda e: e.stage({"b": np.array([{}, None] * 4, dtype=object)}, version=5), "'b'"),
+    (VersionOrderError, lambda e: e.stage({"a": GOOD_A}, version=1), "version 1 "),
+    (MissingWeightsError, _complete_refit_lacking_b, "'b'"),
+]
+
+
+@pytest.mark.parametrize(("error", "call", "named"), BAD_VALUES,
+                         ids=[f"{e.__name__}-{i}" for i, (e, _, _) in enumerate(BAD_VALUES)])
+def test_bad_value_errors_are_caught_by_except_value_error_and_still_name_the_tensor(
+        engine, error, call, named):
+    before = _snapshot(engine)
+    caught: ValueError | None = None
+    try:
+        call(engine)
+    except ValueError as exc:  # a user's plain `except ValueError` must catch it
+        caught = exc
+    assert type(caught) is error, f"expected {error.__name__}, caught {caught!r}"
+    assert isinstance(caught, RefitError)  # still the engine's own hierarchy too
+    assert named in str(caught)
+    if isinstance(caught, WeightError):
+        assert caught.name == named.strip("'")
+    _assert_unchanged(engine, before)
+
+
+def test_dtype_mismatch_is_caught_by_except_type_error_and_names_the_tensor(engine):
+    before = _snapshot(engine)
+    caught: TypeError | None = None
+    try:
+        engine.create_refitter().set_named_weights("b", torch.zeros(8, dtype=torch.int32))
+    except TypeError as exc:
+        caught = exc
+    assert isinstance(caught, DtypeMismatchError), repr(caught)
+    assert isinstance(caught, ValueError) and isinstance(caught, RefitError)
+    assert caught.name == "b" and "'b'" in str(caught) and "float32" in str(caught)
+    _assert_unchanged(engine, before)
 
 
 # ------------------------------------------------------------------------- refit disabled

@@ -186,12 +186,12 @@ def test_duplicate_commit_abort_activate_are_idempotent(make_fleet) -> None:
     ref = ray.put({f"w.{i}": np.full(256, 15.0, np.float32) for i in range(4)})
     sums = {f"w.{i}": tensor_checksum(torch.full((256,), 15.0)) for i in range(4)}
     specs = {f"w.{i}": {"shape": [256], "dtype": "float32"} for i in range(4)}
-    assert ray.get(r0.prepare.remote(epoch, "dup", version, [ref], specs, sums))["yes"]
+    assert ray.get(r0.prepare.remote(epoch, "dup", version, [ref], specs, sums)).yes
     first = ray.get(r0.commit.remote(epoch, "dup"))
     assert ray.get(r0.commit.remote(epoch, "dup")) == first
     a1 = ray.get(r0.activate.remote(epoch, "dup"))
     a2 = ray.get(r0.activate.remote(epoch, "dup"))
-    assert a1["version"] == a2["version"] == version
+    assert a1.version == a2.version == version
     ray.get(r0.abort.remote(epoch, "other", "x"))
     ray.get(r0.abort.remote(epoch, "other", "x"))
     assert ray.get(r0.status.remote())["staged_bytes"] == 0
@@ -210,7 +210,7 @@ def test_stale_epoch_message_after_coordinator_restart_is_refused(make_fleet) ->
     ref = ray.put({"w.0": np.zeros(256, np.float32)})
     vote = ray.get(r0.prepare.remote(old_epoch, "zombie", 10_000, [ref],
                                      {"w.0": {"shape": [256], "dtype": "float32"}}, {"w.0": "0"}))
-    assert not vote["yes"] and "StaleEpoch" in vote["reason"]
+    assert not vote.yes and "StaleEpoch" in vote.reason
     assert ray.get(r0.status.remote())["staged_bytes"] == 0
     assert converged(fleet) and _values(fleet) == {17.0}
 

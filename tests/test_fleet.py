@@ -101,7 +101,7 @@ def test_prepare_after_abort_stages_nothing(fleet: Fleet) -> None:
     ref = ray.put({"w.0": np.zeros(256, np.float32)})
     vote = ray.get(r0.prepare.remote(epoch, "late-txn", 10_000, [ref],
                                      {"w.0": {"shape": [256], "dtype": "float32"}}, {"w.0": "0"}))
-    assert vote["yes"] is False and "aborted" in vote["reason"]
+    assert vote.yes is False and "aborted" in vote.reason
     st = ray.get(r0.status.remote())
     assert st["staged_bytes"] == 0 and st["pending"] == []
 
@@ -278,7 +278,7 @@ def test_committed_version_activates_early_for_a_client_that_saw_it(fleet: Fleet
     sums = {f"w.{i}": tensor_checksum(torch.full((256,), 62.0)) for i in range(4)}
     specs = {f"w.{i}": {"shape": [256], "dtype": "float32"} for i in range(4)}
     vote = ray.get(r0.prepare.remote(epoch, "early-txn", version, [ref], specs, sums))
-    assert vote["yes"], vote
+    assert vote.yes, vote
     ray.get(r0.commit.remote(epoch, "early-txn"))
     plain = ray.get(r0.infer.remote([probe_input()], 0))
     assert plain["version"] == st["version"]  # committed, not active: still the old version

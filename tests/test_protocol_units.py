@@ -53,6 +53,9 @@ def participant_in(state: TxnState | None, *, txn: str = TXN, epoch: int = EPOCH
     if state is S.ABORTED:
         p.begin_prepare(epoch, txn, version)
         p.abort(epoch, txn, "setup")
+    elif state is S.SUPERSEDED:
+        p.begin_prepare(epoch, txn, version)
+        p.supersede(txn, "setup")
     else:
         p.begin_prepare(epoch, txn, version)
         if state is S.REFUSED:
@@ -81,14 +84,16 @@ MESSAGE: dict[TxnState, Callable[[ReplicaParticipant], object]] = {
     S.COMMITTED: lambda p: p.commit(EPOCH, TXN),
     S.ACTIVE: lambda p: p.activate(EPOCH, TXN),
     S.ABORTED: lambda p: p.abort(EPOCH, TXN, "abort"),
+    S.SUPERSEDED: lambda p: p.supersede(TXN, "caught up"),
 }
 
 # Repeating a decision that already took effect is a no-op (COMMIT on ACTIVE included: the commit
 # took effect before the activation).
 IDEMPOTENT_NOOP = {(S.COMMITTED, S.COMMITTED), (S.ACTIVE, S.COMMITTED), (S.ACTIVE, S.ACTIVE),
-                   (S.ABORTED, S.ABORTED)}
-# finish_prepare after an abort reports False (the actor discards what it staged).
-VOTE_AFTER_ABORT = {(S.ABORTED, S.PREPARED), (S.ABORTED, S.REFUSED)}
+                   (S.ABORTED, S.ABORTED), (S.SUPERSEDED, S.SUPERSEDED)}
+# finish_prepare after an abort or a catch-up reports False (the actor discards what it staged).
+VOTE_AFTER_ABORT = {(S.ABORTED, S.PREPARED), (S.ABORTED, S.REFUSED), (S.SUPERSEDED, S.PREPARED),
+                    (S.SUPERSEDED, S.REFUSED)}
 
 
 def _pair_id(pair: tuple[TxnState | None, TxnState]) -> str:
@@ -109,10 +114,13 @@ def test_transition_table_covers_every_state():
     # terminal states
     assert TRANSITIONS[S.ACTIVE] == frozenset()
     assert TRANSITIONS[S.ABORTED] == frozenset()
-    # nothing ever leaves COMMITTED except to ACTIVE, and nothing goes back to PREPARING
-    assert TRANSITIONS[S.COMMITTED] == frozenset({S.ACTIVE})
+    assert TRANSITIONS[S.SUPERSEDED] == frozenset()
+    # a commit is never undone: COMMITTED only goes live, or is passed by a catch-up; and nothing
+    # goes back to PREPARING
+    assert TRANSITIONS[S.COMMITTED] == frozenset({S.ACTIVE, S.SUPERSEDED})
+    assert S.ABORTED not in TRANSITIONS[S.COMMITTED]
     assert all(S.PREPARING not in t for old, t in TRANSITIONS.items() if old is not None)
-    assert frozenset({S.COMMITTED, S.ACTIVE, S.ABORTED}) == DECIDED
+    assert frozenset({S.COMMITTED, S.ACTIVE, S.ABORTED, S.SUPERSEDED}) == DECIDED
 
 
 @pytest.mark.parametrize("pair", ALL_PAIRS, ids=[_pair_id(p) for p in ALL_PAIRS])
@@ -152,6 +160,9 @@ def test_message_transitions_follow_table(pair):
         if new is S.ABORTED and old is not None:
             assert result[1] is True
             assert p.get(TXN).reason == "abort"
+        if new is S.SUPERSEDED:
+            assert result[1] is True
+            assert p.get(TXN).reason == "caught up"
     elif pair in IDEMPOTENT_NOOP:
         rec, changed = send(p)
         assert changed is False
@@ -159,7 +170,7 @@ def test_message_transitions_follow_table(pair):
         assert state_of(p) is old
     elif pair in VOTE_AFTER_ABORT:
         assert send(p) is False
-        assert state_of(p) is S.ABORTED
+        assert state_of(p) is old
     elif old is None and new in (S.PREPARED, S.REFUSED):
         assert send(p) is False  # a vote for a forgotten txn: discard what was staged
         assert state_of(p) is None
@@ -556,10 +567,8 @@ def test_tally_exhaustive(policy, n_yes, n_no, max_evict):
     should_commit = bool(votes) and (n_no == 0 or (policy == "evict" and n_no <= max_evict and n_yes >= 1))
     assert d.commit is should_commit
     if d.commit:
-        assert d.members == yes  # only YES voters commit
-        assert d.evicted == no
-        assert set(d.members).isdisjoint(d.evicted)
-        assert set(d.members) | set(d.evicted) == set(votes)
+        assert d.evicted == no  # every NO voter is fenced out; the YES voters commit
+        assert yes and set(yes).isdisjoint(d.evicted)
     else:
         assert d.evicted == []
     # every NO reason is listed, whichever way it went
@@ -570,14 +579,14 @@ def test_tally_exhaustive(policy, n_yes, n_no, max_evict):
 @pytest.mark.parametrize("policy", ["strict", "evict"])
 def test_tally_no_votes_aborts(policy):
     d = tally({}, policy=policy, max_evict=5)
-    assert d.commit is False and d.members == [] and d.evicted == []
+    assert d.commit is False and d.evicted == []
     assert "no members" in d.reason
 
 
 @pytest.mark.parametrize("policy", ["strict", "evict"])
 def test_tally_all_yes_commits(policy):
     d = tally({"b": Vote("b", True), "a": Vote("a", True)}, policy=policy, max_evict=0)
-    assert d == Decision(True, ["a", "b"], [], "all members voted YES")
+    assert d == Decision(True, [], "all members voted YES")
 
 
 def test_tally_strict_any_no_aborts_with_reasons():
@@ -596,7 +605,6 @@ def test_tally_evict_within_bound_commits_among_the_rest():
     votes = {"r0": Vote("r0", True), "r1": Vote("r1", False, "timeout"), "r2": Vote("r2", True)}
     d = tally(votes, policy="evict", max_evict=1)
     assert d.commit is True
-    assert d.members == ["r0", "r2"]
     assert d.evicted == ["r1"]
     assert "evicting 1" in d.reason and "r1: timeout" in d.reason
 
@@ -636,6 +644,8 @@ def test_phase_table_covers_every_phase():
     # after the commit point there is no way to abort
     for p in (Phase.COMMITTING, Phase.ACTIVATING, Phase.DONE):
         assert Phase.ABORTED not in PHASE_TRANSITIONS[p]
+    # the commit point is reached only from PREPARING: votes were collected
+    assert [p for p, t in PHASE_TRANSITIONS.items() if Phase.COMMITTING in t] == [Phase.PREPARING]
 
 
 @pytest.mark.parametrize("pair", PHASE_PAIRS, ids=[f"{a.value}->{b.value}" for a, b in PHASE_PAIRS])
@@ -653,18 +663,32 @@ def test_coordinator_move_follows_table(pair):
 
 def test_coordinator_txn_happy_and_abort_paths():
     t = _txn()
-    assert t.phase is Phase.BEGUN
-    for p in (Phase.COMMITTING, Phase.ACTIVATING, Phase.DONE):
+    assert t.phase is Phase.BEGUN and not t.committed
+    for p in (Phase.PREPARING, Phase.COMMITTING, Phase.ACTIVATING, Phase.DONE):
         t.move(p)
+        assert t.committed is (p is not Phase.PREPARING)
     assert t.phase is Phase.DONE
     a = _txn()
+    a.move(Phase.PREPARING)
     a.move(Phase.ABORTED)
     with pytest.raises(PhaseError):
         a.move(Phase.COMMITTING)
     # defaults are per instance
     a.votes["r0"] = Vote("r0", True)
-    a.acked.add("r0")
-    assert t.votes == {} and t.acked == set() and t.activated == set()
+    a.commit_acks.add("r0")
+    assert t.votes == {} and t.commit_acks == set() and t.activated == set()
+
+
+def test_progress_reports_the_phase_votes_and_acks_as_they_are():
+    t = _txn()
+    t.move(Phase.PREPARING)
+    t.votes["r0"] = Vote("r0", True)
+    t.votes["r1"] = Vote("r1", False, "timeout")
+    t.move(Phase.COMMITTING)
+    t.commit_acks.add("r0")
+    p = t.progress()
+    assert p["phase"] == "committing" and p["votes"] == {"r0": "YES", "r1": "NO"}
+    assert p["committed"] == ["r0"] and p["activated"] == []
 
 
 # ----------------------------------------------------------------------------- rollback target

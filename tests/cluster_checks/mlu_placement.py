@@ -55,7 +55,7 @@ def main() -> None:
     res = ray.get(fleet._coord.refit.remote(pub.refs, pub.specs, pub.checksums, None))
     locations = ray.experimental.get_object_locations(pub.refs)[pub.refs[0]]
     replica_nodes = Counter(rep["node"] for rep in st["replicas"])
-    out["status"] = res["status"]
+    out["status"] = res.status
     out["copies_per_node"] = dict(Counter(locations["node_ids"]))
     out["replica_nodes"] = dict(replica_nodes)
     out["values"] = sorted({float(fleet.infer(probe_input()).outputs[0][0]) for _ in range(12)})

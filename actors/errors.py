@@ -1,0 +1,24 @@
+"""Errors of the fleet protocol shared by the replicas' participant and the coordinator's log."""
+
+from __future__ import annotations
+
+__all__ = ["ProtocolViolation", "StaleEpoch"]
+
+
+class ProtocolViolation(Exception):
+    """A message that the transaction's state does not allow (e.g. COMMIT of an aborted txn)."""
+
+
+class StaleEpoch(ProtocolViolation):
+    """A message or log record from a coordinator epoch older than one already seen (``where``:
+    a replica, or the transaction log): a newer coordinator incarnation took over."""
+
+    def __init__(self, epoch: int, seen: int, where: str = "this replica") -> None:
+        super().__init__(epoch, seen, where)
+        self.epoch = epoch
+        self.seen = seen
+        self.where = where
+
+    def __str__(self) -> str:
+        return (f"stale epoch {self.epoch}: {self.where} has seen epoch {self.seen} "
+                "(a newer coordinator took over)")

@@ -1,0 +1,273 @@
+"""Every call from the coordinator to its replicas goes through one ``ReplicaClient``.
+
+``ReplicaClient`` is the interface the coordinator's logic is written against (tests drive that
+logic with a fake of it, without Ray); ``RayReplicaClient`` is the one implementation that makes
+Ray calls. Contract of every method:
+
+- It never raises for a replica's failure: a call without an answer comes back as ``Failed`` with
+  its kind (timeout, unavailable, dead, error) and a one-line reason naming the cause (the error
+  raised inside the replica, as its own type and message); results are keyed by replica.
+- A call that times out is cancelled (``ray.cancel``), so work still queued on the replica's
+  control threads does not pile up; work already running finishes and its answer is dropped.
+- Fan-outs send to every replica at once and wait until the one deadline.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import ray
+from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError, RayTaskError
+
+from .replies import Ack, Failed, FailureKind, LeaseReply, PrepareReply
+
+logger = logging.getLogger("weight_refit.coordinator")
+
+__all__ = ["RayReplicaClient", "ReplicaClient", "replica_actor_name", "coordinator_actor_name"]
+
+
+def replica_actor_name(fleet: str, replica_id: str) -> str:
+    return f"{fleet}.replica.{replica_id}"
+
+
+def coordinator_actor_name(fleet: str) -> str:
+    return f"{fleet}.coordinator"
+
+
+OnReply = Callable[[str, Any], None]
+
+
+class ReplicaClient(ABC):
+    """The coordinator's view of its replicas (see the module docstring for the contract)."""
+
+    @abstractmethod
+    def attach(self, rid: str) -> bool:
+        """Find the running replica ``rid``; False if there is none."""
+
+    @abstractmethod
+    def forget(self, rid: str) -> None:
+        """Drop the handle of a replica that left."""
+
+    @abstractmethod
+    def handles(self, rids: list[str]) -> dict[str, Any]:
+        """Actor handles of ``rids`` (for drivers' routers)."""
+
+    @abstractmethod
+    def prepare(self, rids: list[str], timeout: float, epoch: int, txn: str, version: int,
+                refs: list[Any] | None, specs: dict[str, Any], checksums: dict[str, str],
+                source: dict[str, Any] | None, base_version: int | None,
+                on_reply: OnReply | None = None) -> dict[str, PrepareReply | Failed]: ...
+
+    @abstractmethod
+    def commit(self, rids: list[str], timeout: float, epoch: int, txn: str,
+               on_reply: OnReply | None = None) -> dict[str, Ack | Failed]: ...
+
+    @abstractmethod
+    def activate(self, rids: list[str], timeout: float, epoch: int, txn: str,
+                 on_reply: OnReply | None = None) -> dict[str, Ack | Failed]: ...
+
+    @abstractmethod
+    def abort(self, rids: list[str], timeout: float, epoch: int, txn: str, reason: str,
+              on_reply: OnReply | None = None) -> dict[str, Ack | Failed]: ...
+
+    @abstractmethod
+    def catch_up(self, rids: list[str], version: int, timeout: float) -> dict[str, Ack | Failed]:
+        """``sync_to(version)`` on every replica in parallel, waiting for restarting ones."""
+
+    @abstractmethod
+    def status(self, rids: list[str], timeout: float) -> dict[str, dict[str, Any] | Failed]: ...
+
+    @abstractmethod
+    def renew(self, rid: str, epoch: int, lease_s: float, generation: int,
+              on_reply: Callable[[str, LeaseReply | Failed], None] | None = None) -> None:
+        """Send a lease renewal without waiting; ``on_reply`` runs when the answer comes."""
+
+    @abstractmethod
+    def exclude(self, rid: str, epoch: int, generation: int) -> None:
+        """Tell a replica it is no longer a member (best effort: its lease bounds a lost one)."""
+
+    @abstractmethod
+    def ping(self, rid: str, timeout: float) -> bool: ...
+
+    @abstractmethod
+    def drain(self, rid: str, timeout: float) -> int | Failed: ...
+
+    @abstractmethod
+    def kill(self, rid: str) -> None: ...
+
+
+def _no_answer(method: str, timeout: float) -> Failed:
+    return Failed(FailureKind.TIMEOUT, f"no answer to {method} within {timeout:g}s")
+
+
+def _failure(method: str, exc: BaseException, timeout: float) -> Failed:
+    """The reason names the cause; callers name the replica."""
+    if isinstance(exc, GetTimeoutError):
+        return _no_answer(method, timeout)
+    if isinstance(exc, ActorUnavailableError):
+        return Failed(FailureKind.UNAVAILABLE, f"{method} not delivered: the message was lost or the "
+                                               "replica is restarting")
+    if isinstance(exc, RayActorError):
+        return Failed(FailureKind.DEAD, f"the replica died ({method})")
+    cause = exc.cause if isinstance(exc, RayTaskError) and exc.cause is not None else exc
+    text = str(cause).splitlines()[0] if str(cause) else ""
+    return Failed(FailureKind.ERROR, f"{type(cause).__name__}: {text}")
+
+
+class RayReplicaClient(ReplicaClient):
+    """``ReplicaClient`` over Ray actor handles of one fleet's named, detached replicas."""
+
+    def __init__(self, fleet: str, namespace: str) -> None:
+        self._fleet = fleet
+        self._namespace = namespace
+        self._handles: dict[str, Any] = {}
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="replica-client")
+
+    # -- handles
+
+    def attach(self, rid: str) -> bool:
+        try:
+            handle = ray.get_actor(replica_actor_name(self._fleet, rid), self._namespace)
+        except ValueError:
+            return False
+        with self._lock:
+            self._handles[rid] = handle
+        return True
+
+    def forget(self, rid: str) -> None:
+        with self._lock:
+            self._handles.pop(rid, None)
+
+    def handles(self, rids: list[str]) -> dict[str, Any]:
+        with self._lock:
+            return {rid: self._handles[rid] for rid in rids if rid in self._handles}
+
+    def _handle(self, rid: str) -> Any:
+        with self._lock:
+            return self._handles.get(rid)
+
+    # -- calls
+
+    def _fan_out(self, method: str, rids: list[str], timeout: float, *args: Any,
+                 on_reply: OnReply | None = None) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        pending: dict[Any, str] = {}
+        for rid in rids:
+            handle = self._handle(rid)
+            if handle is None:
+                out[rid] = Failed(FailureKind.UNKNOWN, "no such replica running")
+                continue
+            try:
+                pending[getattr(handle, method).remote(*args)] = rid
+            except Exception as exc:  # noqa: BLE001  (a dead handle can refuse the submission)
+                out[rid] = _failure(method, exc, timeout)
+        deadline = time.monotonic() + timeout
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1,
+                                timeout=max(0.0, deadline - time.monotonic()))
+            if not ready:
+                break
+            rid = pending.pop(ready[0])
+            try:
+                out[rid] = ray.get(ready[0])
+            except Exception as exc:  # noqa: BLE001  (every failure becomes a Failed)
+                out[rid] = _failure(method, exc, timeout)
+            if on_reply is not None:
+                on_reply(rid, out[rid])
+        for ref, rid in pending.items():
+            self._cancel(ref)
+            out[rid] = _no_answer(method, timeout)
+            if on_reply is not None:
+                on_reply(rid, out[rid])
+        return out
+
+    @staticmethod
+    def _cancel(ref: Any) -> None:
+        try:
+            ray.cancel(ref)
+        except Exception:  # noqa: BLE001  (already finished or gone)
+            logger.debug("cancel failed", exc_info=True)
+
+    def _call(self, rid: str, method: str, timeout: float, *args: Any) -> Any:
+        return self._fan_out(method, [rid], timeout, *args)[rid]
+
+    def _call_until(self, rid: str, method: str, timeout: float, *args: Any) -> Any:
+        """``_call`` that waits for a restarting actor (Ray refuses calls while it restarts)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            out = self._call(rid, method, max(0.1, deadline - time.monotonic()), *args)
+            if not (isinstance(out, Failed) and out.kind is FailureKind.UNAVAILABLE) \
+                    or time.monotonic() >= deadline:
+                return out
+            time.sleep(0.2)
+
+    def prepare(self, rids: list[str], timeout: float, epoch: int, txn: str, version: int,
+                refs: list[Any] | None, specs: dict[str, Any], checksums: dict[str, str],
+                source: dict[str, Any] | None, base_version: int | None,
+                on_reply: OnReply | None = None) -> dict[str, PrepareReply | Failed]:
+        return self._fan_out("prepare", rids, timeout, epoch, txn, version, refs, specs, checksums,
+                             source, base_version, on_reply=on_reply)
+
+    def commit(self, rids: list[str], timeout: float, epoch: int, txn: str,
+               on_reply: OnReply | None = None) -> dict[str, Ack | Failed]:
+        return self._fan_out("commit", rids, timeout, epoch, txn, on_reply=on_reply)
+
+    def activate(self, rids: list[str], timeout: float, epoch: int, txn: str,
+                 on_reply: OnReply | None = None) -> dict[str, Ack | Failed]:
+        return self._fan_out("activate", rids, timeout, epoch, txn, on_reply=on_reply)
+
+    def abort(self, rids: list[str], timeout: float, epoch: int, txn: str, reason: str,
+              on_reply: OnReply | None = None) -> dict[str, Ack | Failed]:
+        return self._fan_out("abort", rids, timeout, epoch, txn, reason, on_reply=on_reply)
+
+    def catch_up(self, rids: list[str], version: int, timeout: float) -> dict[str, Ack | Failed]:
+        futures = {rid: self._pool.submit(self._call_until, rid, "sync_to", timeout, version)
+                   for rid in rids}
+        return {rid: f.result() for rid, f in futures.items()}
+
+    def status(self, rids: list[str], timeout: float) -> dict[str, dict[str, Any] | Failed]:
+        return self._fan_out("status", rids, timeout)
+
+    def renew(self, rid: str, epoch: int, lease_s: float, generation: int,
+              on_reply: Callable[[str, LeaseReply | Failed], None] | None = None) -> None:
+        handle = self._handle(rid)
+        if handle is None:
+            return
+        ref = handle.renew_lease.remote(epoch, lease_s, generation)
+        if on_reply is None:
+            return
+
+        def done(future: Any) -> None:
+            try:
+                reply = future.result()
+            except Exception as exc:  # noqa: BLE001
+                reply = _failure("renew_lease", exc, lease_s)
+            on_reply(rid, reply)
+
+        ref.future().add_done_callback(done)
+
+    def exclude(self, rid: str, epoch: int, generation: int) -> None:
+        handle = self._handle(rid)
+        if handle is not None:
+            handle.exclude.remote(epoch, generation)
+
+    def ping(self, rid: str, timeout: float) -> bool:
+        return self._call(rid, "ping", timeout) == rid
+
+    def drain(self, rid: str, timeout: float) -> int | Failed:
+        return self._call(rid, "drain", timeout + 5.0, timeout)
+
+    def kill(self, rid: str) -> None:
+        handle = self._handle(rid)
+        if handle is not None:
+            try:
+                ray.kill(handle, no_restart=True)
+            except Exception:  # noqa: BLE001  (already dead)
+                logger.debug("kill of %s failed", rid, exc_info=True)

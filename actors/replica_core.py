@@ -1,0 +1,253 @@
+"""A replica's weights and its part in refits, without Ray: the engine, the transaction records
+(which hold the staged sets), and the replica's lifecycle. The ``Replica`` actor is a thin shell
+around it; tests drive it directly.
+
+Contract:
+- Every protocol move runs under one lock (``ctl``), except the fetch, verify and stage of a
+  PREPARE, which run outside it so COMMIT/ABORT of other transactions are not held up.
+- ``prepare`` never raises: every failure is a NO vote with its reason. A PREPARE of a known
+  transaction answers from its record and changes nothing (YES only while it is still PREPARED).
+  A partial refit built on a version this replica does not serve is refused, and so is any
+  PREPARE while the replica is ``failed`` (it could not load its weights).
+- Every staged set lives in its transaction's record; every move that ends a record's hold on it
+  (ABORTED, SUPERSEDED, an epoch change, ACTIVE) frees or commits it right there.
+- ``sync`` serves exactly the given version (from the store, checksums verified), supersedes every
+  staged set, and leaves the lifecycle ``serving`` (``draining`` stays draining), or ``failed``
+  with the reason and raises.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from engines import Engine, StagedSet
+from engines.checksum import ChecksumMismatch, tensor_checksum
+from engines.errors import NotRetainedError
+
+from .failpoints import Failpoints
+from .payload import from_wire
+from .replica_protocol import (
+    Lifecycle,
+    ProtocolViolation,
+    ReplicaLifecycle,
+    ReplicaParticipant,
+    TxnRecord,
+    TxnState,
+)
+from .replies import Ack, PrepareReply
+from .store import CheckpointStore
+from .telemetry import phase_log
+
+__all__ = ["ReplicaCore"]
+
+Fetch = Callable[[list[Any]], Mapping[str, Any]]
+
+
+def reason_of(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+class ReplicaCore:
+    def __init__(self, replica_id: str, load_engine: Callable[[], Engine], store: CheckpointStore,
+                 fetch: Fetch, fp: Failpoints) -> None:
+        self.replica_id = replica_id
+        self._load_engine = load_engine
+        self.store = store
+        self._fetch = fetch
+        self.fp = fp
+        self.engine = load_engine()
+        self.participant = ReplicaParticipant()
+        self.lifecycle = ReplicaLifecycle()
+        self.ctl = threading.RLock()
+        self.last_refit_at: float | None = None
+        self.on_version: Callable[[int], None] = lambda version: None
+
+    # ------------------------------------------------------------------ catch-up
+
+    def sync(self, version: int) -> Ack:
+        with self.ctl:
+            t = time.perf_counter()
+            self._sync(version)
+            took = time.perf_counter() - t
+            phase_log("replica", "sync", None, self.engine.version, took, replica=self.replica_id)
+            return Ack(self.replica_id, None, self.engine.version, self.lifecycle.state.value,
+                       {"sync_s": took})
+
+    def _sync(self, version: int) -> None:
+        if self.engine.version == version and self.lifecycle.state in (Lifecycle.SERVING,
+                                                                       Lifecycle.DRAINING):
+            return
+        self.lifecycle.move(Lifecycle.CATCHING_UP)
+        try:
+            if self.engine.version != version:
+                self._free(self.participant.supersede_all(f"caught up to v{version}"))
+                if version < self.engine.version:
+                    self.engine = self._load_engine()  # versions only grow within one engine
+                if version != self.engine.version:
+                    self.engine.commit(self.engine.stage(self.store.load(version), version))
+                self.on_version(self.engine.version)
+        except Exception as exc:
+            self.lifecycle.move(Lifecycle.FAILED, reason_of(exc))
+            raise
+        self.lifecycle.move(Lifecycle.SERVING)
+
+    # ------------------------------------------------------------------ PREPARE
+
+    def prepare(self, epoch: int, txn: str, version: int, refs: list[Any] | None,
+                specs: dict[str, Any], checksums: dict[str, str], source: dict[str, Any] | None,
+                base_version: int | None) -> PrepareReply:
+        t0 = time.perf_counter()
+        timings: dict[str, float] = {}
+        with self.ctl:
+            known = self.participant.get(txn)
+            if known is not None:
+                if known.state is TxnState.PREPARED:
+                    return self._vote(txn, True, "", timings, t0)
+                why = f"PREPARE repeated: already {known.state.value}"
+                return self._vote(txn, False, f"{why}: {known.reason}" if known.reason else why, timings, t0)
+            if self.lifecycle.state is Lifecycle.FAILED:
+                return self._vote(txn, False, f"replica {self.replica_id} cannot serve: "
+                                  f"{self.lifecycle.error}", timings, t0)
+            try:
+                self.fence(epoch)
+                self.participant.begin_prepare(epoch, txn, version)
+            except ProtocolViolation as exc:
+                return self._vote(txn, False, reason_of(exc), timings, t0)
+            self._free(self.participant.drop_older_undecided(epoch, version))
+        try:
+            if refs is not None and base_version is not None and self.engine.version != base_version \
+                    and set(specs) != set(self.engine.manifest()):
+                raise ProtocolViolation(f"replica {self.replica_id} serves v{self.engine.version}; "
+                                        f"this partial refit builds on v{base_version}")
+            staged = self._stage(version, refs, specs, checksums, source, timings)
+        except BaseException as exc:  # every failure is a NO vote, reported back
+            with self.ctl:
+                self.participant.finish_prepare(txn, False, reason_of(exc))
+            return self._vote(txn, False, reason_of(exc), timings, t0)
+        with self.ctl:
+            if not self.participant.finish_prepare(txn, True, staged=staged):
+                self.engine.discard(staged)
+                return self._vote(txn, False, "aborted while preparing", timings, t0)
+        self.fp.hit("replica.before_vote")
+        vote = self._vote(txn, True, "", timings, t0)
+        self.fp.hit("replica.after_vote")
+        return vote
+
+    def _stage(self, version: int, refs: list[Any] | None, specs: dict[str, Any],
+               checksums: dict[str, str], source: dict[str, Any] | None,
+               timings: dict[str, float]) -> StagedSet:
+        if source and source.get("from_version") is not None:
+            from_version = int(source["from_version"])
+            try:
+                staged = self.engine.stage_retained(from_version, version)
+                timings["retained"] = 1.0
+                return staged
+            except NotRetainedError:
+                timings["from_store"] = 1.0
+                return self.engine.stage(self.store.load(from_version), version)
+        assert refs is not None
+        t = time.perf_counter()
+        arrays = self._fetch(refs)
+        timings["fetch_s"] = time.perf_counter() - t
+        try:
+            tensors = from_wire(arrays, specs)
+            t = time.perf_counter()
+            for name, tensor in tensors.items():
+                want = checksums.get(name)
+                got = tensor_checksum(tensor)
+                if want != got:
+                    raise ChecksumMismatch(name, str(want), got, f"replica {self.replica_id}")
+            timings["verify_s"] = time.perf_counter() - t
+            t = time.perf_counter()
+            staged = self.engine.stage(tensors, version)
+            timings["stage_s"] = time.perf_counter() - t
+            return staged
+        finally:
+            del arrays
+
+    def _vote(self, txn: str, yes: bool, reason: str, timings: dict[str, float], t0: float) -> PrepareReply:
+        timings["prepare_s"] = time.perf_counter() - t0
+        rec = self.participant.get(txn)
+        phase_log("replica", "prepare", txn, rec.version if rec else None, timings["prepare_s"],
+                  replica=self.replica_id, vote="YES" if yes else "NO", reason=reason,
+                  **{k: round(v, 6) for k, v in timings.items() if k != "prepare_s"})
+        return PrepareReply(self.replica_id, txn, yes, reason, self.engine.version, timings)
+
+    # ------------------------------------------------------------------ decisions
+
+    def commit(self, epoch: int, txn: str) -> Ack:
+        with self.ctl:
+            t = time.perf_counter()
+            self.fence(epoch, keep=txn)
+            rec, _ = self.participant.commit(epoch, txn)
+            phase_log("replica", "commit", txn, rec.version, time.perf_counter() - t, replica=self.replica_id)
+            return Ack(self.replica_id, txn, self.engine.version, rec.state.value)
+
+    def activate(self, epoch: int, txn: str) -> Ack:
+        with self.ctl:
+            t = time.perf_counter()
+            self.fence(epoch, keep=txn)
+            self._activate_locked(epoch, txn)
+            took = time.perf_counter() - t
+            phase_log("replica", "activate", txn, self.engine.version, took,
+                      replica=self.replica_id, swap_ns=self.engine.last_swap_ns)
+            return Ack(self.replica_id, txn, self.engine.version, TxnState.ACTIVE.value,
+                       {"activate_s": took, "swap_ns": float(self.engine.last_swap_ns)})
+
+    def activate_for(self, min_version: int) -> bool:
+        """DESIGN step 5: a committed-not-active version a client has already seen goes live now.
+        Gives up after 0.5 s if a protocol call holds the lock (the client tries another member)."""
+        if not self.ctl.acquire(timeout=0.5):
+            return False
+        try:
+            rec = self.participant.committed_at_least(min_version)
+            if rec is None:
+                return self.engine.version >= min_version
+            self._activate_locked(None, rec.txn)
+            return True
+        finally:
+            self.ctl.release()
+
+    def _activate_locked(self, epoch: int | None, txn: str) -> None:
+        rec = self.participant.get(txn)
+        if rec is not None and rec.state is TxnState.ACTIVE:
+            return
+        if rec is None or rec.state is not TxnState.COMMITTED or rec.staged is None:
+            if epoch is not None:
+                self.participant.check_epoch(epoch)
+            raise ProtocolViolation(f"txn {txn}: ACTIVATE needs a committed staged set here "
+                                    f"(state {rec.state.value if rec else 'unknown'})")
+        staged = rec.take_staged()
+        self.fp.hit("replica.during_activate")
+        try:
+            self.engine.commit(staged)
+        except BaseException:
+            self.engine.discard(staged)
+            raise
+        self.participant.activate(epoch, txn)
+        self.last_refit_at = time.time()
+        self.on_version(self.engine.version)
+
+    def abort(self, epoch: int, txn: str, reason: str) -> Ack:
+        with self.ctl:
+            t = time.perf_counter()
+            self.fence(epoch)
+            rec, _ = self.participant.abort(epoch, txn, reason)
+            self._free([rec])
+            phase_log("replica", "abort", txn, rec.version, time.perf_counter() - t,
+                      replica=self.replica_id, reason=reason)
+            return Ack(self.replica_id, txn, self.engine.version, rec.state.value)
+
+    def fence(self, epoch: int, keep: str | None = None) -> None:
+        """Refuse an older epoch (StaleEpoch); free what a newer one drops."""
+        with self.ctl:
+            self._free(self.participant.check_epoch(epoch, keep=keep))
+
+    def _free(self, records: list[TxnRecord]) -> None:
+        for rec in records:
+            staged = rec.take_staged()
+            if staged is not None:
+                self.engine.discard(staged)

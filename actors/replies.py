@@ -1,0 +1,71 @@
+"""What replicas answer the coordinator, as typed values (plain dataclasses: they are pickled by Ray
+on every protocol call, so no validation cost on the way).
+
+A call that did not produce an answer (timeout, dead or restarting actor, an exception inside the
+method) is a ``Failed`` with its ``kind``; the coordinator never inspects exceptions itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+__all__ = ["Ack", "Failed", "FailureKind", "LeaseReply", "PrepareReply"]
+
+
+@dataclass(frozen=True)
+class PrepareReply:
+    """A vote: YES (the set is verified and staged) or NO with the reason."""
+
+    replica: str
+    txn: str
+    yes: bool
+    reason: str
+    version: int  # the version the replica serves
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Ack:
+    """COMMIT, ACTIVATE, ABORT or a catch-up took effect; ``version`` is what the replica serves."""
+
+    replica: str
+    txn: str | None
+    version: int
+    state: str = ""
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class LeaseReply:
+    """Answer to a lease renewal. ``accepted`` is False for a renewal older than the replica's
+    membership generation. ``state`` is the replica's lifecycle state; ``error`` says why a
+    replica in state ``failed`` cannot serve."""
+
+    replica: str
+    accepted: bool
+    version: int
+    state: str
+    error: str = ""
+
+
+class FailureKind(str, Enum):
+    """Why a call produced no answer."""
+
+    TIMEOUT = "timeout"          # no answer within the call's timeout (the call was cancelled)
+    UNAVAILABLE = "unavailable"  # the actor is restarting; a later call may succeed
+    DEAD = "dead"                # the actor is gone
+    ERROR = "error"              # the method raised
+    UNKNOWN = "unknown"          # no such replica handle
+
+
+@dataclass(frozen=True)
+class Failed:
+    """A call that produced no answer; ``reason`` is one line naming the replica and the cause."""
+
+    kind: FailureKind
+    reason: str
+
+    @property
+    def retryable(self) -> bool:
+        return self.kind in (FailureKind.TIMEOUT, FailureKind.UNAVAILABLE, FailureKind.ERROR)

@@ -1,0 +1,331 @@
+"""The two-phase commit of one transaction, one method per phase (plain Python: Ray only behind the
+``ReplicaClient`` and ``Persister`` it is given, so tests drive it with fakes).
+
+``run`` (a refit or rollback; the caller holds the refit lock):
+1. ``_begin``: assign the next version, log BEGIN, start the checkpoint write. A BEGIN that cannot
+   be logged refuses the refit; nothing was sent, nothing changed.
+2. ``_prepare``: PREPARE to every member at once; each answer is recorded as it arrives.
+3. ``_decide``: wait for the checkpoint write, tally the votes under the commit policy, and log
+   the evictions the tally made (fsync'd).
+4. ``_log_commit``: the COMMIT record, fsync'd: the commit point.
+   Any failure before this point (a NO, a timeout, a failed write, an exception of our own) aborts:
+   ABORT is logged, every member is told to discard its staged set, the version's files go.
+5. ``finish`` (also used by recovery for logged-committed transactions): COMMIT to every member,
+   then ACTIVATE; a lost message is retried once (both are idempotent); members still without the
+   version are caught up from the store in parallel, and those that cannot be are excluded; then
+   ACTIVATED is logged and retention scheduled.
+
+The transaction's phase moves when each phase's work starts, so ``progress()`` and ``outcome()``
+(which read ``current`` once) always describe what is really happening.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from .coordinator_protocol import CoordinatorTxn, Decision, Phase, Vote, tally
+from .failpoints import Failpoints
+from .leases import LeaseKeeper
+from .ledger import Ledger, describe_log_error
+from .log import ActivatedRecord, BeginRecord, CommitRecord, MemberRecord
+from .membership import Membership
+from .persist import PersistJob
+from .replica_client import ReplicaClient
+from .replies import Ack, Failed, PrepareReply
+from .settings import CoordinatorSettings
+from .telemetry import count_prepare_failure, observe_refit, phase_log, reason_class
+
+logger = logging.getLogger("weight_refit.coordinator")
+
+__all__ = ["RefitRequest", "TwoPhaseCommit", "TxnResult"]
+
+
+@dataclass(frozen=True)
+class RefitRequest:
+    """What to commit: published refs (a refit) or a stored version to re-install (a rollback)."""
+
+    refs: list[Any] | None
+    specs: dict[str, Any]
+    checksums: dict[str, str]  # of the tensors the refs carry (a rollback: the source version's)
+    full: dict[str, str]  # of the version's full weight set
+    key: str | None
+    origin: int | None = None
+    base_version: int | None = None  # the active version a subset refit builds on
+    from_version: int | None = None
+
+
+@dataclass
+class TxnResult:
+    """What ``Coordinator.refit``/``rollback``/``outcome`` answer the driver."""
+
+    status: str  # committed | aborted | in_doubt | noop | unknown
+    txn: str | None
+    version: int | None
+    key: str | None = None
+    reason: str = ""
+    votes: dict[str, str] = field(default_factory=dict)
+    activated: bool = False
+    duplicate: bool = False
+    phase: str | None = None
+    duration_s: float = 0.0
+    prepare_s: float = 0.0
+    persist: dict[str, float] = field(default_factory=dict)
+    evicted: list[str] = field(default_factory=list)
+    replicas: dict[str, dict[str, float]] = field(default_factory=dict)
+
+
+class PersisterLike(Protocol):
+    def ensure(self) -> None: ...
+    def start(self, job: PersistJob) -> Any: ...
+    def wait(self, pending: Any, deadline: float) -> tuple[dict[str, float], str]: ...
+
+
+class RetentionLike(Protocol):
+    def schedule(self, keep: set[int], below: int) -> None: ...
+    def drop(self, version: int) -> None: ...
+
+
+def _vote(rid: str, reply: PrepareReply | Failed) -> Vote:
+    if isinstance(reply, PrepareReply):
+        return Vote(rid, reply.yes, reply.reason, dict(reply.timings))
+    return Vote(rid, False, reply.reason)
+
+
+def _why(exc: BaseException) -> str:
+    return describe_log_error(exc)
+
+
+class TwoPhaseCommit:
+    """See the module docstring."""
+
+    def __init__(self, settings: CoordinatorSettings, ledger: Ledger, client: ReplicaClient,
+                 persister: PersisterLike, membership: Membership, leases: LeaseKeeper,
+                 retention: RetentionLike, fp: Failpoints,
+                 retained: Callable[[int | None], set[int]]) -> None:
+        self._s = settings
+        self._t = settings.timeouts
+        self._ledger = ledger
+        self._client = client
+        self._persister = persister
+        self._membership = membership
+        self._leases = leases
+        self._retention = retention
+        self._fp = fp
+        self._retained = retained
+        self.current: CoordinatorTxn | None = None
+
+    @property
+    def epoch(self) -> int:
+        return self._ledger.epoch
+
+    # ------------------------------------------------------------------ the whole transaction
+
+    def run(self, req: RefitRequest) -> TxnResult:
+        t0 = time.perf_counter()
+        txn = CoordinatorTxn(txn=uuid.uuid4().hex[:16], epoch=self.epoch,
+                             version=self._ledger.state.last_version + 1, key=req.key,
+                             members=self._membership.members(), origin_version=req.origin)
+        self.current = txn
+        try:
+            try:
+                self._begin(txn, req)
+            except Exception as exc:  # noqa: BLE001  (nothing was logged or sent)
+                return self._refuse(txn, _why(exc), t0)
+            try:
+                pending = self._start_persist(txn, req)
+                self._prepare(txn, req)
+                decision = self._decide(txn, pending)
+                if not decision.commit:
+                    return self._abort(txn, decision.reason, t0)
+                self._log_commit(txn)
+            except Exception as exc:  # noqa: BLE001  (anything before the commit point aborts)
+                logger.exception("txn %s failed before its commit point", txn.txn)
+                return self._abort(txn, _why(exc), t0)
+            replies = self.finish(txn, t0)
+            self._leases.wait_out(txn.evicted)
+            return self._committed(txn, replies, t0)
+        finally:
+            self.current = None
+
+    # ------------------------------------------------------------------ phases
+
+    def _begin(self, txn: CoordinatorTxn, req: RefitRequest) -> None:
+        self._ledger.append(BeginRecord(epoch=self.epoch, txn=txn.txn, version=txn.version, key=txn.key,
+                                        checksums=req.full, origin_version=req.origin))
+        phase_log("coordinator", "begin", txn.txn, txn.version, 0.0, members=txn.members, key=txn.key)
+        self._fp.hit("coordinator.after_begin")
+
+    def _start_persist(self, txn: CoordinatorTxn, req: RefitRequest) -> tuple[Any, float]:
+        self._persister.ensure()
+        job = PersistJob(state_dir=self._s.state_dir, version=txn.version, refs=req.refs,
+                         specs=req.specs, checksums=req.checksums, base_version=req.base_version,
+                         from_version=req.from_version, fsync=self._s.persist_fsync)
+        return self._persister.start(job), time.monotonic() + self._t.persist_s
+
+    def _prepare(self, txn: CoordinatorTxn, req: RefitRequest) -> None:
+        txn.move(Phase.PREPARING)
+        t = time.perf_counter()
+        source = {"from_version": req.from_version} if req.from_version is not None else None
+
+        def record(rid: str, reply: PrepareReply | Failed) -> None:
+            txn.votes[rid] = _vote(rid, reply)
+
+        self._client.prepare(txn.members, self._t.prepare_s, self.epoch, txn.txn, txn.version,
+                             req.refs, req.specs, req.checksums, source, req.base_version,
+                             on_reply=record)
+        for rid in txn.members:
+            txn.votes.setdefault(rid, Vote(rid, False, "no answer to prepare"))
+        txn.timings["prepare_s"] = time.perf_counter() - t
+        for vote in txn.votes.values():
+            if not vote.yes:
+                count_prepare_failure(self._s.fleet, reason_class(vote.reason))
+        phase_log("coordinator", "prepare", txn.txn, txn.version, txn.timings["prepare_s"],
+                  yes=sorted(r for r, v in txn.votes.items() if v.yes),
+                  no={r: v.reason for r, v in txn.votes.items() if not v.yes})
+
+    def _decide(self, txn: CoordinatorTxn, pending: tuple[Any, float]) -> Decision:
+        persisted, persist_error = self._persister.wait(*pending)
+        txn.timings.update({f"persist_{k}": v for k, v in persisted.items()})
+        decision = tally(txn.votes, policy=self._s.commit_policy, max_evict=self._s.max_evict)
+        if persist_error:
+            return Decision(False, [], persist_error)
+        for rid in decision.evicted:
+            self.exclude(rid, f"evicted from v{txn.version}: {txn.votes[rid].reason}",
+                         deferrable=False, txn=txn)
+        return decision
+
+    def _log_commit(self, txn: CoordinatorTxn) -> None:
+        self._ledger.append(CommitRecord(epoch=self.epoch, txn=txn.txn, version=txn.version))
+        txn.move(Phase.COMMITTING)
+        phase_log("coordinator", "commit_logged", txn.txn, txn.version, time.monotonic() - txn.started)
+        self._fp.hit("coordinator.after_decision_logged")
+
+    def finish_logged(self, txn: str, version: int, key: str | None, origin: int | None) -> None:
+        """Recovery: finish a transaction whose COMMIT an earlier incarnation logged (visible to
+        ``progress`` and ``outcome`` like any other)."""
+        record = CoordinatorTxn(txn=txn, epoch=self.epoch, version=version, key=key,
+                                members=self._membership.members(), phase=Phase.COMMITTING,
+                                origin_version=origin)
+        self.current = record
+        try:
+            self.finish(record, time.perf_counter())
+        finally:
+            self.current = None
+
+    def finish(self, txn: CoordinatorTxn, t0: float) -> dict[str, Ack | Failed]:
+        """COMMIT then ACTIVATE a transaction whose COMMIT is logged (see the module docstring)."""
+        members = [r for r in txn.members if self._membership.is_member(r)]
+        acks = self._send_twice(self._client.commit, members, self._t.commit_s, txn.txn)
+        txn.commit_acks.update(r for r, a in acks.items() if isinstance(a, Ack))
+        txn.move(Phase.ACTIVATING)
+        ready = sorted(txn.commit_acks)
+        first: list[str] = []
+
+        def on_reply(rid: str, reply: Ack | Failed) -> None:
+            if not first:
+                first.append(rid)
+                self._fp.hit("coordinator.mid_activate")
+
+        replies: dict[str, Ack | Failed] = dict(self._send_twice(
+            self._client.activate, ready, self._t.activate_s, txn.txn, on_reply=on_reply))
+        txn.activated.update(r for r, a in replies.items()
+                             if isinstance(a, Ack) and a.version == txn.version)
+        lost = [r for r in members if r not in txn.activated]
+        if lost:
+            caught = self._client.catch_up(lost, txn.version, self._t.launch_s)
+            for rid, reply in caught.items():
+                if isinstance(reply, Ack) and reply.version == txn.version:
+                    txn.activated.add(rid)
+                    replies[rid] = reply
+                else:
+                    why = reply.reason if isinstance(reply, Failed) else f"at v{reply.version}"
+                    logger.warning("member %s could not catch up to v%s: %s", rid, txn.version, why)
+                    self.exclude(rid, f"could not catch up to v{txn.version}: {why}", txn=txn)
+        self._fp.hit("coordinator.before_activated_logged")
+        self._ledger.append(ActivatedRecord(epoch=self.epoch, txn=txn.txn, version=txn.version,
+                                            duration_s=time.perf_counter() - t0), deferrable=True)
+        txn.move(Phase.DONE)
+        self._retention.schedule(self._retained(None), below=self._ledger.state.last_version + 1)
+        return replies
+
+    def _send_twice(self, send: Callable[..., dict[str, Ack | Failed]], rids: list[str], timeout: float,
+                    txn: str, **kw: Any) -> dict[str, Ack | Failed]:
+        """Send an idempotent message; retry once to those that gave no answer (a lost message)."""
+        out = send(rids, timeout, self.epoch, txn, **kw)
+        again = [r for r, a in out.items() if isinstance(a, Failed) and a.retryable]
+        if again:
+            out.update(send(again, timeout, self.epoch, txn, **kw))
+        return out
+
+    def outcome(self, key_or_txn: str) -> TxnResult | None:
+        """The transaction in flight if ``key_or_txn`` names it (read once: the driving thread
+        clears it when it ends), else what the log says; None if neither knows it."""
+        current = self.current
+        if current is not None and key_or_txn in (current.txn, current.key):
+            return TxnResult(status="committed" if current.committed else "in_doubt", txn=current.txn,
+                             version=current.version, key=current.key, phase=current.phase.value,
+                             reason="in progress")
+        o = self._ledger.outcome(key_or_txn)
+        if o is None:
+            return None
+        return TxnResult(status=o.status, txn=o.txn, version=o.version, key=o.key, reason=o.reason or "",
+                         votes=dict(o.votes), activated=o.activated)
+
+    # ------------------------------------------------------------------ endings
+
+    def _refuse(self, txn: CoordinatorTxn, reason: str, t0: float) -> TxnResult:
+        txn.move(Phase.ABORTED)
+        self._ledger.refuse(txn.txn, txn.version, txn.key, reason, txn.origin_version)
+        observe_refit(self._s.fleet, "aborted", time.perf_counter() - t0)
+        phase_log("coordinator", "refused", txn.txn, txn.version, time.perf_counter() - t0, reason=reason)
+        return TxnResult(status="aborted", txn=txn.txn, version=None, key=txn.key,
+                         reason=f"refused before it began: {reason}",
+                         duration_s=time.perf_counter() - t0)
+
+    def _abort(self, txn: CoordinatorTxn, reason: str, t0: float) -> TxnResult:
+        votes = {rid: ("YES" if v.yes else f"NO: {v.reason}") for rid, v in txn.votes.items()}
+        txn.move(Phase.ABORTED)
+        unlogged = self._ledger.append(self._ledger.abort_record(txn.txn, reason, votes), deferrable=True)
+        observe_refit(self._s.fleet, "aborted", time.perf_counter() - t0)
+        phase_log("coordinator", "abort", txn.txn, txn.version, time.perf_counter() - t0, reason=reason)
+        self._send_twice(self._client.abort, txn.members, self._t.commit_s, txn.txn, reason=reason)
+        self._retention.drop(txn.version)
+        shown = f"{reason} (the ABORT record is not logged yet: {unlogged})" if unlogged else reason
+        return TxnResult(status="aborted", txn=txn.txn, version=None, key=txn.key, reason=shown,
+                         votes=votes, duration_s=time.perf_counter() - t0)
+
+    def _committed(self, txn: CoordinatorTxn, replies: dict[str, Ack | Failed], t0: float) -> TxnResult:
+        duration = time.perf_counter() - t0
+        observe_refit(self._s.fleet, "committed", duration)
+        phase_log("coordinator", "activated", txn.txn, txn.version, duration, evicted=txn.evicted)
+        per_replica: dict[str, dict[str, float]] = {}
+        for rid, vote in txn.votes.items():
+            per_replica[rid] = dict(vote.timings)
+            reply = replies.get(rid)
+            if isinstance(reply, Ack):
+                per_replica[rid].update(reply.timings)
+        persist = {k[len("persist_"):]: v for k, v in txn.timings.items() if k.startswith("persist_")}
+        return TxnResult(status="committed", txn=txn.txn, version=txn.version, key=txn.key,
+                         activated=True, duration_s=duration, prepare_s=txn.timings.get("prepare_s", 0.0),
+                         persist=persist, evicted=list(txn.evicted), replicas=per_replica)
+
+    def exclude(self, rid: str, reason: str, *, deferrable: bool = True,
+                txn: CoordinatorTxn | None = None) -> bool:
+        """Fence a member out: logged (fsync'd) first, then no more renewals, then told."""
+        if not self._membership.is_member(rid):
+            return False
+        self._ledger.append(MemberRecord(epoch=self.epoch, replica_id=rid, event="evict"),
+                            deferrable=deferrable)
+        generation = self._membership.exclude(rid, reason)
+        if generation is None:
+            return False
+        self._client.exclude(rid, self.epoch, generation)
+        if txn is not None:
+            txn.evicted.append(rid)
+        logger.warning("replica %s excluded: %s", rid, reason)
+        return True

@@ -1,0 +1,408 @@
+"""The coordinator's logic without Ray: the two-phase commit, recovery, repair, leases and
+membership, driven through a fake ``ReplicaClient`` over a real transaction log on disk.
+
+The loose ends of the coordinator review each have a test here that fails on the code before it
+(named in the docstring).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from coordinator_fakes import FakePersister, FakeReplicas, FakeRetention
+
+from actors.coordinator_protocol import CoordinatorTxn, Phase
+from actors.failpoints import Failpoints
+from actors.leases import LeaseKeeper, Repairer, run_loop
+from actors.ledger import Ledger
+from actors.log import BeginRecord, CommitRecord, MemberRecord, TxnLog
+from actors.membership import Membership, MembershipError, MemberState
+from actors.recovery import Recovery, RecoveryState, finish_the_log, restore_membership, sync_members
+from actors.replies import Failed, FailureKind
+from actors.settings import CoordinatorSettings, Timeouts
+from actors.two_phase import RefitRequest, TwoPhaseCommit
+
+SUMS = {"w": "00000000000000a1"}
+RIDS = ["r0", "r1", "r2"]
+
+
+class Rig:
+    """One coordinator's parts over fakes: ``rig.txns.run(rig.request())`` is one refit."""
+
+    def __init__(self, state_dir: Path, *, policy: str = "strict", max_evict: int = 0,
+                 lease_s: float = 0.05) -> None:
+        self.fp = Failpoints(owner="coordinator")
+        self.settings = CoordinatorSettings(
+            fleet="f", namespace="n", state_dir=str(state_dir), commit_policy=policy, max_evict=max_evict,
+            timeouts=Timeouts(prepare_s=1, commit_s=1, activate_s=1, lease_s=lease_s, launch_s=1))
+        self.ledger = Ledger.open(state_dir, self.fp)
+        self.ledger.bump_epoch()
+        self.client = FakeReplicas(RIDS)
+        self.membership = Membership()
+        for rid in RIDS:
+            self.membership.admit(rid)
+        self.failed: list[tuple[str, str]] = []
+        self.leases = LeaseKeeper(self.client, self.membership, epoch=self.ledger.epoch, lease_s=lease_s,
+                                  on_failed=lambda rid, why: self.failed.append((rid, why)))
+        self.persister = FakePersister()
+        self.retention = FakeRetention()
+        self.txns = TwoPhaseCommit(self.settings, self.ledger, self.client, self.persister, self.membership,
+                                   self.leases, self.retention, self.fp, lambda in_flight: {0})
+
+    def request(self, key: str | None = None) -> RefitRequest:
+        return RefitRequest(refs=["ref"], specs={"w": {"shape": [1], "dtype": "float32"}}, checksums=SUMS,
+                            full=SUMS, key=key, base_version=self.ledger.state.active_version)
+
+    def kinds(self) -> list[str]:
+        return [r.kind for r in TxnLog.open(self.settings.state_dir, readonly=True).records()]
+
+
+@pytest.fixture
+def rig(tmp_path: Path) -> Rig:
+    return Rig(tmp_path / "state")
+
+
+# ----------------------------------------------------------------------------- the two-phase commit
+
+
+def test_a_refit_logs_begin_commit_activated_and_every_member_serves_it(rig: Rig) -> None:
+    res = rig.txns.run(rig.request(key="k1"))
+    assert res.status == "committed" and res.version == 1 and res.activated
+    assert rig.kinds() == ["EPOCH", "BEGIN", "COMMIT", "ACTIVATED"]
+    assert {r.version for r in rig.client.replicas.values()} == {1}
+    assert rig.client.methods() == ["prepare", "commit", "activate"]
+    assert rig.ledger.state.active_version == 1 and rig.txns.current is None
+    assert rig.txns.outcome("k1").status == "committed"
+    assert rig.retention.scheduled  # retention runs after every activation
+
+
+def test_one_no_vote_aborts_logs_the_abort_and_tells_every_member(rig: Rig) -> None:
+    rig.client.replicas["r1"].vote_no = "ChecksumMismatch: w"
+    res = rig.txns.run(rig.request())
+    assert res.status == "aborted" and "r1: ChecksumMismatch: w" in res.reason
+    assert res.votes == {"r0": "YES", "r1": "NO: ChecksumMismatch: w", "r2": "YES"}
+    assert rig.kinds() == ["EPOCH", "BEGIN", "ABORT"]
+    assert ("abort", tuple(RIDS)) in rig.client.calls
+    assert all(not r.staged for r in rig.client.replicas.values())
+    assert rig.retention.dropped == [1]
+
+
+def test_a_failure_after_begin_aborts_logs_it_and_frees_every_staged_set(rig: Rig) -> None:
+    """Loose end 3: an error after BEGIN (here the COMMIT record cannot be written: disk full)
+    used to leave the transaction undecided, the replicas holding their PREPARED sets."""
+    rig.fp.arm("log.write", "oserror:ENOSPC@2")  # BEGIN is the first write, COMMIT the second
+    res = rig.txns.run(rig.request(key="k-full"))
+    assert res.status == "aborted"
+    assert "disk full (ENOSPC) writing the transaction log" in res.reason
+    assert rig.kinds() == ["EPOCH", "BEGIN", "ABORT"]
+    assert rig.ledger.state.outcomes["k-full"].status == "aborted"
+    assert ("abort", tuple(RIDS)) in rig.client.calls
+    assert all(not r.staged for r in rig.client.replicas.values())
+    assert rig.txns.current is None
+    rig.fp.arm("log.write", None)
+    assert rig.txns.run(rig.request()).status == "committed"  # no manual repair
+
+
+def test_an_exception_of_the_coordinators_own_after_begin_aborts_too(rig: Rig) -> None:
+    rig.persister.raise_on_wait = RuntimeError("worker exploded")
+    res = rig.txns.run(rig.request())
+    assert res.status == "aborted" and "RuntimeError: worker exploded" in res.reason
+    assert rig.kinds()[-1] == "ABORT" and all(not r.staged for r in rig.client.replicas.values())
+
+
+def test_a_refit_refused_before_its_begin_is_named_in_outcome_and_history(rig: Rig) -> None:
+    rig.fp.arm("log.write", "oserror:ENOSPC@1")
+    res = rig.txns.run(rig.request(key="k-nobegin"))
+    assert res.status == "aborted" and "refused before it began: disk full" in res.reason
+    assert rig.client.calls == []  # nothing was sent
+    assert rig.kinds() == ["EPOCH"]
+    out = rig.txns.outcome("k-nobegin")
+    assert out is not None and out.status == "aborted" and "disk full" in out.reason
+    [row] = [h for h in rig.ledger.history() if h["key"] == "k-nobegin"]
+    assert row["status"] == "aborted" and "not in the log" in row["reason"]
+
+
+def test_an_abort_record_that_cannot_be_written_yet_is_written_with_the_next_record(rig: Rig) -> None:
+    rig.client.replicas["r2"].vote_no = "no"
+    rig.fp.arm("log.write", "oserror:ENOSPC@2")  # BEGIN ok, ABORT fails
+    res = rig.txns.run(rig.request(key="k-late-abort"))
+    assert res.status == "aborted" and "not logged yet" in res.reason
+    assert rig.ledger.deferred == 1 and rig.kinds() == ["EPOCH", "BEGIN"]
+    assert rig.txns.outcome("k-late-abort").status == "aborted"
+    rig.client.replicas["r2"].vote_no = ""
+    assert rig.txns.run(rig.request()).status == "committed"
+    assert rig.kinds() == ["EPOCH", "BEGIN", "ABORT", "BEGIN", "COMMIT", "ACTIVATED"]
+    assert rig.ledger.deferred == 0
+
+
+def test_progress_says_committing_until_every_commit_ack_arrived_then_activating(rig: Rig) -> None:
+    """Today ``progress()`` said "activating" while COMMIT acks were still pending."""
+    seen: dict[str, str] = {}
+    rig.client.on_call["commit"] = lambda rids: seen.setdefault("commit", rig.txns.current.phase.value)
+    rig.client.on_call["activate"] = lambda rids: seen.setdefault("activate", rig.txns.current.phase.value)
+    rig.client.on_call["prepare"] = lambda rids: seen.setdefault("prepare", rig.txns.current.phase.value)
+    rig.txns.run(rig.request())
+    assert seen == {"prepare": "preparing", "commit": "committing", "activate": "activating"}
+
+
+def test_lost_commit_and_activate_messages_are_retried_once(rig: Rig) -> None:
+    rig.client.lose("commit", "r1")
+    rig.client.lose("activate", "r2")
+    res = rig.txns.run(rig.request())
+    assert res.status == "committed" and res.evicted == []
+    assert ("commit", ("r1",)) in rig.client.calls and ("activate", ("r2",)) in rig.client.calls
+    assert "catch_up" not in rig.client.methods()  # the retry sufficed
+    assert {r.version for r in rig.client.replicas.values()} == {1}
+
+
+def test_members_lost_during_activate_are_caught_up_together_and_excluded_if_they_cannot(rig: Rig) -> None:
+    """Loose end 9: lost members used to be caught up one at a time, each for up to launch_s."""
+    for rid in ("r1", "r2"):
+        rig.client.lose("activate", rid, times=2, kind=FailureKind.TIMEOUT)
+    rig.client.replicas["r2"].catch_up_fails = "ChecksumMismatch: v1 is corrupted"
+    res = rig.txns.run(rig.request())
+    assert res.status == "committed" and res.evicted == ["r2"]
+    assert [c for c in rig.client.calls if c[0] == "catch_up"] == [("catch_up", ("r1", "r2"))]
+    assert rig.client.replicas["r1"].version == 1
+    seat = rig.membership.get("r2")
+    assert seat.state is MemberState.EXCLUDED and "corrupted" in seat.reason
+    assert rig.client.exclusions == [("r2", rig.ledger.epoch, seat.generation)]
+    records = TxnLog.open(rig.settings.state_dir, readonly=True).records()
+    assert any(isinstance(r, MemberRecord) and r.event == "evict" and r.replica_id == "r2" for r in records)
+
+
+def test_an_evict_policy_commit_fences_the_no_voters_out_before_the_commit_point(tmp_path: Path) -> None:
+    rig = Rig(tmp_path, policy="evict", max_evict=1)
+    rig.client.replicas["r0"].vote_no = "timeout"
+    res = rig.txns.run(rig.request())
+    assert res.status == "committed" and res.evicted == ["r0"]
+    kinds = rig.kinds()
+    assert kinds.index("MEMBER") < kinds.index("COMMIT")
+    assert "r0" not in [r for m, rids in rig.client.calls if m == "commit" for r in rids]
+
+
+def test_outcome_reads_the_transaction_in_flight_once(rig: Rig) -> None:
+    """Loose end 6: ``outcome``/``status`` read ``current`` twice while the refit thread could
+    clear it in between (an AttributeError)."""
+    txn = CoordinatorTxn(txn="t-live", epoch=1, version=9, key="k-live", members=RIDS)
+
+    class Vanishing(TwoPhaseCommit):
+        reads = 0
+
+        @property
+        def current(self) -> Any:
+            Vanishing.reads += 1
+            return txn if Vanishing.reads == 1 else None
+
+        @current.setter
+        def current(self, value: Any) -> None:
+            pass
+
+    vanishing = Vanishing(rig.settings, rig.ledger, rig.client, rig.persister, rig.membership, rig.leases,
+                          rig.retention, rig.fp, lambda v: {0})
+    out = vanishing.outcome("k-live")
+    assert out is not None and out.txn == "t-live" and out.status == "in_doubt" and Vanishing.reads == 1
+
+
+# ----------------------------------------------------------------------------- recovery
+
+
+def _log_committed_in_an_earlier_epoch(state_dir: Path) -> None:
+    with TxnLog.open(state_dir) as log:
+        log.bump_epoch()
+        log.append(BeginRecord(epoch=1, txn="t-logged", version=1, key="k-logged", checksums=SUMS))
+        log.append(CommitRecord(epoch=1, txn="t-logged", version=1))
+        log.append(BeginRecord(epoch=1, txn="t-undecided", version=2, key="k-undecided", checksums=SUMS))
+        for rid in RIDS:
+            log.append(MemberRecord(epoch=1, replica_id=rid, event="join"))
+        log.append(MemberRecord(epoch=1, replica_id="r2", event="evict"))
+
+
+def test_recovery_finishes_a_logged_commit_visibly_and_presumes_the_rest_aborted(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    _log_committed_in_an_earlier_epoch(state)
+    rig = Rig(state)
+    rig.membership = Membership()
+    restore_membership(rig.ledger.state.members, rig.client, rig.membership)
+    assert rig.membership.members() == ["r0", "r1"] and rig.membership.excluded() == ["r2"]
+    rig.txns._membership = rig.membership
+    for rid in RIDS:  # they voted YES before the crash
+        rig.client.replicas[rid].staged["t-logged"] = 1
+    seen: list[Any] = []
+    rig.client.on_call["activate"] = lambda rids: seen.append(
+        (rig.txns.current.phase, rig.txns.outcome("k-logged")))
+    finish_the_log(rig.ledger, rig.txns)
+    phase, outcome = seen[0]
+    assert phase is Phase.ACTIVATING and outcome.status == "committed" and not outcome.activated
+    state_after = rig.ledger.state
+    assert state_after.active_version == 1 and state_after.undecided == []
+    assert state_after.outcomes["k-undecided"].status == "aborted"
+    assert "presumed abort" in (state_after.outcomes["k-undecided"].reason or "")
+    assert rig.client.replicas["r0"].version == rig.client.replicas["r1"].version == 1
+    assert rig.client.replicas["r2"].version == 0  # excluded: caught up later by the repair loop
+
+
+def test_sync_members_catches_members_up_and_excludes_those_that_cannot(rig: Rig) -> None:
+    rig.txns.run(rig.request())
+    rig.client.replicas["r1"].version = 0
+    rig.client.replicas["r2"].version = 0
+    rig.client.replicas["r2"].catch_up_fails = "CheckpointMissing"
+    sync_members(rig.ledger, rig.txns, rig.client, rig.membership, request_s=1, catch_up_s=1)
+    assert rig.client.replicas["r1"].version == 1
+    assert rig.membership.excluded() == ["r2"]
+
+
+def test_recovery_is_retried_until_it_succeeds_and_refusals_name_the_failure() -> None:
+    """Loose end 4: recovery errors were swallowed and refits ran on an unrecovered log."""
+    stop = threading.Event()
+    attempts: list[int] = []
+    healed = threading.Event()
+
+    def attempt() -> None:
+        attempts.append(1)
+        if not healed.is_set():
+            raise OSError(28, "No space left on device", "/s/txn.log")
+
+    recovery = Recovery(attempt, retry_s=0.01, stop=stop)
+    recovery.start()
+    try:
+        why = recovery.wait(5.0)
+        assert recovery.state is RecoveryState.FAILED
+        assert "could not recover" in why and "disk full (ENOSPC)" in why and "/s/txn.log" in why
+        assert recovery.summary()["state"] == "failed"
+        healed.set()
+        deadline = time.monotonic() + 5
+        while not recovery.ready and time.monotonic() < deadline:
+            recovery.wait(0.5)
+        assert recovery.ready and recovery.state is RecoveryState.READY and len(attempts) >= 2
+    finally:
+        stop.set()
+
+
+# ----------------------------------------------------------------------------- leases and repair
+
+
+def test_a_renewal_computed_before_an_exclusion_records_nothing_and_is_refused(rig: Rig) -> None:
+    """Loose end 1: the lease loop renewed from a snapshot of the members, and the replica
+    cleared its exclusion on any renewal; a renewal landing after ``exclude`` re-admitted it."""
+    snapshot = rig.membership.renewal_targets()
+    rig.txns.exclude("r1", "hung")
+    for rid, generation in snapshot:  # the loop's round, sent after the exclusion
+        rig.leases.grant(rid, generation)
+    assert rig.membership.get("r1").renewed_at == 0.0  # not counted as a lease granted
+    replica = rig.client.replicas["r1"]
+    assert replica.excluded_by is not None and replica.lease == replica.excluded_by  # still excluded
+
+
+def test_repair_readmits_with_a_new_generation_and_records_the_lease_it_grants(rig: Rig) -> None:
+    """Loose end 2: a re-admission did not record its renewal, so a second exclusion waited out a
+    stale lease."""
+    rig.txns.exclude("r2", "hung")
+    lock = threading.Lock()
+    admitted = []
+
+    def admit(rid: str, version: int) -> bool:
+        generation = rig.membership.admit(rid)
+        rig.leases.grant(rid, generation)
+        admitted.append(rid)
+        return True
+
+    repairer = Repairer(rig.client, rig.membership, rig.leases, active_version=lambda: 0, admit=admit,
+                        refit_lock=lock, catch_up_s=1)
+    before = time.monotonic()
+    assert repairer.repair() == ["r2"]
+    seat = rig.membership.get("r2")
+    assert seat.state is MemberState.MEMBER and seat.renewed_at >= before
+    assert rig.client.replicas["r2"].lease == (rig.ledger.epoch, seat.generation)
+
+
+def test_repair_catches_up_without_the_refit_lock_and_skips_a_version_that_moved(rig: Rig) -> None:
+    """Loose end 5: repair held the refit lock for up to launch_s per excluded replica."""
+    rig.txns.exclude("r1", "hung")
+    lock = threading.Lock()
+    held_during_catch_up: list[bool] = []
+    rig.client.on_call["catch_up"] = lambda rids: held_during_catch_up.append(lock.locked())
+    versions = iter([3, 4])  # a refit committed while r1 was catching up
+    repairer = Repairer(rig.client, rig.membership, rig.leases, active_version=lambda: next(versions),
+                        admit=lambda rid, v: rig.membership.admit(rid) > 0, refit_lock=lock, catch_up_s=1)
+    assert repairer.repair() == []
+    assert held_during_catch_up == [False]
+    assert rig.membership.excluded() == ["r1"]  # tried again next round, at the new version
+
+
+def test_a_failing_round_does_not_end_a_background_loop() -> None:
+    """Loose end 5: one exception from repair ended the renewal thread with no trace."""
+    stop = threading.Event()
+    rounds: list[int] = []
+    second = threading.Event()
+
+    def body() -> None:
+        rounds.append(1)
+        if len(rounds) == 1:
+            raise RuntimeError("one bad round")
+        second.set()
+
+    run_loop("test-loop", lambda: 0.001, body, stop)
+    try:
+        assert second.wait(10), "the loop stopped after its first failing round"
+    finally:
+        stop.set()
+
+
+def test_a_replica_that_reports_it_cannot_serve_is_reported_once_renewed(rig: Rig) -> None:
+    rig.client.replicas["r0"].state = "failed"
+    rig.client.replicas["r0"].error = "ChecksumMismatch: w"
+    rig.leases.renew_all()
+    assert rig.failed == [("r0", "ChecksumMismatch: w")]
+
+
+def test_wait_out_returns_only_after_the_last_lease_granted_lapsed(rig: Rig) -> None:
+    rig.leases.grant("r0", rig.membership.get("r0").generation)
+    granted = rig.membership.get("r0").renewed_at
+    rig.leases.wait_out(["r0"])
+    assert time.monotonic() >= granted + rig.leases.lease_s
+
+
+# ----------------------------------------------------------------------------- membership
+
+
+def test_membership_moves_follow_the_table_and_each_move_bumps_the_generation() -> None:
+    m = Membership()
+    g1 = m.admit("r0")
+    g2 = m.exclude("r0", "hung")
+    g3 = m.admit("r0")
+    assert g1 < g2 < g3
+    assert m.admit("r0") == g3  # re-admitting a member changes nothing
+    assert m.exclude("r9", "evicted before a restart") is not None
+    assert m.leave("r0") and not m.leave("r0")
+    with pytest.raises(MembershipError, match="leaving -> member not allowed"):
+        m.admit("r0")
+    assert m.members() == [] and m.excluded() == ["r9"]
+
+
+def test_a_renewal_is_recorded_only_under_the_generation_it_was_sent_with() -> None:
+    m = Membership()
+    g = m.admit("r0")
+    assert m.renewed("r0", g, at=5.0) and m.get("r0").renewed_at == 5.0
+    m.exclude("r0", "x")
+    assert not m.renewed("r0", g, at=9.0) and m.get("r0").renewed_at == 5.0
+
+
+def test_timeouts_give_a_refit_call_room_for_every_phase() -> None:
+    """Fleet refit timeout: it was 2*prepare + commit + 2*activate + 60 = 210 s by default, shorter
+    than persist_s (300 s), so a slow but legal persist surfaced as a raw GetTimeoutError."""
+    t = Timeouts()
+    assert t.refit_call_s() > t.persist_s + t.commit_s + t.activate_s + t.launch_s + t.lease_s
+    slow_prepare = Timeouts(prepare_s=900)
+    assert slow_prepare.refit_call_s() > 900 + slow_prepare.commit_s + slow_prepare.activate_s
+    with pytest.raises(ValueError, match="launch_s"):
+        Timeouts(launch_s=float("inf"))
+
+
+def test_a_failed_call_is_retryable_unless_the_replica_is_gone() -> None:
+    assert Failed(FailureKind.TIMEOUT, "x").retryable and Failed(FailureKind.UNAVAILABLE, "x").retryable
+    assert not Failed(FailureKind.DEAD, "x").retryable and not Failed(FailureKind.UNKNOWN, "x").retryable
