@@ -3,7 +3,7 @@
 Guarantees, stated the way Ray Serve's controller states its own:
 
 - What survives a crash: everything in ``<state_dir>/txn.log`` (epochs, BEGIN/COMMIT/ABORT/
-  ACTIVATED and membership records; EPOCH, COMMIT, ABORT and evictions fsync'd) and in the
+  ACTIVATED and membership records; EPOCH, COMMIT, ABORT and exclusions fsync'd) and in the
   checkpoint store (every committed version as a full, checksummed set). Nothing else is needed to
   recover (``actors.recovery``).
 - The commit point is the fsync'd COMMIT record, written only after every member voted YES and the

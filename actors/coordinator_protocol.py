@@ -67,16 +67,16 @@ class Vote:
 
 @dataclass
 class Decision:
-    """What a tally decided: commit (excluding ``evicted``), or abort, and why."""
+    """What a tally decided: commit (without the ``excluded`` NO voters), or abort, and why."""
 
     commit: bool
-    evicted: list[str]
+    excluded: list[str]
     reason: str
 
 
-def tally(votes: dict[str, Vote], *, policy: str, max_evict: int) -> Decision:
-    """Decide a transaction. ``strict``: any NO aborts. ``evict``: up to ``max_evict`` NO voters
-    are fenced out and the rest commit, provided at least one member voted YES."""
+def tally(votes: dict[str, Vote], *, policy: str, max_exclude: int) -> Decision:
+    """Decide a transaction. ``strict``: any NO aborts. ``exclude``: up to ``max_exclude`` NO
+    voters are excluded and the rest commit, provided at least one member voted YES."""
     yes = sorted(r for r, v in votes.items() if v.yes)
     no = sorted(r for r, v in votes.items() if not v.yes)
     if not votes:
@@ -84,8 +84,8 @@ def tally(votes: dict[str, Vote], *, policy: str, max_evict: int) -> Decision:
     if not no:
         return Decision(True, [], "all members voted YES")
     reasons = "; ".join(f"{r}: {votes[r].reason}" for r in no)
-    if policy == "evict" and len(no) <= max_evict and yes:
-        return Decision(True, no, f"evicting {len(no)} member(s): {reasons}")
+    if policy == "exclude" and len(no) <= max_exclude and yes:
+        return Decision(True, no, f"excluding {len(no)} member(s): {reasons}")
     return Decision(False, [], f"{len(no)} NO vote(s): {reasons}")
 
 
@@ -103,7 +103,7 @@ class CoordinatorTxn:
     votes: dict[str, Vote] = field(default_factory=dict)  # as they arrive
     commit_acks: set[str] = field(default_factory=set)
     activated: set[str] = field(default_factory=set)
-    evicted: list[str] = field(default_factory=list)  # fenced out: by the tally or after COMMIT
+    excluded: list[str] = field(default_factory=list)  # by the tally, or after COMMIT
     timings: dict[str, float] = field(default_factory=dict)  # prepare_s, and the checkpoint write's
     started: float = field(default_factory=time.monotonic)
 

@@ -8,7 +8,7 @@ Writers (``TxnLog.open(state_dir)``) append under an exclusive ``flock`` on an `
 descriptor, first cutting off a torn tail left by a crashed writer. Every cut is recorded in
 ``TxnLog.cut_tails`` and logged as a warning on the ``weight_refit.log`` logger (path, line, bytes).
 
-Fsync policy (the log's own, not the caller's): EPOCH, COMMIT, ABORT and MEMBER ``evict`` records are
+Fsync policy (the log's own, not the caller's): EPOCH, COMMIT, ABORT and MEMBER ``exclude`` records are
 always ``fdatasync``'d before ``append`` returns; other kinds only when asked (``fsync=True``).
 Asking ``fsync=False`` for an always-synced kind raises ValueError.
 
@@ -151,11 +151,19 @@ class ActivatedRecord(_Record):
 
 
 class MemberRecord(_Record):
-    """A membership change (an ``evict`` is always fsync'd)."""
+    """A membership change (an ``exclude`` is always fsync'd). Logs written before the word was
+    settled say ``evict``; it is read as ``exclude``."""
 
     kind: Literal["MEMBER"] = "MEMBER"
     replica_id: str
-    event: Literal["join", "leave", "evict"]
+    event: Literal["join", "leave", "exclude"]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_event(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("event") == "evict":
+            data = {**data, "event": "exclude"}
+        return data
 
 
 LogRecord = Annotated[
@@ -176,9 +184,9 @@ def dump_record(record: LogRecord) -> bytes:
 
 
 def must_fsync(record: LogRecord) -> bool:
-    """The fsync policy: EPOCH, COMMIT, ABORT and MEMBER ``evict`` records are always synced."""
+    """The fsync policy: EPOCH, COMMIT, ABORT and MEMBER ``exclude`` records are always synced."""
     if isinstance(record, MemberRecord):
-        return record.event == "evict"
+        return record.event == "exclude"
     return isinstance(record, EpochRecord | CommitRecord | AbortRecord)
 
 
@@ -186,7 +194,7 @@ def _sync_wanted(record: LogRecord, fsync: bool | None) -> bool:
     if fsync is None:
         return must_fsync(record)
     if not fsync and must_fsync(record):
-        kind = "MEMBER evict" if isinstance(record, MemberRecord) else record.kind
+        kind = "MEMBER exclude" if isinstance(record, MemberRecord) else record.kind
         raise ValueError(f"{kind} records are always fsync'd: append(fsync=False) is not allowed")
     return fsync
 

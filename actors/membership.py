@@ -1,9 +1,9 @@
 """Who is in the fleet, as the coordinator counts it: one state per replica (plain Python, no Ray).
 
 A replica is a ``MEMBER`` (serves under leases the coordinator renews, takes part in refits),
-``EXCLUDED`` (fenced out after a failure: no renewals; it serves again only once the repair loop
+``EXCLUDED`` (taken out after a failure: no renewals; it serves again only once the repair loop
 has caught it up and re-admitted it) or ``LEAVING`` (being drained and stopped). One word for
-being fenced out: *exclude*.
+being taken out: *exclude* (epoch *fencing* is another idea: refusing an older coordinator).
 
 Every admission and exclusion bumps the replica's membership ``generation``. Renewals and
 exclusions carry it, and a replica ignores any that is older than the newest it has seen, so a

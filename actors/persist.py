@@ -14,8 +14,8 @@ coordinator and is created afresh by the next incarnation.
 - ``ensure()`` replaces a worker that died between refits (OOM, node loss) before it is needed.
 - ``wait(pending, deadline)`` returns the write's timings and "" once the version is stored, or {}
   and a one-line reason. A worker that died mid-write is replaced and the write retried once within
-  the same deadline; a timeout or a failed write is not retried, and the worker is replaced so a
-  hung one cannot hold up the next refit.
+  the same deadline. A failed write (a bad payload, a full disk) is not retried; a timed-out
+  worker is replaced so that a hung one cannot hold up the next refit.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import ray
-from ray.exceptions import RayActorError
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from .durable import describe_os_error
@@ -161,7 +161,12 @@ class Persister:
                                version, _reason(exc))
                 self.ready()
                 ref = self._worker.persist.remote(pending.job)
-            except Exception as exc:  # noqa: BLE001  (a timeout, a bad payload, an I/O error)
+            except RayTaskError as exc:  # the write failed; the worker itself is fine
+                return {}, f"persisting version {version} failed: {_reason(exc)}"
+            except GetTimeoutError:
+                self.replace()
+                return {}, f"persisting version {version} timed out (timeouts.persist_s)"
+            except Exception as exc:  # noqa: BLE001
                 self.replace()
                 return {}, f"persisting version {version} failed: {_reason(exc)}"
         raise AssertionError("unreachable")

@@ -28,7 +28,7 @@ __all__ = ["Recovery", "RecoveryState", "finish_the_log", "restore_membership", 
 
 
 def restore_membership(members: dict[str, str], client: ReplicaClient, membership: Membership) -> None:
-    """Seat every replica the log names (last event: join -> member, evict -> excluded) that is
+    """Seat every replica the log names (last event: join -> member, exclude -> excluded) that is
     still running."""
     for rid, event in members.items():
         if event == "leave" or not client.attach(rid):

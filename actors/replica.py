@@ -120,14 +120,14 @@ class Replica:
     @ray.method(concurrency_group="serve")
     def infer(self, inputs: list[Any], min_version: int = 0) -> dict[str, Any]:
         """Run inference; answers ``stale`` (with a reason) when it cannot serve ``min_version`` or
-        newer, is not serving (catching up, failed, draining) or is fenced out of the fleet."""
+        newer, is not serving (catching up, failed, draining) or is excluded from the fleet."""
         state = self.core.lifecycle.state
         if state is not Lifecycle.SERVING:
             why = f"failed: {self.core.lifecycle.error}" if state is Lifecycle.FAILED else state.value
             return self._stale(why)
         verdict, active = self.lease.check(self.engine.version)
-        if verdict is LeaseVerdict.FENCED:
-            return self._stale("fenced")
+        if verdict is LeaseVerdict.EXCLUDED:
+            return self._stale("excluded")
         if verdict is LeaseVerdict.BEHIND:
             self._catch_up_in_background(active)
             return self._stale("behind")

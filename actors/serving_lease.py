@@ -9,7 +9,7 @@ Contract:
   for that answer instead of asking again (no confirm storm).
 - Answers: a member serves (``BEHIND`` with the active version when the coordinator's active
   version is newer than ours: the caller must not serve until it caught up, and must not load
-  weights on the serving path); a non-member is ``FENCED`` and asks again after a second; an
+  weights on the serving path); a non-member is ``EXCLUDED`` and asks again after a second; an
   unreachable or recovering coordinator lets the replica serve on for half a lease (an outage
   stops refits, not serving) unless it was excluded.
 - All lease fields are read and written under one lock.
@@ -29,12 +29,12 @@ logger = logging.getLogger("weight_refit.replica")
 
 __all__ = ["LeaseVerdict", "ServingLease"]
 
-FENCED_RECHECK_S = 1.0
+EXCLUDED_RECHECK_S = 1.0
 
 
 class LeaseVerdict(str, Enum):
     SERVE = "serve"
-    FENCED = "fenced"
+    EXCLUDED = "excluded"
     BEHIND = "behind"
 
 
@@ -92,7 +92,7 @@ class ServingLease:
         version to catch up to."""
         with self._lock:
             if time.monotonic() < self._expires:
-                return (LeaseVerdict.FENCED if self._excluded else LeaseVerdict.SERVE), version
+                return (LeaseVerdict.EXCLUDED if self._excluded else LeaseVerdict.SERVE), version
             asking = self._asking
             leader = asking is None
             if leader:
@@ -102,11 +102,11 @@ class ServingLease:
             try:
                 return asking.result(timeout=self.confirm_s + 1.0)
             except Exception:  # noqa: BLE001  (the leader is stuck: do not serve on a guess)
-                return LeaseVerdict.FENCED, version
+                return LeaseVerdict.EXCLUDED, version
         try:
             verdict = self._reconfirm(version)
         except BaseException:
-            verdict = (LeaseVerdict.FENCED, version)
+            verdict = (LeaseVerdict.EXCLUDED, version)
             raise
         finally:
             with self._lock:
@@ -125,15 +125,15 @@ class ServingLease:
             member = answer.get("member")
             if member is None:
                 self._expires = now + self.lease_s / 2
-                return (LeaseVerdict.FENCED if self._excluded else LeaseVerdict.SERVE), version
+                return (LeaseVerdict.EXCLUDED if self._excluded else LeaseVerdict.SERVE), version
             stamp = (int(answer["epoch"]), int(answer["generation"]))
             if stamp < self._stamp:  # an answer overtaken by a newer renewal or exclusion
-                return (LeaseVerdict.FENCED if self._excluded else LeaseVerdict.SERVE), version
+                return (LeaseVerdict.EXCLUDED if self._excluded else LeaseVerdict.SERVE), version
             self._stamp = stamp
             if not member:
                 self._excluded = True
-                self._expires = now + FENCED_RECHECK_S
-                return LeaseVerdict.FENCED, version
+                self._expires = now + EXCLUDED_RECHECK_S
+                return LeaseVerdict.EXCLUDED, version
             self._excluded = False
             self._expires = now + self.lease_s
             active = int(answer["active_version"])

@@ -39,7 +39,7 @@ class Timeouts(BaseModel):
         """The longest one refit may legally take inside the coordinator: a replaced persistence
         worker's start, PREPARE overlapped with the checkpoint write, COMMIT and ACTIVATE (each
         with one retry), the parallel catch-up of members lost meanwhile, and the wait-out of
-        evicted members' leases; plus a margin for the calls themselves."""
+        excluded members' leases; plus a margin for the calls themselves."""
         return (self.launch_s + max(self.prepare_s, self.persist_s) + 2 * self.commit_s
                 + 2 * self.activate_s + self.launch_s + self.lease_s + 30.0)
 
@@ -58,8 +58,8 @@ class CoordinatorSettings(_Settings):
     gave it: handed back to drivers that connect, never read by the coordinator."""
 
     timeouts: Timeouts = Field(default_factory=Timeouts)
-    commit_policy: Literal["strict", "evict"] = "strict"
-    max_evict: int = Field(default=0, ge=0)
+    commit_policy: Literal["strict", "exclude"] = "strict"
+    max_exclude: int = Field(default=0, ge=0)
     retain_versions: int = Field(default=3, ge=2)
     persist_fsync: bool = True
     driver_config: dict[str, Any] = Field(default_factory=dict)

@@ -6,7 +6,7 @@
    be logged refuses the refit; nothing was sent, nothing changed.
 2. ``_prepare``: PREPARE to every member at once; each answer is recorded as it arrives.
 3. ``_decide``: wait for the checkpoint write, tally the votes under the commit policy, and log
-   the evictions the tally made (fsync'd).
+   the exclusions the tally made (fsync'd).
 4. ``_log_commit``: the COMMIT record, fsync'd: the commit point.
    Any failure before this point (a NO, a timeout, a failed write, an exception of our own) aborts:
    ABORT is logged, every member is told to discard its staged set, the version's files go.
@@ -75,7 +75,7 @@ class TxnResult:
     duration_s: float = 0.0
     prepare_s: float = 0.0
     persist: dict[str, float] = field(default_factory=dict)
-    evicted: list[str] = field(default_factory=list)
+    excluded: list[str] = field(default_factory=list)
     replicas: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
@@ -147,7 +147,7 @@ class TwoPhaseCommit:
                 logger.exception("txn %s failed before its commit point", txn.txn)
                 return self._abort(txn, _why(exc), t0)
             replies = self.finish(txn, t0)
-            self._leases.wait_out(txn.evicted)
+            self._leases.wait_out(txn.excluded)
             return self._committed(txn, replies, t0)
         finally:
             self.current = None
@@ -191,11 +191,11 @@ class TwoPhaseCommit:
     def _decide(self, txn: CoordinatorTxn, pending: tuple[Any, float]) -> Decision:
         persisted, persist_error = self._persister.wait(*pending)
         txn.timings.update({f"persist_{k}": v for k, v in persisted.items()})
-        decision = tally(txn.votes, policy=self._s.commit_policy, max_evict=self._s.max_evict)
+        decision = tally(txn.votes, policy=self._s.commit_policy, max_exclude=self._s.max_exclude)
         if persist_error:
             return Decision(False, [], persist_error)
-        for rid in decision.evicted:
-            self.exclude(rid, f"evicted from v{txn.version}: {txn.votes[rid].reason}",
+        for rid in decision.excluded:
+            self.exclude(rid, f"excluded from v{txn.version}: {txn.votes[rid].reason}",
                          deferrable=False, txn=txn)
         return decision
 
@@ -302,7 +302,7 @@ class TwoPhaseCommit:
     def _committed(self, txn: CoordinatorTxn, replies: dict[str, Ack | Failed], t0: float) -> TxnResult:
         duration = time.perf_counter() - t0
         observe_refit(self._s.fleet, "committed", duration)
-        phase_log("coordinator", "activated", txn.txn, txn.version, duration, evicted=txn.evicted)
+        phase_log("coordinator", "activated", txn.txn, txn.version, duration, excluded=txn.excluded)
         per_replica: dict[str, dict[str, float]] = {}
         for rid, vote in txn.votes.items():
             per_replica[rid] = dict(vote.timings)
@@ -312,20 +312,20 @@ class TwoPhaseCommit:
         persist = {k[len("persist_"):]: v for k, v in txn.timings.items() if k.startswith("persist_")}
         return TxnResult(status="committed", txn=txn.txn, version=txn.version, key=txn.key,
                          activated=True, duration_s=duration, prepare_s=txn.timings.get("prepare_s", 0.0),
-                         persist=persist, evicted=list(txn.evicted), replicas=per_replica)
+                         persist=persist, excluded=list(txn.excluded), replicas=per_replica)
 
     def exclude(self, rid: str, reason: str, *, deferrable: bool = True,
                 txn: CoordinatorTxn | None = None) -> bool:
         """Fence a member out: logged (fsync'd) first, then no more renewals, then told."""
         if not self._membership.is_member(rid):
             return False
-        self._ledger.append(MemberRecord(epoch=self.epoch, replica_id=rid, event="evict"),
+        self._ledger.append(MemberRecord(epoch=self.epoch, replica_id=rid, event="exclude"),
                             deferrable=deferrable)
         generation = self._membership.exclude(rid, reason)
         if generation is None:
             return False
         self._client.exclude(rid, self.epoch, generation)
         if txn is not None:
-            txn.evicted.append(rid)
+            txn.excluded.append(rid)
         logger.warning("replica %s excluded: %s", rid, reason)
         return True

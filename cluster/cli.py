@@ -206,7 +206,7 @@ def _safe_progress(fleet: Any) -> dict[str, Any] | None:
 
 def _result_dict(res: Any) -> dict[str, Any]:
     return {"status": "noop" if res.noop else "committed", "version": res.version, "txn": res.txn,
-            "duration_s": round(res.duration_s, 6), "duplicate": res.duplicate, "evicted": res.evicted,
+            "duration_s": round(res.duration_s, 6), "duplicate": res.duplicate, "excluded": res.excluded,
             "replicas": res.replicas}
 
 

@@ -19,7 +19,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from actors.failpoints import check_action
 from actors.settings import Timeouts as TimeoutConfig
@@ -112,7 +120,7 @@ class FleetConfig(BaseModel):
       - ``engine`` and ``state_dir`` are absolute path strings after validation (``~`` expanded,
         relative paths resolved against the current working directory). ``state_dir`` defaults
         to ``~/.weight-refit/<name>``. Neither has to exist yet.
-      - ``max_evict < replicas``; ``ray_init`` may not carry ``address`` or ``namespace`` (use the
+      - ``max_exclude < replicas``; ``ray_init`` may not carry ``address`` or ``namespace`` (use the
         fields of the same name).
       - Impossible placements that the config alone proves are rejected: a single-node fleet
         (``address`` is ``None``) on ``cuda``/``mlu`` with ``cards_per_node`` given must fit
@@ -137,10 +145,13 @@ class FleetConfig(BaseModel):
                     "default ~/.weight-refit/<name>")
     timeouts: TimeoutConfig = Field(default_factory=TimeoutConfig)
     routing: RoutingConfig = Field(default_factory=RoutingConfig)
-    commit_policy: Literal["strict", "evict"] = Field(
+    commit_policy: Literal["strict", "exclude"] = Field(
         default="strict",
-        description="strict: any NO aborts; evict: fence out up to max_evict members and commit")
-    max_evict: int = Field(default=0, ge=0, description="members the evict policy may fence out (< replicas)")
+        description="strict: any NO aborts; exclude: take up to max_exclude NO voters out of the fleet "
+                    "and commit among the rest ('evict' is read as 'exclude')")
+    max_exclude: int = Field(default=0, ge=0, validation_alias=AliasChoices("max_exclude", "max_evict"),
+                             description="members the exclude policy may take out (< replicas; "
+                                         "'max_evict' is read as this)")
     memory_mode: Literal["swap", "copy"] = Field(
         default="swap",
         description="swap: stage beside the live set; copy: stage in host memory, copy at commit")
@@ -156,6 +167,9 @@ class FleetConfig(BaseModel):
         description="fault injection (tests): name -> action")
     ray_init: dict[str, Any] = Field(default_factory=dict,
         description="extra ray.init kwargs for a local Ray")
+    coordinator_env: dict[str, str] = Field(default_factory=dict,
+        description="extra environment variables of the coordinator's process (fault tests: Ray's "
+                    "RAY_testing_rpc_failure there loses the coordinator's calls to replicas)")
     persist_fsync: bool = Field(default=True, description="fsync checkpoints and log records")
     retain_versions: int = Field(default=3, ge=2, description="committed versions kept in the store")
     engine_device: str | None = Field(
@@ -183,6 +197,11 @@ class FleetConfig(BaseModel):
                 "'.', '_' and '-', starting with a letter or digit (no path characters)"
             )
         return value
+
+    @field_validator("commit_policy", mode="before")
+    @classmethod
+    def _legacy_policy(cls, value: Any) -> Any:
+        return "exclude" if value == "evict" else value
 
     @field_validator("address")
     @classmethod
@@ -222,9 +241,9 @@ class FleetConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check_consistency(self) -> FleetConfig:
-        if self.max_evict >= self.replicas:
+        if self.max_exclude >= self.replicas:
             raise ValueError(
-                f"max_evict ({self.max_evict}) must be less than replicas ({self.replicas}): "
+                f"max_exclude ({self.max_exclude}) must be less than replicas ({self.replicas}): "
                 "a commit needs at least one surviving member"
             )
         cards = self.placement.cards_per_node

@@ -55,7 +55,12 @@ class RefitResult:
     duplicate: bool = False
     replicas: dict[str, dict[str, float]] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
-    evicted: list[str] = field(default_factory=list)
+    excluded: list[str] = field(default_factory=list)
+
+    @property
+    def evicted(self) -> list[str]:
+        """The former name of ``excluded``."""
+        return self.excluded
 
 
 def ensure_ray(address: str | None = None, init_kwargs: Mapping[str, Any] | None = None) -> None:
@@ -87,7 +92,7 @@ def _coordinator_settings(cfg: FleetConfig) -> CoordinatorSettings:
     return CoordinatorSettings(
         fleet=cfg.name, namespace=cfg.namespace, state_dir=cfg.state_dir,
         failpoints=dict(cfg.failpoints), timeouts=cfg.timeouts, commit_policy=cfg.commit_policy,
-        max_evict=cfg.max_evict, retain_versions=cfg.retain_versions, persist_fsync=cfg.persist_fsync,
+        max_exclude=cfg.max_exclude, retain_versions=cfg.retain_versions, persist_fsync=cfg.persist_fsync,
         driver_config=cfg.model_dump(mode="json"),
     )
 
@@ -188,6 +193,7 @@ class Fleet:
         coord = Coordinator.options(
             name=coordinator_actor_name(cfg.name), namespace=cfg.namespace, lifetime="detached",
             get_if_exists=True, num_cpus=0, scheduling_strategy=_head_node_strategy(),
+            runtime_env={"env_vars": dict(cfg.coordinator_env)} if cfg.coordinator_env else None,
         ).remote(_coordinator_settings(cfg))
         _start_replicas(cfg, plan, pg, cards, coord)
         return cls(cfg.name, cfg.namespace, coord, cfg.model_dump(mode="json"))
@@ -369,7 +375,7 @@ class Fleet:
         return RefitResult(version=out.version, txn=out.txn, duration_s=time.perf_counter() - t0,
                            noop=out.status == "noop", duplicate=out.duplicate, replicas=out.replicas,
                            timings={**timings, "coordinator_s": out.duration_s, "prepare_s": out.prepare_s},
-                           evicted=list(out.evicted))
+                           excluded=list(out.excluded))
 
     def outcome(self, key_or_txn: str) -> dict[str, Any]:
         """``{"status": committed | aborted | in_doubt | unknown, "version", "txn", "reason", ...}``."""

@@ -332,7 +332,7 @@ class Soak:
             else:
                 res = self.fleet.rollback(to=to, key=key)
             out.update(status="noop" if res.noop else "committed", version=res.version,
-                       evicted=res.evicted)
+                       excluded=res.excluded)
             if not res.noop:
                 self.record_commit(res.version, value if kind == "refit" else expect_value,
                                    res.version if kind == "refit" else expect_origin, returned=True)

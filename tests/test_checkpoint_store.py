@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import errno
 import json
 import struct
 from pathlib import Path
@@ -218,3 +219,37 @@ def test_bad_labels_rejected(label: str) -> None:
 @pytest.mark.parametrize("label", ["a", "v12", "my-fleet_1.prod", "0", "x" * 64])
 def test_good_labels_accepted(label: str) -> None:
     assert validate_label(label) == label
+
+
+def test_creating_the_store_makes_its_directory_entry_durable(tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Loose end 10: the ``checkpoints/`` directory's parent was never fsync'd, so a power loss
+    could forget the directory with every version in it."""
+    import actors.store as store_module
+
+    synced: list[Path] = []
+    real = store_module.fsync_dir
+    monkeypatch.setattr(store_module, "fsync_dir", lambda p: (synced.append(Path(p)), real(p))[1])
+    CheckpointStore.in_state_dir(tmp_path / "state")
+    assert tmp_path / "state" in synced
+    synced.clear()
+    CheckpointStore.in_state_dir(tmp_path / "state")  # it exists now: nothing to make durable
+    assert synced == []
+
+
+@pytest.mark.parametrize(("hook", "errno_name"), [("store.write", "ENOSPC"), ("store.fsync", "EIO")])
+def test_a_failed_write_leaves_no_file_and_the_older_versions_intact(tmp_path: Path, hook: str,
+                                                                     errno_name: str) -> None:
+    from actors.failpoints import Failpoints
+
+    fp = Failpoints()
+    store = CheckpointStore.in_state_dir(tmp_path, fp=fp)
+    w = weights()
+    store.save(1, w, checksums(w))
+    before = sorted(p.name for p in store.root.iterdir())
+    fp.arm(hook, f"oserror:{errno_name}")
+    with pytest.raises(OSError) as info:
+        store.save(2, w, checksums(w))
+    assert info.value.errno == getattr(errno, errno_name)
+    assert sorted(p.name for p in store.root.iterdir()) == before
+    assert store.versions() == [1] and set(store.load(1)) == set(w)

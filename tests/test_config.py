@@ -30,7 +30,7 @@ def test_defaults() -> None:
     assert cfg.address is None
     assert cfg.replicas == 2
     assert cfg.device == "cpu"
-    assert cfg.commit_policy == "strict" and cfg.max_evict == 0
+    assert cfg.commit_policy == "strict" and cfg.max_exclude == 0
     assert cfg.memory_mode == "swap" and cfg.keep_previous is True
     assert cfg.torch_threads == 1 and cfg.memory_budget_bytes is None
     assert cfg.failpoints == {} and cfg.ray_init == {} and cfg.persist_fsync is True
@@ -66,8 +66,8 @@ def test_yaml_round_trip(tmp_path: Path) -> None:
         placement={"gpu_fraction": 0.5, "cards_per_node": 2, "strategy": "PACK"},
         timeouts={"prepare_s": 1.5},
         routing={"max_queue_per_replica": 2, "retries_on_stale": 0},
-        commit_policy="evict",
-        max_evict=1,
+        commit_policy="exclude",
+        max_exclude=1,
         memory_mode="copy",
         keep_previous=False,
         torch_threads=4,
@@ -133,7 +133,7 @@ def test_unknown_key_in_yaml_names_file_and_key(tmp_path: Path) -> None:
         ({"routing": {"max_queue_per_replica": 0}}, "routing.max_queue_per_replica"),
         ({"routing": {"retries_on_stale": -1}}, "routing.retries_on_stale"),
         ({"commit_policy": "majority"}, "commit_policy"),
-        ({"max_evict": -1}, "max_evict"),
+        ({"max_exclude": -1}, "max_exclude"),
         ({"memory_mode": "mmap"}, "memory_mode"),
         ({"torch_threads": 0}, "torch_threads"),
         ({"memory_budget_bytes": 0}, "memory_budget_bytes"),
@@ -159,10 +159,16 @@ def test_missing_required_fields_named() -> None:
     assert "state_dir" not in locs  # only the real cause is reported
 
 
-def test_max_evict_must_be_below_replicas() -> None:
-    assert _cfg(replicas=3, commit_policy="evict", max_evict=2).max_evict == 2
-    with pytest.raises(ValidationError, match=r"max_evict \(2\).*replicas \(2\)"):
-        _cfg(replicas=2, max_evict=2)
+def test_max_exclude_must_be_below_replicas() -> None:
+    assert _cfg(replicas=3, commit_policy="exclude", max_exclude=2).max_exclude == 2
+    with pytest.raises(ValidationError, match=r"max_exclude \(2\).*replicas \(2\)"):
+        _cfg(replicas=2, max_exclude=2)
+
+
+def test_the_former_evict_words_still_load_as_exclude() -> None:
+    cfg = _cfg(replicas=3, commit_policy="evict", max_evict=2)
+    assert cfg.commit_policy == "exclude" and cfg.max_exclude == 2
+    assert "max_evict" not in cfg.model_dump() and cfg.model_dump()["max_exclude"] == 2
 
 
 @pytest.mark.parametrize(

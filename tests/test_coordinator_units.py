@@ -33,11 +33,11 @@ RIDS = ["r0", "r1", "r2"]
 class Rig:
     """One coordinator's parts over fakes: ``rig.txns.run(rig.request())`` is one refit."""
 
-    def __init__(self, state_dir: Path, *, policy: str = "strict", max_evict: int = 0,
+    def __init__(self, state_dir: Path, *, policy: str = "strict", max_exclude: int = 0,
                  lease_s: float = 0.05) -> None:
         self.fp = Failpoints(owner="coordinator")
         self.settings = CoordinatorSettings(
-            fleet="f", namespace="n", state_dir=str(state_dir), commit_policy=policy, max_evict=max_evict,
+            fleet="f", namespace="n", state_dir=str(state_dir), commit_policy=policy, max_exclude=max_exclude,
             timeouts=Timeouts(prepare_s=1, commit_s=1, activate_s=1, lease_s=lease_s, launch_s=1))
         self.ledger = Ledger.open(state_dir, self.fp)
         self.ledger.bump_epoch()
@@ -153,7 +153,7 @@ def test_lost_commit_and_activate_messages_are_retried_once(rig: Rig) -> None:
     rig.client.lose("commit", "r1")
     rig.client.lose("activate", "r2")
     res = rig.txns.run(rig.request())
-    assert res.status == "committed" and res.evicted == []
+    assert res.status == "committed" and res.excluded == []
     assert ("commit", ("r1",)) in rig.client.calls and ("activate", ("r2",)) in rig.client.calls
     assert "catch_up" not in rig.client.methods()  # the retry sufficed
     assert {r.version for r in rig.client.replicas.values()} == {1}
@@ -165,21 +165,21 @@ def test_members_lost_during_activate_are_caught_up_together_and_excluded_if_the
         rig.client.lose("activate", rid, times=2, kind=FailureKind.TIMEOUT)
     rig.client.replicas["r2"].catch_up_fails = "ChecksumMismatch: v1 is corrupted"
     res = rig.txns.run(rig.request())
-    assert res.status == "committed" and res.evicted == ["r2"]
+    assert res.status == "committed" and res.excluded == ["r2"]
     assert [c for c in rig.client.calls if c[0] == "catch_up"] == [("catch_up", ("r1", "r2"))]
     assert rig.client.replicas["r1"].version == 1
     seat = rig.membership.get("r2")
     assert seat.state is MemberState.EXCLUDED and "corrupted" in seat.reason
     assert rig.client.exclusions == [("r2", rig.ledger.epoch, seat.generation)]
     records = TxnLog.open(rig.settings.state_dir, readonly=True).records()
-    assert any(isinstance(r, MemberRecord) and r.event == "evict" and r.replica_id == "r2" for r in records)
+    assert any(isinstance(r, MemberRecord) and r.event == "exclude" and r.replica_id == "r2" for r in records)
 
 
-def test_an_evict_policy_commit_fences_the_no_voters_out_before_the_commit_point(tmp_path: Path) -> None:
-    rig = Rig(tmp_path, policy="evict", max_evict=1)
+def test_an_exclude_policy_commit_takes_the_no_voters_out_before_the_commit_point(tmp_path: Path) -> None:
+    rig = Rig(tmp_path, policy="exclude", max_exclude=1)
     rig.client.replicas["r0"].vote_no = "timeout"
     res = rig.txns.run(rig.request())
-    assert res.status == "committed" and res.evicted == ["r0"]
+    assert res.status == "committed" and res.excluded == ["r0"]
     kinds = rig.kinds()
     assert kinds.index("MEMBER") < kinds.index("COMMIT")
     assert "r0" not in [r for m, rids in rig.client.calls if m == "commit" for r in rids]
@@ -219,7 +219,7 @@ def _log_committed_in_an_earlier_epoch(state_dir: Path) -> None:
         log.append(BeginRecord(epoch=1, txn="t-undecided", version=2, key="k-undecided", checksums=SUMS))
         for rid in RIDS:
             log.append(MemberRecord(epoch=1, replica_id=rid, event="join"))
-        log.append(MemberRecord(epoch=1, replica_id="r2", event="evict"))
+        log.append(MemberRecord(epoch=1, replica_id="r2", event="exclude"))
 
 
 def test_recovery_finishes_a_logged_commit_visibly_and_presumes_the_rest_aborted(tmp_path: Path) -> None:
@@ -377,7 +377,7 @@ def test_membership_moves_follow_the_table_and_each_move_bumps_the_generation() 
     g3 = m.admit("r0")
     assert g1 < g2 < g3
     assert m.admit("r0") == g3  # re-admitting a member changes nothing
-    assert m.exclude("r9", "evicted before a restart") is not None
+    assert m.exclude("r9", "excluded before a restart") is not None
     assert m.leave("r0") and not m.leave("r0")
     with pytest.raises(MembershipError, match="leaving -> member not allowed"):
         m.admit("r0")

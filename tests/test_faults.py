@@ -119,19 +119,19 @@ def test_replica_hung_in_prepare_times_out_as_no_then_recovers(make_fleet) -> No
 
 
 @pytest.mark.parametrize("failpoint", ["replica.before_vote", "replica.after_vote"])
-def test_hung_replica_is_evicted_fenced_and_readmitted(make_fleet, failpoint: str) -> None:
-    """Commit policy evict: a replica hung before or after voting is fenced out, the coordinator
+def test_hung_replica_is_excluded_and_readmitted(make_fleet, failpoint: str) -> None:
+    """Commit policy exclude: a replica hung before or after voting is excluded, the coordinator
     waits out its lease before refit returns, so it cannot serve the old version afterwards; once
     it wakes it catches up and is re-admitted."""
-    fleet = make_fleet(commit_policy="evict", max_evict=1)
+    fleet = make_fleet(commit_policy="exclude", max_exclude=1)
     old = fleet.status()["version"]
     r1 = _handles(fleet)["r1"]
     with ClientLoad(fleet) as load:
         ray.get(r1.arm_failpoint.remote(failpoint, "sleep:8"))
         res = fleet.refit(probe_weights(9.0))
-        assert res.evicted == ["r1"]
+        assert res.excluded == ["r1"]
         late = ray.get(r1.infer.remote([probe_input()], 0), timeout=10)
-        assert late["stale"] and late["reason"] == "fenced", late  # never the old version
+        assert late["stale"] and late["reason"] == "excluded", late  # never the old version
         assert all(v == 9.0 for v in _values(fleet))
         ray.get(r1.arm_failpoint.remote(failpoint, None))
         wait_for(lambda: "r1" in ray.get(fleet._coord.member_handles.remote()), 60, "r1 re-admitted")

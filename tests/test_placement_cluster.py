@@ -52,10 +52,10 @@ def node_removed() -> dict:
 
 
 def test_node_removed_mid_refit_commits_among_survivors(node_removed: dict) -> None:
-    # the replica held in PREPARE is fenced out; another replica of the lost node may instead have
+    # the replica held in PREPARE is excluded; another replica of the lost node may instead have
     # voted before the loss, restarted elsewhere and caught up from the store in time
-    assert node_removed["victims"][0] in node_removed["evicted"]
-    assert set(node_removed["evicted"]) <= set(node_removed["victims"])
+    assert node_removed["victims"][0] in node_removed["excluded"]
+    assert set(node_removed["excluded"]) <= set(node_removed["victims"])
     assert node_removed["version_after"] == node_removed["committed_version"]
 
 

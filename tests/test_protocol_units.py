@@ -554,77 +554,78 @@ def _votes(yes: int, no: int) -> dict[str, Vote]:
     return votes
 
 
-CASES = list(itertools.product(["strict", "evict"], range(4), range(4), range(4)))
+CASES = list(itertools.product(["strict", "exclude"], range(4), range(4), range(4)))
 
 
-@pytest.mark.parametrize(("policy", "n_yes", "n_no", "max_evict"), CASES)
-def test_tally_exhaustive(policy, n_yes, n_no, max_evict):
+@pytest.mark.parametrize(("policy", "n_yes", "n_no", "max_exclude"), CASES)
+def test_tally_exhaustive(policy, n_yes, n_no, max_exclude):
     votes = _votes(n_yes, n_no)
-    d = tally(votes, policy=policy, max_evict=max_evict)
+    d = tally(votes, policy=policy, max_exclude=max_exclude)
     assert isinstance(d, Decision)
     yes = sorted(r for r in votes if r.startswith("y"))
     no = sorted(r for r in votes if r.startswith("n"))
-    should_commit = bool(votes) and (n_no == 0 or (policy == "evict" and n_no <= max_evict and n_yes >= 1))
+    may_exclude = policy == "exclude" and n_no <= max_exclude and n_yes >= 1
+    should_commit = bool(votes) and (n_no == 0 or may_exclude)
     assert d.commit is should_commit
     if d.commit:
-        assert d.evicted == no  # every NO voter is fenced out; the YES voters commit
-        assert yes and set(yes).isdisjoint(d.evicted)
+        assert d.excluded == no  # every NO voter is excluded; the YES voters commit
+        assert yes and set(yes).isdisjoint(d.excluded)
     else:
-        assert d.evicted == []
+        assert d.excluded == []
     # every NO reason is listed, whichever way it went
     for i in range(n_no):
         assert f"n{i}: reason-{i}" in d.reason
 
 
-@pytest.mark.parametrize("policy", ["strict", "evict"])
+@pytest.mark.parametrize("policy", ["strict", "exclude"])
 def test_tally_no_votes_aborts(policy):
-    d = tally({}, policy=policy, max_evict=5)
-    assert d.commit is False and d.evicted == []
+    d = tally({}, policy=policy, max_exclude=5)
+    assert d.commit is False and d.excluded == []
     assert "no members" in d.reason
 
 
-@pytest.mark.parametrize("policy", ["strict", "evict"])
+@pytest.mark.parametrize("policy", ["strict", "exclude"])
 def test_tally_all_yes_commits(policy):
-    d = tally({"b": Vote("b", True), "a": Vote("a", True)}, policy=policy, max_evict=0)
+    d = tally({"b": Vote("b", True), "a": Vote("a", True)}, policy=policy, max_exclude=0)
     assert d == Decision(True, [], "all members voted YES")
 
 
 def test_tally_strict_any_no_aborts_with_reasons():
     votes = {"r0": Vote("r0", True), "r1": Vote("r1", False, "timeout after 30s"),
              "r2": Vote("r2", False, "checksum mismatch on w")}
-    d = tally(votes, policy="strict", max_evict=10)
+    d = tally(votes, policy="strict", max_exclude=10)
     assert d.commit is False
-    assert d.evicted == []
+    assert d.excluded == []
     assert "2 NO vote(s)" in d.reason
     assert "r1: timeout after 30s" in d.reason
     assert "r2: checksum mismatch on w" in d.reason
     assert "r0" not in d.reason
 
 
-def test_tally_evict_within_bound_commits_among_the_rest():
+def test_tally_exclude_within_bound_commits_among_the_rest():
     votes = {"r0": Vote("r0", True), "r1": Vote("r1", False, "timeout"), "r2": Vote("r2", True)}
-    d = tally(votes, policy="evict", max_evict=1)
+    d = tally(votes, policy="exclude", max_exclude=1)
     assert d.commit is True
-    assert d.evicted == ["r1"]
-    assert "evicting 1" in d.reason and "r1: timeout" in d.reason
+    assert d.excluded == ["r1"]
+    assert "excluding 1" in d.reason and "r1: timeout" in d.reason
 
 
-def test_tally_evict_over_bound_aborts():
+def test_tally_exclude_over_bound_aborts():
     votes = {"r0": Vote("r0", True), "r1": Vote("r1", False, "a"), "r2": Vote("r2", False, "b")}
-    d = tally(votes, policy="evict", max_evict=1)
-    assert d.commit is False and d.evicted == []
+    d = tally(votes, policy="exclude", max_exclude=1)
+    assert d.commit is False and d.excluded == []
     assert "r1: a" in d.reason and "r2: b" in d.reason
 
 
-def test_tally_evict_needs_one_yes():
+def test_tally_exclude_needs_one_yes():
     votes = {"r0": Vote("r0", False, "x"), "r1": Vote("r1", False, "y")}
-    d = tally(votes, policy="evict", max_evict=5)
-    assert d.commit is False and d.evicted == []
+    d = tally(votes, policy="exclude", max_exclude=5)
+    assert d.commit is False and d.excluded == []
 
 
-def test_tally_evict_with_zero_max_evict_is_strict():
+def test_tally_exclude_with_zero_max_exclude_is_strict():
     votes = {"r0": Vote("r0", True), "r1": Vote("r1", False, "x")}
-    assert tally(votes, policy="evict", max_evict=0).commit is False
+    assert tally(votes, policy="exclude", max_exclude=0).commit is False
 
 
 # ----------------------------------------------------------------------------- coordinator phases

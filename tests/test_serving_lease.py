@@ -15,12 +15,12 @@ def member(epoch: int = 1, generation: int = 1, active: int = 0) -> dict[str, An
 
 def test_a_renewal_older_than_the_exclusion_cannot_undo_it() -> None:
     """Loose end 1: ``renew_lease`` cleared the exclusion unconditionally, so a renewal sent before
-    ``exclude`` and landing after it re-admitted an evicted replica."""
+    ``exclude`` and landing after it re-admitted an excluded replica."""
     lease = ServingLease(10.0, confirm=lambda: {"member": None})  # coordinator unreachable
     assert lease.renew(epoch=1, lease_s=10.0, generation=1)
     assert lease.exclude(epoch=1, generation=2)
     assert not lease.renew(epoch=1, lease_s=10.0, generation=1)  # the late renewal
-    assert lease.check(version=3) == (LeaseVerdict.FENCED, 3)
+    assert lease.check(version=3) == (LeaseVerdict.EXCLUDED, 3)
     assert lease.renew(epoch=1, lease_s=10.0, generation=3)  # a real re-admission
     assert lease.check(version=3) == (LeaseVerdict.SERVE, 3)
 
@@ -79,12 +79,12 @@ def test_a_member_ahead_of_a_lagging_log_serves_its_own_version() -> None:
     assert lease.check(version=5) == (LeaseVerdict.SERVE, 5)
 
 
-def test_a_non_member_is_fenced_and_asks_again_later() -> None:
+def test_a_non_member_is_excluded_and_asks_again_later() -> None:
     answers = iter([{"member": False, "epoch": 1, "generation": 2, "active_version": 0},
                     member(generation=3)])
     lease = ServingLease(10.0, confirm=lambda: next(answers))
-    assert lease.check(version=0)[0] is LeaseVerdict.FENCED
-    assert lease.check(version=0)[0] is LeaseVerdict.FENCED  # within the recheck interval: from memory
+    assert lease.check(version=0)[0] is LeaseVerdict.EXCLUDED
+    assert lease.check(version=0)[0] is LeaseVerdict.EXCLUDED  # within the recheck interval: from memory
     assert lease.left_s() > 0
 
 
@@ -96,11 +96,11 @@ def test_an_unreachable_coordinator_lets_a_member_serve_on_but_not_an_excluded_o
     assert lease.check(version=0)[0] is LeaseVerdict.SERVE
     excluded = ServingLease(10.0, down)
     excluded.exclude(epoch=1, generation=1)
-    assert excluded.check(version=0)[0] is LeaseVerdict.FENCED
+    assert excluded.check(version=0)[0] is LeaseVerdict.EXCLUDED
 
 
 def test_an_answer_overtaken_by_a_newer_exclusion_does_not_readmit() -> None:
     lease = ServingLease(10.0, confirm=lambda: {"member": True, "epoch": 1, "generation": 1,
                                                  "active_version": 0})
     lease.exclude(epoch=1, generation=2)
-    assert lease.check(version=0)[0] is LeaseVerdict.FENCED
+    assert lease.check(version=0)[0] is LeaseVerdict.EXCLUDED

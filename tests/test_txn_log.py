@@ -73,8 +73,8 @@ def test_commit_and_epoch_require_fsync(tmp_path: Path) -> None:
         log.append(EpochRecord(epoch=2), fsync=False)
     with pytest.raises(ValueError, match="ABORT records are always fsync"):
         log.append(AbortRecord(epoch=1, txn="t1", reason="NO"), fsync=False)
-    with pytest.raises(ValueError, match="MEMBER evict records are always fsync"):
-        log.append(MemberRecord(epoch=1, replica_id="r0", event="evict"), fsync=False)
+    with pytest.raises(ValueError, match="MEMBER exclude records are always fsync"):
+        log.append(MemberRecord(epoch=1, replica_id="r0", event="exclude"), fsync=False)
     log.append(MemberRecord(epoch=1, replica_id="r0", event="leave"), fsync=False)
     assert [r.kind for r in log.records()] == ["EPOCH", "BEGIN", "MEMBER"]
 
@@ -106,7 +106,7 @@ def test_fsync_path_syncs_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPat
         (ActivatedRecord(epoch=1, txn="t3", version=3, duration_s=0.1), 0),
         (MemberRecord(epoch=1, replica_id="r0", event="join"), 0),
         (MemberRecord(epoch=1, replica_id="r0", event="leave"), 0),
-        (MemberRecord(epoch=1, replica_id="r0", event="evict"), 1),
+        (MemberRecord(epoch=1, replica_id="r0", event="exclude"), 1),
     ]
     for record, syncs in policy:
         before = len(calls)
@@ -334,10 +334,10 @@ def test_members() -> None:
             EpochRecord(epoch=1),
             MemberRecord(epoch=1, replica_id="r0", event="join"),
             MemberRecord(epoch=1, replica_id="r1", event="join"),
-            MemberRecord(epoch=1, replica_id="r1", event="evict"),
+            MemberRecord(epoch=1, replica_id="r1", event="exclude"),
         ]
     )
-    assert s.members == {"r0": "join", "r1": "evict"}
+    assert s.members == {"r0": "join", "r1": "exclude"}
 
 
 def test_closed_log_refuses(tmp_path: Path) -> None:
@@ -411,7 +411,7 @@ def _every_kind_log() -> list[LogRecord]:
         CommitRecord(epoch=3, txn="t7", version=6),  # an older epoch's undecided txn may still commit
         ActivatedRecord(epoch=3, txn="t4", version=4, duration_s=2.0),  # 25
         ActivatedRecord(epoch=3, txn="t7", version=6, duration_s=1.5),
-        MemberRecord(epoch=3, replica_id="r1", event="evict"),
+        MemberRecord(epoch=3, replica_id="r1", event="exclude"),
         begin(3, "t8", 7, key="k1"),  # k1 keeps naming t1
         EpochRecord(epoch=4),
         begin(4, "t9", 8),  # 30
@@ -449,7 +449,7 @@ def test_applying_records_one_at_a_time_matches_replay_at_every_prefix() -> None
     assert state.committed_not_activated == ["t9", "t10"]  # BEGIN order, as recovery finishes them
     assert state.undecided == ["t8"]
     assert state.last_version == 9
-    assert state.members == {"r0": "join", "r1": "evict"}
+    assert state.members == {"r0": "join", "r1": "exclude"}
     assert state.outcomes["k1"].txn == "t1" and state.outcomes["k2"].txn == "t2"
     assert state.outcomes["k2"].votes == {"r1": "NO: nan"}
     assert (state.outcomes["t8"].status, state.outcomes["t8"].reason) == ("aborted", presumed.format(4))
@@ -762,3 +762,13 @@ def test_a_full_disk_fails_the_append_leaving_the_log_unchanged_and_it_recovers_
             assert reader.state().versions[2].checksums == BIG
     finally:
         subprocess.run(["umount", str(mnt)], check=False)
+
+
+def test_a_member_record_of_the_former_word_evict_is_read_as_exclude(tmp_path: Path) -> None:
+    log = TxnLog.open(tmp_path)
+    log.bump_epoch()
+    with open(tmp_path / "txn.log", "ab") as f:  # as an older version of the project wrote it
+        f.write(b'{"epoch":1,"ts":1.0,"kind":"MEMBER","replica_id":"r3","event":"evict"}\n')
+    [record] = [r for r in log.records() if isinstance(r, MemberRecord)]
+    assert record.event == "exclude"
+    assert log.state().members == {"r3": "exclude"}

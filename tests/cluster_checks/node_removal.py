@@ -1,6 +1,6 @@
 """Run in a subprocess by tests/test_placement_cluster.py: a node removed in the middle of a refit.
 
-Two worker nodes with two replicas each (commit policy ``evict``, up to 2). One replica on the
+Two worker nodes with two replicas each (commit policy ``exclude``, up to 2). One replica on the
 doomed node is held in PREPARE by a failpoint, so the node's removal lands mid-refit. The refit
 commits among the survivors, the lost replicas restart on the remaining node, catch up from the
 checkpoint store and are re-admitted; clients never see a failed request. Prints one JSON object.
@@ -44,8 +44,8 @@ def main() -> None:
     ray.init(address=cluster.address, log_to_driver=False)
     engine = tmp / "probe.engine"
     build_probe_engine(engine)
-    cfg = fleet_config(engine, tmp, replicas=4, address=cluster.address, commit_policy="evict",
-                       max_evict=3, timeouts={"prepare_s": 6, "commit_s": 4, "activate_s": 4,
+    cfg = fleet_config(engine, tmp, replicas=4, address=cluster.address, commit_policy="exclude",
+                       max_exclude=3, timeouts={"prepare_s": 6, "commit_s": 4, "activate_s": 4,
                                               "request_s": 20, "lease_s": 2, "launch_s": 90})
     fleet = Fleet.launch(cfg)
     fleet.refit(probe_weights(1.0))
@@ -68,7 +68,7 @@ def main() -> None:
         refit.join(timeout=120)
         res = result["r"]
         out["committed_version"] = res.version
-        out["evicted"] = sorted(res.evicted)
+        out["excluded"] = sorted(res.excluded)
         wait_for(lambda: len(ray.get(fleet._coord.member_handles.remote())) == 4, 120,
                  "lost replicas re-admitted")
         st = converged(fleet)
