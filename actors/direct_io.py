@@ -14,6 +14,7 @@ filesystems); callers then write the buffered way.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import mmap
 import os
@@ -82,7 +83,9 @@ def write_views(fd: int, views: Sequence[memoryview | bytes], *, chunk: int = CH
                 if not errors:
                     _write_all(fd, buf[:n])
             except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
-                errors.append(e)
+                # without its traceback: the frames hold views of the buffer, which must be gone
+                # before the buffer can be closed
+                errors.append(e.with_traceback(None))
             finally:
                 free.put(buf)
 
@@ -112,7 +115,8 @@ def write_views(fd: int, views: Sequence[memoryview | bytes], *, chunk: int = CH
         for b in bufs:
             b.release()
         for m in maps:
-            m.close()
+            with contextlib.suppress(BufferError):  # a view is still alive: the mapping goes with it
+                m.close()
     if errors:
         raise errors[0]
     os.ftruncate(fd, total)

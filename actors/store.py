@@ -145,6 +145,12 @@ class CheckpointManifest(BaseModel):
 
 
 
+def _name_the_file(exc: BaseException, path: Path) -> None:
+    """An OS error of a write names the file it was writing (for the person reading the error)."""
+    if isinstance(exc, OSError) and not exc.filename:
+        exc.filename = str(path)
+
+
 def _write_all(f: BinaryIO, data: memoryview | bytes) -> None:
     mv = memoryview(data).cast("B")
     while mv.nbytes:
@@ -350,8 +356,9 @@ class CheckpointStore:
         except DirectIOUnsupported:
             tmp.unlink(missing_ok=True)
             return False
-        except BaseException:
+        except BaseException as exc:
             tmp.unlink(missing_ok=True)
+            _name_the_file(exc, path)
             raise
         fsync_dir(self._root)
         return True
@@ -365,8 +372,9 @@ class CheckpointStore:
                     self._fp.hit("store.fsync", str(path))
                     os.fsync(f.fileno())
             os.replace(tmp, path)
-        except BaseException:
+        except BaseException as exc:
             tmp.unlink(missing_ok=True)
+            _name_the_file(exc, path)
             raise
         if fsync:
             fsync_dir(self._root)

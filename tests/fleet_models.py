@@ -16,12 +16,12 @@ PROBE_WIDTH = 256
 
 
 class Probe(torch.nn.Module):
-    """``PROBE_WEIGHTS`` weights read at different points of one forward; all equal in a version."""
+    """``weights`` weights read at different points of one forward; all equal in a version."""
 
-    def __init__(self) -> None:
+    def __init__(self, weights: int = PROBE_WEIGHTS, width: int = PROBE_WIDTH) -> None:
         super().__init__()
         self.w = torch.nn.ParameterList(
-            [torch.nn.Parameter(torch.zeros(PROBE_WIDTH)) for _ in range(PROBE_WEIGHTS)])
+            [torch.nn.Parameter(torch.zeros(width)) for _ in range(weights)])
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         outs = []
@@ -39,16 +39,17 @@ def build_conv_engine(path: Path) -> None:
     build_engine(conv, [torch.ones(1, 1, 3, 3)], BuilderConfig(enable_refit=True)).save(path)
 
 
-def build_probe_engine(path: Path) -> None:
-    build_engine(Probe(), [torch.ones(PROBE_WIDTH)], BuilderConfig(enable_refit=True)).save(path)
+def build_probe_engine(path: Path, weights: int = PROBE_WEIGHTS, width: int = PROBE_WIDTH) -> None:
+    build_engine(Probe(weights, width), [torch.ones(width)], BuilderConfig(enable_refit=True)).save(path)
 
 
-def probe_weights(value: float) -> dict[str, np.ndarray]:
-    return {f"w.{i}": np.full(PROBE_WIDTH, value, np.float32) for i in range(PROBE_WEIGHTS)}
+def probe_weights(value: float, weights: int = PROBE_WEIGHTS,
+                  width: int = PROBE_WIDTH) -> dict[str, np.ndarray]:
+    return {f"w.{i}": np.full(width, value, np.float32) for i in range(weights)}
 
 
-def probe_input() -> np.ndarray:
-    return np.ones(PROBE_WIDTH, np.float32)
+def probe_input(width: int = PROBE_WIDTH) -> np.ndarray:
+    return np.ones(width, np.float32)
 
 
 def probe_value(outputs: list[np.ndarray]) -> float | None:
@@ -79,11 +80,12 @@ class ClientLoad:
     none was torn, and no handle saw its versions go backwards.
     """
 
-    def __init__(self, fleet: Any, clients: int = 2) -> None:
+    def __init__(self, fleet: Any, clients: int = 2, inputs: np.ndarray | None = None) -> None:
         import threading
 
         from cluster import Fleet
 
+        self._inputs = probe_input() if inputs is None else inputs
         self._stop = threading.Event()
         self.failures: list[str] = []
         self.responses: list[list[tuple[int, float | None]]] = []
@@ -95,7 +97,7 @@ class ClientLoad:
         self.responses.append(mine)
         while not self._stop.is_set():
             try:
-                r = handle.infer(probe_input())
+                r = handle.infer(self._inputs)
             except Exception as exc:  # noqa: BLE001  (every failure is a finding)
                 self.failures.append(f"{type(exc).__name__}: {exc}")
                 continue

@@ -69,3 +69,32 @@ def test_platform_without_o_direct_falls_back_to_buffered_writes(
     store.save(1, w, checksums(w))
     assert torch.equal(store.load(1)["a"], w["a"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["v1.json", "v1.safetensors"]
+
+
+def test_a_write_error_reaches_the_caller_as_itself(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found by the disk-full fault test: the error's traceback kept a view of the bounce buffer
+    alive, so closing the buffer raised ``BufferError`` and the ENOSPC was lost."""
+    import errno
+
+    import actors.direct_io as direct_io
+
+    if not _direct_supported(tmp_path):
+        pytest.skip(f"O_DIRECT is not supported on {tmp_path}'s filesystem")
+    writes = [0]
+    real_write = os.write
+
+    def full_after_one(fd: int, data: memoryview) -> int:
+        writes[0] += 1
+        if writes[0] > 1:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_write(fd, data)
+
+    monkeypatch.setattr(direct_io.os, "write", full_after_one)
+    fd = open_direct(tmp_path / "f.bin")
+    assert fd is not None
+    try:
+        with pytest.raises(OSError) as info:
+            write_views(fd, [memoryview(bytes(5 * ALIGN))], chunk=2 * ALIGN)
+    finally:
+        os.close(fd)
+    assert info.value.errno == errno.ENOSPC
