@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
+import socket
 import threading
 from typing import Any
 
@@ -31,6 +33,8 @@ import ray
 from engines.checksum import set_digest
 
 from .coordinator_protocol import default_rollback_target, retained_versions
+from .durable import StateDirLock
+from .errors import KeyReused
 from .failpoints import Failpoints
 from .leases import LeaseKeeper, Repairer, run_loop
 from .ledger import Ledger
@@ -65,13 +69,19 @@ class Coordinator:
         self._stop = threading.Event()
         self.ledger: Ledger | None = None
         self.txns: TwoPhaseCommit | None = None
+        self._state_lock: StateDirLock | None = None
         self.recovery = Recovery(self._recover_once, retry_s=min(5.0, self.t.lease_s), stop=self._stop)
         self.recovery.start()
 
     # ------------------------------------------------------------------ recovery
 
     def _open(self) -> None:
-        """Open the log (bumping the epoch), the store and the parts built on them."""
+        """Own the state dir, open the log (bumping the epoch), the store and the parts on them."""
+        if self._state_lock is None:
+            lock = StateDirLock(self.settings.state_dir)
+            lock.acquire(f"fleet {self.settings.fleet}, pid {os.getpid()} on {socket.gethostname()}, "
+                         f"Ray {ray.get_runtime_context().gcs_address}")
+            self._state_lock = lock
         ledger = Ledger.open(self.settings.state_dir, self.fp)
         try:
             ledger.bump_epoch()
@@ -195,22 +205,34 @@ class Coordinator:
         return {v: (i.origin_version if i.origin_version is not None else v)
                 for v, i in self.ledger.state.versions.items()}
 
-    def _prelude(self, key: str | None) -> TxnResult | None:
+    def _prelude(self, key: str | None, checksums: dict[str, str] | None) -> TxnResult | None:
         if why := self._ready(self.t.launch_s):
             return TxnResult(status="aborted", txn=None, version=None, key=key, reason=why)
-        if key is not None and (prior := self._outcome(key)) is not None:
-            return dataclasses.replace(prior, duplicate=True)
-        return None
+        return self._duplicate(key, checksums)
+
+    def _duplicate(self, key: str | None, checksums: dict[str, str] | None) -> TxnResult | None:
+        """The first outcome of ``key``, if it has one; ``KeyReused`` if that transaction carried
+        other weights than ``checksums`` (None: not comparable, e.g. a default rollback)."""
+        if key is None or (prior := self._outcome(key)) is None:
+            return None
+        begin = self.ledger.state.begin_of(key) if self.ledger is not None else None
+        if checksums is not None and begin is not None:
+            differ = sorted(n for n, c in checksums.items() if begin.checksums.get(n) != c)
+            if differ:
+                raise KeyReused(f"idempotency key {key!r} was used for transaction {begin.txn} "
+                                f"(version {begin.version}, {prior.status}) with other weights "
+                                f"({len(differ)} differ, e.g. {differ[0]!r}); use a new key")
+        return dataclasses.replace(prior, duplicate=True)
 
     def refit(self, refs: list[Any], specs: dict[str, Any], checksums: dict[str, str],
               key: str | None = None) -> TxnResult:
         """Two-phase commit of a published version; returns its outcome (never raises for an abort)."""
-        if (early := self._prelude(key)) is not None:
+        if (early := self._prelude(key, checksums)) is not None:
             return early
         assert self.ledger is not None and self.txns is not None
         with self._refit_lock:
-            if key is not None and (prior := self._outcome(key)) is not None:
-                return dataclasses.replace(prior, duplicate=True)
+            if (prior := self._duplicate(key, checksums)) is not None:
+                return prior
             state = self.ledger.state
             active = dict(state.active.checksums) if state.active is not None \
                 else self.store.manifest(state.active_version).checksums
@@ -223,10 +245,14 @@ class Coordinator:
 
     def rollback(self, to: int | None = None, key: str | None = None) -> TxnResult:
         """A new version carrying an earlier version's weights (default: walk back one origin)."""
-        if (early := self._prelude(key)) is not None:
+        target_sums = self.store.manifest(to).checksums if to is not None and self.ledger is not None \
+            and self.store.has(to) else None
+        if (early := self._prelude(key, target_sums)) is not None:
             return early
         assert self.ledger is not None and self.txns is not None
         with self._refit_lock:
+            if (prior := self._duplicate(key, target_sums)) is not None:
+                return prior
             self.retention.wait()
             state = self.ledger.state
             committed = sorted(set(state.versions) | ({0} if self.store.has(0) else set()))
@@ -235,6 +261,9 @@ class Coordinator:
                 if to is None:
                     return TxnResult(status="aborted", txn=None, version=None, key=key,
                                      reason="no earlier version to roll back to")
+            if to == state.active_version:
+                return TxnResult(status="noop", txn=None, version=state.active_version, key=key,
+                                 reason=f"version {to} is the active version")
             if to not in committed or not self.store.has(to):
                 return TxnResult(status="aborted", txn=None, version=None, key=key,
                                  reason=f"version {to} is not a committed version held in the "
@@ -325,3 +354,5 @@ class Coordinator:
         self.persister.stop()
         if self.ledger is not None:
             self.ledger.close()
+        if self._state_lock is not None:
+            self._state_lock.release()

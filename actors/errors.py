@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["ProtocolViolation", "StaleEpoch"]
+__all__ = ["KeyReused", "ProtocolViolation", "StaleEpoch"]
 
 
 class ProtocolViolation(Exception):
@@ -22,3 +22,8 @@ class StaleEpoch(ProtocolViolation):
     def __str__(self) -> str:
         return (f"stale epoch {self.epoch}: {self.where} has seen epoch {self.seen} "
                 "(a newer coordinator took over)")
+
+
+class KeyReused(ValueError):
+    """An idempotency key reused for a different request: the first call's outcome stands and
+    nothing was done (as idempotent APIs refuse a reused key with different content)."""

@@ -649,6 +649,11 @@ class LogState:
             f"undecided={self.undecided}, committed_not_activated={self.committed_not_activated})"
         )
 
+    def begin_of(self, key_or_txn: str) -> BeginRecord | None:
+        """The BEGIN record of a transaction, by id or idempotency key (its first transaction)."""
+        t = self._txns.get(key_or_txn) or self._txns.get(self._first_by_key.get(key_or_txn, ""))
+        return t.begin if t is not None else None
+
     # -- folding ---------------------------------------------------------------------------------
 
     def apply(self, record: LogRecord, line: int | None = None) -> None:

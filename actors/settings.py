@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 __all__ = ["CoordinatorSettings", "ReplicaSettings", "Timeouts"]
 
@@ -34,6 +34,13 @@ class Timeouts(BaseModel):
     lease_s: float = Field(default=10.0, gt=0.0)
     launch_s: float = Field(default=120.0, gt=0.0)
     persist_s: float = Field(default=300.0, gt=0.0)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _seconds_not_bools(cls, value: Any) -> Any:
+        if isinstance(value, bool):
+            raise ValueError("must be a number of seconds, not true/false")
+        return value
 
     def refit_call_s(self) -> float:
         """The longest one refit may legally take inside the coordinator: a replaced persistence

@@ -72,20 +72,23 @@ for _name, _code in (
 _LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
-def validate_label(label: str) -> str:
+def validate_label(label: str, what: str = "label") -> str:
     """Return ``label`` if it is safe as a file or fleet name, else raise ValueError naming it.
 
-    Accepted: 1-64 characters from ``[A-Za-z0-9._-]``, starting with a letter or digit, with no
-    ``..``. Path separators, NUL and anything else are rejected.
+    The one rule for fleet names (the config, every command and ``Fleet.connect`` use it):
+    1-64 characters from ``[A-Za-z0-9._-]``, starting with a letter or digit, with no ``..``.
+    Path separators, NUL and anything else are rejected.
     """
+    rule = ("1-64 characters from letters, digits, '.', '_' and '-', starting with a letter or digit, "
+            "without '..'")
     if not isinstance(label, str):
-        raise ValueError(f"invalid label {label!r}: not a string")
+        raise ValueError(f"invalid {what} {label!r}: not a string")
     if "\0" in label or "/" in label or "\\" in label or (os.altsep and os.altsep in label):
-        raise ValueError(f"invalid label {label!r}: contains a path separator or NUL")
+        raise ValueError(f"invalid {what} {label!r}: contains a path separator or NUL ({rule})")
     if ".." in label:
-        raise ValueError(f"invalid label {label!r}: contains '..'")
+        raise ValueError(f"invalid {what} {label!r}: contains '..' ({rule})")
     if not _LABEL.fullmatch(label):
-        raise ValueError(f"invalid label {label!r}: must match ^[A-Za-z0-9][A-Za-z0-9._-]{{0,63}}$")
+        raise ValueError(f"invalid {what} {label!r}: {rule}")
     return label
 
 

@@ -1,11 +1,24 @@
 """The driver side: fleet configs, placement, and the ``Fleet`` API."""
 
 from .config import ConfigError, FleetConfig
-from .errors import FleetError, FleetNotFound, NoReplicaAvailable, Overloaded, RefitAborted
-from .fleet import Fleet, RefitResult, ensure_ray
+from .errors import (
+    FleetConfigMismatch,
+    FleetError,
+    FleetNotFound,
+    InferenceFailed,
+    KeyReused,
+    NoRayCluster,
+    NoReplicaAvailable,
+    Overloaded,
+    RefitAborted,
+    RemoteError,
+)
+from .fleet import Fleet, RefitResult
+from .ray_session import ensure_ray
 from .router import InferResponse
 
 __all__ = [
-    "ConfigError", "Fleet", "FleetConfig", "FleetError", "FleetNotFound", "InferResponse",
-    "NoReplicaAvailable", "Overloaded", "RefitAborted", "RefitResult", "ensure_ray",
+    "ConfigError", "Fleet", "FleetConfig", "FleetConfigMismatch", "FleetError", "FleetNotFound",
+    "InferResponse", "InferenceFailed", "KeyReused", "NoRayCluster", "NoReplicaAvailable", "Overloaded",
+    "RefitAborted", "RefitResult", "RemoteError", "ensure_ray",
 ]

@@ -1,8 +1,11 @@
 """``weight-refit``: the command line for fleet operations.
 
-Exit codes scripts can rely on: 0 ok; 1 bad input (refused before anything changed); 2 the refit
-or rollback aborted (the fleet stays on its version); 3 no such fleet or no Ray cluster; 4 any
-other failure. Errors print one line on stderr. ``--json`` prints one JSON document on stdout.
+Exit codes scripts can rely on (``EXIT_CODES``): 0 ok; 1 bad input, refused before anything changed;
+2 usage error (an unknown option or a missing argument: click's convention); 3 no such fleet, or
+no Ray cluster answers; 4 the refit or rollback aborted (the fleet stays on its version); 5 any
+other failure. Errors print one line on stderr, ``error: ...``. ``--json`` prints one JSON
+document on stdout. Every command ends within a bounded time: joining Ray is bounded by
+``--connect-timeout`` (default 15 s), every call by the fleet's own timeouts.
 """
 
 from __future__ import annotations
@@ -28,49 +31,75 @@ out = Console()
 err = Console(stderr=True)
 SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
 
+OK, BAD_INPUT, USAGE, NOT_FOUND, ABORTED, FAILED = 0, 1, 2, 3, 4, 5
+EXIT_CODES = {OK: "ok", BAD_INPUT: "bad input (nothing changed)", USAGE: "usage error",
+              NOT_FOUND: "no such fleet, or no Ray cluster", ABORTED: "refit or rollback aborted",
+              FAILED: "any other failure"}
+
 FleetOpt = typer.Option(..., "--fleet", "-f", help="fleet name (the config's `name`)")
 NamespaceOpt = typer.Option("weight-refit", "--namespace", help="Ray namespace of the fleet")
-AddressOpt = typer.Option(None, "--address", help="Ray address (default: RAY_ADDRESS, else 'auto')")
+AddressOpt = typer.Option(None, "--address",
+                          help="Ray address; wins over RAY_ADDRESS (default: RAY_ADDRESS, else the head "
+                               "`ray start` recorded on this machine)")
 JsonOpt = typer.Option(False, "--json", help="print one JSON document on stdout")
+StopRayOpt = typer.Option(False, "--stop-ray", help="also stop the Ray head `weight-refit launch` started")
+
+
+@app.callback()
+def _options(connect_timeout: float = typer.Option(
+        None, "--connect-timeout", min=0.1, help="seconds to wait for a Ray cluster to answer (default 15; "
+                                                  "env WEIGHT_REFIT_CONNECT_TIMEOUT_S)")) -> None:
+    if connect_timeout is not None:
+        os.environ["WEIGHT_REFIT_CONNECT_TIMEOUT_S"] = str(connect_timeout)
 
 
 def _fail(code: int, message: str) -> None:
-    err.print(f"error: {message}", highlight=False, markup=False, soft_wrap=True)
+    text = " ".join(str(message).split())  # one line, whatever the error carried
+    err.print(f"error: {text}", highlight=False, markup=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
-def _connect(name: str, namespace: str, address: str | None) -> Any:
-    from cluster import Fleet, FleetNotFound
+def _exit_code(exc: BaseException) -> int:
+    from cluster import FleetNotFound, NoRayCluster, RefitAborted
+    from engines import EngineError
 
-    try:
-        return Fleet.connect(name, namespace, address=address or os.environ.get("RAY_ADDRESS") or "auto")
-    except FleetNotFound as exc:
-        _fail(3, str(exc))
-    except ValueError as exc:
-        _fail(1, str(exc))
-    except ConnectionError as exc:
-        _fail(3, f"no Ray cluster to connect to ({str(exc).splitlines()[0]}); start one with "
-                 f"`weight-refit launch` or `ray start --head`")
+    if isinstance(exc, RefitAborted):
+        return ABORTED
+    if isinstance(exc, FleetNotFound | NoRayCluster | ConnectionError):
+        return NOT_FOUND
+    if isinstance(exc, EngineError | ValueError | FileNotFoundError | IsADirectoryError | NotADirectoryError):
+        return BAD_INPUT
+    return FAILED
 
 
 def _guard(fn: Any) -> Any:
-    """Map the library's errors to exit codes and one-line messages."""
+    """Run ``fn``; map the library's errors to exit codes and one-line messages."""
     from cluster import RefitAborted
-    from cluster.errors import FleetError
-    from engines import EngineError
 
     try:
         return fn()
     except typer.Exit:
         raise
-    except RefitAborted as exc:
-        _fail(2, str(exc))
-    except (EngineError, ValueError, FileNotFoundError) as exc:
-        _fail(1, str(exc).splitlines()[0])
-    except FleetError as exc:
-        _fail(4, str(exc).splitlines()[0])
     except Exception as exc:  # noqa: BLE001  (one line, never a traceback)
-        _fail(4, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        if isinstance(exc, RefitAborted):
+            message = str(exc)
+        elif _exit_code(exc) in (BAD_INPUT, NOT_FOUND, ABORTED):
+            message = first or type(exc).__name__
+        else:
+            message = f"{type(exc).__name__}: {first}"
+        _fail(_exit_code(exc), message)
+
+
+def _address(address: str | None) -> str:
+    """--address wins over RAY_ADDRESS; with neither, the head ``ray start`` recorded here."""
+    return address or os.environ.get("RAY_ADDRESS") or "auto"
+
+
+def _connect(name: str, namespace: str, address: str | None) -> Any:
+    from cluster import Fleet
+
+    return _guard(lambda: Fleet.connect(name, namespace, address=_address(address)))
 
 
 def _print_json(obj: Any) -> None:
@@ -87,54 +116,68 @@ def demo(interval: float = typer.Option(0.2, help="seconds between refits (multi
                        ("multi_thread.py", ["--interval", str(interval)])):
         path = SCRIPTS / name
         if not path.exists():
-            _fail(4, f"sample {path} not found (the samples ship with the source tree)")
+            _fail(FAILED, f"sample {path} not found (the samples ship with the source tree)")
         sys.argv = [str(path), *argv]
         try:
             runpy.run_path(str(path), run_name="__main__")
         except SystemExit as exc:
             if exc.code not in (0, None):
-                raise typer.Exit(4) from None
+                raise typer.Exit(FAILED) from None
 
 
-def _ray_running(address: str | None) -> bool:
+def _start_head(cfg: Any, port: int) -> None:
+    """``ray start --head`` for a fleet that must outlive this command; remembered, so that
+    ``shutdown --stop-ray`` can stop exactly this head later."""
+    from cluster.ray_session import HeadRecord, connect_timeout_s, join, session_dir
+
+    init = cfg.ray_init
+    args = ["start", "--head", "--disable-usage-stats", f"--port={port}"]
+    if "num_cpus" in init:
+        args.append(f"--num-cpus={init['num_cpus']}")
+    if "object_store_memory" in init:
+        args.append(f"--object-store-memory={init['object_store_memory']}")
+    ray_bin = shutil.which("ray", path=str(Path(sys.executable).parent)) or "ray"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    try:
+        started = subprocess.run([ray_bin, *args], capture_output=True, text=True, env=env,
+                                 timeout=max(60.0, 4 * connect_timeout_s()))
+    except subprocess.TimeoutExpired:
+        _fail(FAILED, "`ray start --head` did not finish in time")
+    if started.returncode != 0:
+        last = (started.stderr.strip().splitlines() or ["(no output)"])[-1]
+        _fail(FAILED, f"`ray start --head` failed: {last}")
+    _guard(lambda: join("auto"))
     import ray
 
-    try:
-        ray.init(address=address or "auto", log_to_driver=False)
-        return True
-    except (ConnectionError, RuntimeError):
-        return False
+    HeadRecord(address=ray.get_runtime_context().gcs_address, session_dir=session_dir()).save()
 
 
 @app.command()
-def launch(config: Path = typer.Option(..., "--config", "-c", exists=True, dir_okay=False,
-                                       help="fleet config YAML"),
+def launch(config: Path = typer.Option(..., "--config", "-c", help="fleet config YAML"),
            fresh: bool = typer.Option(False, help="delete the fleet's state dir first"),
+           address: str = AddressOpt,
+           head_port: int = typer.Option(6379, "--head-port", min=1, max=65535,
+                                         help="port of the Ray head started when none runs"),
            json_out: bool = JsonOpt) -> None:
     """Launch a fleet that outlives this command (a local Ray head is started if none runs)."""
     from cluster import Fleet, FleetConfig
+    from cluster.ray_session import answers, join, recorded_head
 
+    if not config.is_file():
+        _fail(BAD_INPUT, f"fleet config {str(config)!r} does not exist or is not a file")
     cfg = _guard(lambda: FleetConfig.from_yaml(config))
-    if not Path(cfg.engine).exists():
-        _fail(1, f"engine file {cfg.engine!r} does not exist (build one: python scripts/gen_model.py)")
+    if not Path(cfg.engine).is_file():
+        _fail(BAD_INPUT, f"engine file {cfg.engine!r} does not exist "
+                         "(build one: python scripts/gen_model.py)")
     if fresh:
         shutil.rmtree(cfg.state_dir, ignore_errors=True)
-    address = os.environ.get("RAY_ADDRESS") or cfg.address
-    if not _ray_running(address):
-        if address:
-            _fail(3, f"no Ray cluster at {address}")
-        init = cfg.ray_init
-        cmd = ["ray", "start", "--head", "--disable-usage-stats"]
-        if "num_cpus" in init:
-            cmd.append(f"--num-cpus={init['num_cpus']}")
-        if "object_store_memory" in init:
-            cmd.append(f"--object-store-memory={init['object_store_memory']}")
-        ray_bin = shutil.which("ray", path=str(Path(sys.executable).parent)) or "ray"
-        started = subprocess.run([ray_bin, *cmd[1:]], capture_output=True, text=True)
-        if started.returncode != 0:
-            _fail(4, f"`ray start --head` failed: {started.stderr.strip().splitlines()[-1:]}")
-        if not _ray_running("auto"):
-            _fail(4, "started a Ray head but cannot connect to it")
+    target = address or os.environ.get("RAY_ADDRESS") or cfg.address
+    if target:
+        _guard(lambda: join(target))
+    elif (head := recorded_head()) is not None and answers(head):
+        _guard(lambda: join("auto"))
+    else:
+        _start_head(cfg, head_port)
     t0 = time.perf_counter()
     fleet = _guard(lambda: Fleet.launch(cfg))
     status = _guard(fleet.status)
@@ -204,6 +247,15 @@ def _safe_progress(fleet: Any) -> dict[str, Any] | None:
         return None
 
 
+def _result_line(res: Any, done: str) -> str:
+    if res.duplicate:
+        return (f"duplicate: this key's first call already gave version {res.version} (txn {res.txn}); "
+                "nothing new was applied")
+    if res.noop:
+        return f"no-op: the fleet already serves these weights (version {res.version})"
+    return f"{done} {res.version} in {res.duration_s:.3f}s (txn {res.txn})"
+
+
 def _result_dict(res: Any) -> dict[str, Any]:
     return {"status": "noop" if res.noop else "committed", "version": res.version, "txn": res.txn,
             "duration_s": round(res.duration_s, 6), "duplicate": res.duplicate, "excluded": res.excluded,
@@ -219,8 +271,10 @@ def refit(weights: Path = typer.Argument(..., help=".safetensors, .pt (tensors o
           complete: bool = typer.Option(False, "--complete", help="refuse a file lacking any weight"),
           json_out: bool = JsonOpt) -> None:
     """Publish a weights file and refit every replica (two-phase commit)."""
+    if not weights.exists():
+        _fail(BAD_INPUT, f"weights file {str(weights)!r} does not exist")
     if not weights.is_file():
-        _fail(1, f"weights file {str(weights)!r} does not exist")
+        _fail(BAD_INPUT, f"weights path {str(weights)!r} is not a regular file")
     fleet = _connect(fleet_name, namespace, address)
     if dry_run:
         report = _guard(lambda: fleet.validate(weights, strip_prefix=strip_prefix, complete=complete))
@@ -235,10 +289,8 @@ def refit(weights: Path = typer.Argument(..., help=".safetensors, .pt (tensors o
         weights.stat().st_size))
     if json_out:
         _print_json(_result_dict(res))
-    elif res.noop:
-        out.print(f"no-op: identical to the active version {res.version}")
     else:
-        out.print(f"committed version {res.version} in {res.duration_s:.3f}s (txn {res.txn})")
+        out.print(_result_line(res, "committed version"))
 
 
 @app.command()
@@ -251,7 +303,7 @@ def rollback(fleet_name: str = FleetOpt, namespace: str = NamespaceOpt, address:
     if json_out:
         _print_json(_result_dict(res))
     else:
-        out.print(f"rolled back: version {res.version} in {res.duration_s:.3f}s")
+        out.print(_result_line(res, "rolled back: version"))
 
 
 @app.command()
@@ -283,14 +335,24 @@ def status(fleet_name: str = FleetOpt, namespace: str = NamespaceOpt, address: s
         return
     flight = st["in_flight"]
     busy = f", in flight: v{flight['version']} {flight['phase']}" if flight else ""
-    out.print(f"fleet [bold]{st['name']}[/]: version {st['version']} (epoch {st['epoch']}){busy}")
-    table = Table("replica", "node", "card", "device", "version", "state", "healthy", "last refit")
+    out.print(f"fleet [bold]{st['name']}[/]: version {st['version']} (epoch {st['epoch']}){busy}",
+              highlight=False)
+    recovery = st.get("recovery") or {}
+    if recovery.get("state") not in (None, "ready"):
+        out.print(f"coordinator {recovery['state']}: {recovery.get('error') or 'in progress'}",
+                  markup=False, highlight=False)
+    table = Table("replica", "node", "card", "device", "version", "state", "member", "healthy", "last refit")
     for r in st["replicas"]:
         card = "-" if r.get("card") is None else str(r["card"])
         table.add_row(r["id"], (r.get("node") or "-")[:12], card,
                       r.get("device", "-"), str(r.get("version")), r.get("state", "-"),
-                      "yes" if r.get("healthy") else "NO", _ago(r.get("last_refit_at")))
+                      r.get("membership", "-"), "yes" if r.get("healthy") else "NO",
+                      _ago(r.get("last_refit_at")))
     out.print(table)
+    for r in st["replicas"]:
+        why = r.get("excluded_reason") or r.get("error")
+        if why:
+            out.print(f"{r['id']}: {why}", markup=False, highlight=False)
 
 
 @app.command()
@@ -316,7 +378,7 @@ def bench(quick: bool = typer.Option(True, "--quick/--full", help="the quick row
     """Run the refit benchmark (scripts/bench_refit.py)."""
     path = SCRIPTS / "bench_refit.py"
     if not path.exists():
-        _fail(4, f"benchmark {path} not found (it ships with the source tree)")
+        _fail(FAILED, f"benchmark {path} not found (it ships with the source tree)")
     sys.argv = [str(path), *(["--quick"] if quick else [])]
     if json_path:
         sys.argv += ["--json", str(json_path)]
@@ -324,15 +386,28 @@ def bench(quick: bool = typer.Option(True, "--quick/--full", help="the quick row
         runpy.run_path(str(path), run_name="__main__")
     except SystemExit as exc:
         if exc.code not in (0, None):
-            raise typer.Exit(4) from None
+            raise typer.Exit(FAILED) from None
 
 
 @app.command()
-def shutdown(fleet_name: str = FleetOpt, namespace: str = NamespaceOpt, address: str = AddressOpt) -> None:
+def shutdown(fleet_name: str = FleetOpt, namespace: str = NamespaceOpt, address: str = AddressOpt,
+             stop_ray: bool = StopRayOpt) -> None:
     """Stop the fleet's replicas and coordinator (its state dir stays for a later launch)."""
+    import ray
+
+    from cluster.ray_session import HeadRecord
+
     fleet = _connect(fleet_name, namespace, address)
+    head = HeadRecord.load() if stop_ray else None
+    if stop_ray and (head is None or head.address != ray.get_runtime_context().gcs_address):
+        _fail(BAD_INPUT, "--stop-ray: the Ray cluster this fleet runs on was not started by "
+                         "`weight-refit launch`; nothing was stopped (stop it yourself, e.g. `ray stop`)")
     _guard(fleet.shutdown)
     out.print(f"fleet {fleet_name} shut down")
+    if head is not None:
+        ray.shutdown()
+        head.stop()
+        out.print(f"Ray head at {head.address} stopped")
 
 
 def main() -> None:  # pragma: no cover  (console entry point)

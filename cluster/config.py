@@ -31,6 +31,7 @@ from pydantic import (
 
 from actors.failpoints import check_action
 from actors.settings import Timeouts as TimeoutConfig
+from actors.store import validate_label
 
 __all__ = [
     "ConfigError",
@@ -59,6 +60,19 @@ class ConfigError(ValueError):
     """
 
 
+def describe_validation_error(exc: ValidationError) -> str:
+    """Every error as ``field.path: message`` on one line ("replicass: unknown field")."""
+    parts = []
+    for e in exc.errors():
+        where = ".".join(str(x) for x in e.get("loc", ())) or "(config)"
+        msg = "unknown field" if e.get("type") == "extra_forbidden" else e.get("msg", "invalid")
+        msg = msg.removeprefix("Value error, ")
+        got = e.get("input")
+        shown = "" if e.get("type") == "extra_forbidden" or isinstance(got, dict) else f" (got {got!r})"
+        parts.append(f"{where}: {msg}{shown}")
+    return "; ".join(parts)
+
+
 def _abs_path(value: str) -> str:
     """Expand ``~`` and make ``value`` absolute against the current working directory."""
     return os.path.abspath(os.path.expanduser(value))
@@ -83,7 +97,7 @@ class PlacementConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    cards_per_node: int | None = Field(default=None, ge=1)
+    cards_per_node: int | None = Field(strict=True, default=None, ge=1)
     gpu_fraction: float = Field(default=1.0, gt=0.0, le=1.0)
     cpus_per_replica: float = Field(default=0.01, ge=0.0)
     strategy: Literal["SPREAD", "PACK"] = "SPREAD"
@@ -105,8 +119,8 @@ class RoutingConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     policy: Literal["least_outstanding"] = "least_outstanding"
-    max_queue_per_replica: int = Field(default=64, ge=1)
-    retries_on_stale: int = Field(default=3, ge=0)
+    max_queue_per_replica: int = Field(strict=True, default=64, ge=1)
+    retries_on_stale: int = Field(strict=True, default=3, ge=0)
 
 
 class FleetConfig(BaseModel):
@@ -115,7 +129,8 @@ class FleetConfig(BaseModel):
     Contract:
       - Unknown keys are rejected and every bad value fails naming its field (pydantic
         ``ValidationError``; :meth:`from_yaml` wraps it in :class:`ConfigError` naming the file).
-      - ``name`` matches ``NAME_PATTERN`` (no path characters): it names the coordinator actor, the
+      - ``name`` matches ``NAME_PATTERN`` without ``..`` (``actors.store.validate_label``, the one
+        rule every command uses): it names the coordinator actor, the
         placement group and the default state directory.
       - ``engine`` and ``state_dir`` are absolute path strings after validation (``~`` expanded,
         relative paths resolved against the current working directory). ``state_dir`` defaults
@@ -137,7 +152,7 @@ class FleetConfig(BaseModel):
     address: str | None = Field(default=None,
         description="Ray address; null: RAY_ADDRESS if set, else a local Ray")
     engine: str = Field(min_length=1, description="engine file every replica loads (built with enable_refit)")
-    replicas: int = Field(default=2, ge=1, description="number of serving replicas")
+    replicas: int = Field(strict=True, default=2, ge=1, description="number of serving replicas")
     device: Literal["cpu", "cuda", "mlu"] = Field(default="cpu", description="card kind each replica pins")
     placement: PlacementConfig = Field(default_factory=PlacementConfig)
     state_dir: str = Field(min_length=1,
@@ -149,7 +164,8 @@ class FleetConfig(BaseModel):
         default="strict",
         description="strict: any NO aborts; exclude: take up to max_exclude NO voters out of the fleet "
                     "and commit among the rest ('evict' is read as 'exclude')")
-    max_exclude: int = Field(default=0, ge=0, validation_alias=AliasChoices("max_exclude", "max_evict"),
+    max_exclude: int = Field(strict=True, default=0, ge=0,
+                             validation_alias=AliasChoices("max_exclude", "max_evict"),
                              description="members the exclude policy may take out (< replicas; "
                                          "'max_evict' is read as this)")
     memory_mode: Literal["swap", "copy"] = Field(
@@ -160,9 +176,10 @@ class FleetConfig(BaseModel):
     prefill_buffers: bool = Field(default=True,
         description="swap mode: allocate and touch the spare staging buffers at launch (the steady "
                     "state's footprint), so the first refits do not stage into fresh memory")
-    torch_threads: int = Field(default=1, ge=1, description="intra-op threads per replica")
+    torch_threads: int = Field(strict=True, default=1, ge=1, description="intra-op threads per replica")
     memory_budget_bytes: int | None = Field(
-        default=None, ge=1, description="extra bytes a replica may hold for staging; null: no limit")
+        default=None, ge=1, strict=True,
+        description="extra bytes a replica may hold for staging; null: no limit")
     failpoints: dict[str, str] = Field(default_factory=dict,
         description="fault injection (tests): name -> action")
     ray_init: dict[str, Any] = Field(default_factory=dict,
@@ -170,8 +187,10 @@ class FleetConfig(BaseModel):
     coordinator_env: dict[str, str] = Field(default_factory=dict,
         description="extra environment variables of the coordinator's process (fault tests: Ray's "
                     "RAY_testing_rpc_failure there loses the coordinator's calls to replicas)")
-    persist_fsync: bool = Field(default=True, description="fsync checkpoints and log records")
-    retain_versions: int = Field(default=3, ge=2, description="committed versions kept in the store")
+    persist_fsync: bool = Field(default=True,
+        description="fsync checkpoint files (the log's decision records are fsync'd regardless)")
+    retain_versions: int = Field(strict=True, default=3, ge=2,
+                                 description="committed versions kept in the store")
     engine_device: str | None = Field(
         default=None, pattern=r"^(cpu|cuda(:\d+)?|mlu(:\d+)?)$",
         description="override the engine's device in replicas (simulated cards in tests)")
@@ -184,19 +203,15 @@ class FleetConfig(BaseModel):
             name = data.get("name")
             # An invalid or missing name reports itself; the placeholder only keeps `state_dir`
             # from adding a second, misleading error.
-            label = name if isinstance(name, str) and _NAME_RE.fullmatch(name) else "invalid-name"
+            label = name if isinstance(name, str) and _NAME_RE.fullmatch(name) and ".." not in name \
+                else "invalid-name"
             data = {**data, "state_dir": os.path.join("~", ".weight-refit", label)}
         return data
 
     @field_validator("name")
     @classmethod
     def _check_name(cls, value: str) -> str:
-        if not _NAME_RE.fullmatch(value):
-            raise ValueError(
-                f"fleet name {value!r} is not a valid label: 1-64 characters from letters, digits, "
-                "'.', '_' and '-', starting with a letter or digit (no path characters)"
-            )
-        return value
+        return validate_label(value, what="fleet name")
 
     @field_validator("commit_policy", mode="before")
     @classmethod
@@ -288,7 +303,7 @@ class FleetConfig(BaseModel):
         try:
             return cls.model_validate(data)
         except ValidationError as exc:
-            raise ConfigError(f"{p}: invalid fleet config: {exc}") from exc
+            raise ConfigError(f"{p}: invalid fleet config: {describe_validation_error(exc)}") from exc
 
     def to_yaml(self, path: str | os.PathLike[str]) -> None:
         """Write this config as YAML (all fields, absolute paths); ``from_yaml`` reads it back equal.

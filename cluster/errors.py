@@ -4,6 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from actors.errors import KeyReused
+
+__all__ = [
+    "EngineNotRefittable", "FleetConfigMismatch", "FleetError", "FleetNotFound", "InferenceFailed",
+    "KeyReused", "NoRayCluster", "NoReplicaAvailable", "ObjectStoreTooSmall", "Overloaded",
+    "RefitAborted", "RemoteError",
+]
+
 
 class FleetError(RuntimeError):
     """Base class of the driver API's own errors."""
@@ -42,5 +50,29 @@ class ObjectStoreTooSmall(FleetError):
     """A version larger than the object store can hold; refused before it is put."""
 
 
-class EngineNotRefittable(FleetError):
+class EngineNotRefittable(FleetError, ValueError):
     """The fleet's engine file was built without ``enable_refit``."""
+
+
+class NoRayCluster(FleetError, ConnectionError):
+    """No Ray cluster answers at the address a driver was to join (or none is running here)."""
+
+
+class FleetConfigMismatch(FleetError, ValueError):
+    """A launch of a fleet that is running with a different config; ``fields`` lists what differs."""
+
+    def __init__(self, message: str, fields: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.fields = list(fields or [])
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (FleetConfigMismatch, (str(self), self.fields))
+
+
+class InferenceFailed(FleetError):
+    """A replica could not run an inference request (the replica's own error, message first)."""
+
+
+class RemoteError(FleetError):
+    """An error raised inside the coordinator or a replica that is not one of the project's own
+    types; the message is the remote error's own, first line first."""

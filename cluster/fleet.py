@@ -4,43 +4,35 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import logging
-import os
 import threading
 import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError
 
-from actors.coordinator import Coordinator
-from actors.replica import Replica
-from actors.replica_client import coordinator_actor_name, replica_actor_name
-from actors.settings import CoordinatorSettings, ReplicaSettings, Timeouts
-from actors.store import CheckpointStore, validate_label
+from actors.replica_client import coordinator_actor_name
+from actors.settings import Timeouts
+from actors.store import validate_label
 from actors.two_phase import TxnResult
-from engines.checksum import checksums as checksum_all
-from engines.engine_file import read_engine_file
-from engines.errors import EngineFileError
 from engines.weights import WeightsLike
 
 from .config import FleetConfig
-from .errors import EngineNotRefittable, FleetNotFound, RefitAborted
+from .errors import FleetNotFound, RefitAborted
+from .launch import Launch
 from .placement import (
-    actor_options,
     assign_card_indexes,
     bundle_nodes,
     cards_by_node,
     create_placement_group,
-    local_ray_init_kwargs,
     plan_placement,
-    resolve_card_indexes,
 )
 from .publish import load_and_check, publish
+from .ray_session import ensure_ray
+from .remote import readable_errors
 from .router import InferResponse, Router
 
 
@@ -61,97 +53,6 @@ class RefitResult:
     def evicted(self) -> list[str]:
         """The former name of ``excluded``."""
         return self.excluded
-
-
-def ensure_ray(address: str | None = None, init_kwargs: Mapping[str, Any] | None = None) -> None:
-    """Join ``RAY_ADDRESS`` or ``address`` if set, else start a local Ray with ``init_kwargs``."""
-    if ray.is_initialized():
-        return
-    target = os.environ.get("RAY_ADDRESS") or address
-    if target:
-        ray.init(address=target, log_to_driver=False, logging_level=logging.WARNING)
-    else:
-        kwargs = {"include_dashboard": False, "log_to_driver": False, **dict(init_kwargs or {})}
-        ray.init(**kwargs)
-
-
-def _replica_settings(cfg: FleetConfig, card: int | None) -> ReplicaSettings:
-    device = cfg.engine_device or {"cpu": "cpu", "cuda": "cuda:0", "mlu": "mlu:0"}[cfg.device]
-    spare = 2 if cfg.keep_previous else 1
-    return ReplicaSettings(
-        fleet=cfg.name, namespace=cfg.namespace, state_dir=cfg.state_dir,
-        failpoints=dict(cfg.failpoints), engine=cfg.engine, device=device, card=card,
-        memory_mode=cfg.memory_mode, keep_previous=cfg.keep_previous,
-        memory_budget_bytes=cfg.memory_budget_bytes, torch_threads=cfg.torch_threads,
-        prefill_sets=spare if cfg.prefill_buffers and cfg.memory_mode == "swap" else 0,
-        fetch_timeout_s=cfg.timeouts.prepare_s, lease_s=cfg.timeouts.lease_s,
-    )
-
-
-def _coordinator_settings(cfg: FleetConfig) -> CoordinatorSettings:
-    return CoordinatorSettings(
-        fleet=cfg.name, namespace=cfg.namespace, state_dir=cfg.state_dir,
-        failpoints=dict(cfg.failpoints), timeouts=cfg.timeouts, commit_policy=cfg.commit_policy,
-        max_exclude=cfg.max_exclude, retain_versions=cfg.retain_versions, persist_fsync=cfg.persist_fsync,
-        driver_config=cfg.model_dump(mode="json"),
-    )
-
-
-def _ensure_base_version(cfg: FleetConfig) -> None:
-    """Write the engine file's weights as version 0 of the checkpoint store (once per fleet)."""
-    store = CheckpointStore.in_state_dir(cfg.state_dir)
-    if store.has(0):
-        return
-    if not Path(cfg.engine).is_file():
-        raise EngineFileError(f"engine file {cfg.engine!r} does not exist "
-                              f"(build one with scripts/gen_model.py)")
-    ef = read_engine_file(cfg.engine)
-    _check_refittable(cfg, ef.builder_config)
-    store.save(0, ef.weights, checksum_all(ef.weights), fsync=cfg.persist_fsync)
-
-
-def _check_refittable(cfg: FleetConfig, builder_config: Mapping[str, Any]) -> None:
-    if not builder_config.get("enable_refit", False):
-        raise EngineNotRefittable(
-            f"engine file {cfg.engine!r} was built without enable_refit=True: its weights cannot be "
-            f"refit (rebuild it with BuilderConfig(enable_refit=True))")
-
-
-def _head_node_strategy() -> Any:
-    """Prefer the head node for the coordinator (it outlives worker nodes; its log and store are
-    there on a one-machine fleet); soft, so a restart goes elsewhere if the head is gone."""
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    head = next((n["NodeID"] for n in ray.nodes()
-                 if n.get("Alive") and "node:__internal_head__" in n.get("Resources", {})), None)
-    return NodeAffinitySchedulingStrategy(head, soft=True) if head else "DEFAULT"
-
-
-def _start_replicas(cfg: FleetConfig, plan: Any, pg: Any, cards: Mapping[str, int], coord: Any) -> None:
-    """Create the plan's replica actors (detached, named), wait until they answer, and have the
-    coordinator admit each one (it catches the replica up to the active version first)."""
-    handles = {}
-    for rp in plan.replicas:
-        card = cards.get(rp.replica_id)
-        opts = actor_options(rp, placement_group=pg, card_index=card)
-        handles[rp.replica_id] = Replica.options(
-            name=replica_actor_name(cfg.name, rp.replica_id), namespace=cfg.namespace,
-            lifetime="detached", get_if_exists=True, **opts,
-        ).remote(rp.replica_id, _replica_settings(cfg, card))
-    deadline = time.monotonic() + cfg.timeouts.launch_s
-    ray.get([h.ping.remote() for h in handles.values()], timeout=cfg.timeouts.launch_s)
-    for rid in handles:
-        ray.get(coord.join.remote(rid), timeout=max(1.0, deadline - time.monotonic()))
-
-
-def _existing_placement_group(name: str) -> Any:
-    """The fleet's placement group if a previous launch left it (re-attach keeps card indexes)."""
-    from ray.util import get_placement_group
-
-    try:
-        return get_placement_group(f"{name}.replicas")
-    except ValueError:
-        return None
 
 
 class Fleet:
@@ -180,41 +81,39 @@ class Fleet:
     # ---------------------------------------------------------------- lifecycle
 
     @classmethod
-    def launch(cls, cfg: FleetConfig) -> Fleet:
-        """Start coordinator and replicas (or re-attach to running ones); return when all serve."""
-        if Path(cfg.engine).is_file():
-            _check_refittable(cfg, read_engine_file(cfg.engine).builder_config)
-        ensure_ray(cfg.address, local_ray_init_kwargs(cfg))
-        _ensure_base_version(cfg)
-        plan = plan_placement(cfg)
-        pg = _existing_placement_group(cfg.name) or create_placement_group(
-            plan, cfg.timeouts.launch_s, name=f"{cfg.name}.replicas")
-        cards = resolve_card_indexes(plan, pg)
-        coord = Coordinator.options(
-            name=coordinator_actor_name(cfg.name), namespace=cfg.namespace, lifetime="detached",
-            get_if_exists=True, num_cpus=0, scheduling_strategy=_head_node_strategy(),
-            runtime_env={"env_vars": dict(cfg.coordinator_env)} if cfg.coordinator_env else None,
-        ).remote(_coordinator_settings(cfg))
-        _start_replicas(cfg, plan, pg, cards, coord)
+    def launch(cls, cfg: FleetConfig, *, address: str | None = None) -> Fleet:
+        """Start coordinator and replicas (or re-attach to running ones); return when all serve.
+
+        Ray: ``address``, else ``RAY_ADDRESS``, else ``cfg.address``, else a private Ray for this
+        process (``cluster.ray_session``). A fleet already running with another config is refused
+        (``FleetConfigMismatch``); a launch that fails leaves nothing it created behind."""
+        coord = Launch(cfg, address).run()
         return cls(cfg.name, cfg.namespace, coord, cfg.model_dump(mode="json"))
 
     @classmethod
     def connect(cls, name: str, namespace: str = "weight-refit", address: str | None = None) -> Fleet:
-        """Attach to a running fleet by name (from another driver or a Ray job)."""
-        validate_label(name)
-        ensure_ray(address)
+        """Attach to a running fleet by name (from another driver or a Ray job). Ray: ``address``,
+        else ``RAY_ADDRESS``, else the head ``ray start`` recorded on this machine."""
+        validate_label(name, what="fleet name")
+        ensure_ray(address, private=False)
         try:
             coord = ray.get_actor(coordinator_actor_name(name), namespace=namespace)
         except ValueError:
             raise FleetNotFound(f"no fleet {name!r} in namespace {namespace!r} "
                                 f"(no actor {coordinator_actor_name(name)!r})") from None
-        cfg = ray.get(coord.config.remote())
+        try:
+            with readable_errors():
+                cfg = ray.get(coord.config.remote(), timeout=Timeouts().request_s)
+        except RayActorError:
+            raise FleetNotFound(f"fleet {name!r} in namespace {namespace!r} is not running "
+                                "(its coordinator is gone)") from None
         return cls(name, namespace, coord, cfg)
 
     def shutdown(self) -> None:
         """Kill the replicas and the coordinator and remove the placement groups. The state
         directory (log and checkpoints) stays: a later launch resumes from it."""
-        ray.get(self._coord.shutdown.remote())
+        with readable_errors():
+            ray.get(self._coord.shutdown.remote(), timeout=self._request_s * 2)
         ray.kill(self._coord, no_restart=True)
         from ray.util import remove_placement_group
         from ray.util.placement_group import placement_group_table
@@ -240,7 +139,8 @@ class Fleet:
         if replicas > len(current):
             added = self._add_replicas(cfg, current, st, replicas - len(current))
         for rid in reversed(current[replicas:]):
-            ray.get(self._coord.leave.remote(rid), timeout=self._request_s + 60)
+            with readable_errors():
+                ray.get(self._coord.leave.remote(rid), timeout=self._request_s + 60)
             removed.append(rid)
         self.router.refresh()
         return {"added": added, "removed": removed, "replicas": replicas}
@@ -261,13 +161,21 @@ class Fleet:
             cards = {rid: c for rid, c in assign_card_indexes(
                 nodes, cards_by_node(plan.resource_name), existing,
                 replicas_per_card=plan.replicas_per_card).items() if rid in new_ids}
-        _start_replicas(cfg, plan, pg, cards, self._coord)
+        launch = Launch(cfg)
+        if pg is not None:
+            launch.created_group(pg)
+        try:
+            launch.start_replicas(plan, pg, cards, self._coord)
+        except BaseException:
+            launch.undo(self._coord)
+            raise
         return new_ids
 
     # ---------------------------------------------------------------- serving
 
     def _members(self) -> dict[str, Any]:
-        return ray.get(self._coord.member_handles.remote(), timeout=self._request_s)
+        with readable_errors():
+            return ray.get(self._coord.member_handles.remote(), timeout=self._request_s)
 
     def infer(self, *inputs: Any, timeout_s: float | None = None) -> InferResponse:
         """Infer on the least-loaded replica: ``r.outputs``, ``r.version``, ``r.replica``."""
@@ -281,7 +189,8 @@ class Fleet:
         """name -> {shape, dtype} of every refittable weight."""
         with self._lock:
             if self._manifest is None:
-                self._manifest = ray.get(self._coord.manifest.remote(), timeout=self._request_s)
+                with readable_errors():
+                    self._manifest = ray.get(self._coord.manifest.remote(), timeout=self._request_s)
             return self._manifest
 
     def refit(self, weights: WeightsLike, key: str | None = None, *, strip_prefix: str | None = None,
@@ -326,7 +235,8 @@ class Fleet:
 
     def progress(self) -> dict[str, Any] | None:
         """The transaction in flight (phase, votes so far, activated), or None."""
-        return ray.get(self._coord.progress.remote(), timeout=self._request_s)
+        with readable_errors():
+            return ray.get(self._coord.progress.remote(), timeout=self._request_s)
 
     def rollback(self, to: int | None = None, key: str | None = None) -> RefitResult:
         """A new version carrying an earlier version's weights (default: walk back one step)."""
@@ -339,7 +249,8 @@ class Fleet:
         or the call outlived every phase's timeout (it may have queued behind other drivers'
         refits), the outcome is resolved through the call's idempotency key."""
         try:
-            return ray.get(ref, timeout=self._refit_timeout)
+            with readable_errors():
+                return ray.get(ref, timeout=self._refit_timeout)
         except RayActorError:
             return self._await_outcome(key, queued=False)
         except GetTimeoutError:
@@ -379,15 +290,19 @@ class Fleet:
 
     def outcome(self, key_or_txn: str) -> dict[str, Any]:
         """``{"status": committed | aborted | in_doubt | unknown, "version", "txn", "reason", ...}``."""
-        out: TxnResult = ray.get(self._coord.outcome.remote(key_or_txn), timeout=self._request_s)
+        with readable_errors():
+            out: TxnResult = ray.get(self._coord.outcome.remote(key_or_txn), timeout=self._request_s)
         return dataclasses.asdict(out)
 
     # ---------------------------------------------------------------- inspection
 
     def status(self) -> dict[str, Any]:
-        """Version, epoch, in-flight txn; per replica: id, node, card, device, version, state, healthy."""
-        return ray.get(self._coord.status.remote(), timeout=self._request_s * 2)
+        """Version, epoch, in-flight txn, recovery, log; per replica: id, node, card, device,
+        version, state, membership, healthy."""
+        with readable_errors():
+            return ray.get(self._coord.status.remote(), timeout=self._request_s * 2)
 
     def history(self) -> list[dict[str, Any]]:
         """Every transaction in the log: committed and aborted, with reasons and durations."""
-        return ray.get(self._coord.history.remote(), timeout=self._request_s)
+        with readable_errors():
+            return ray.get(self._coord.history.remote(), timeout=self._request_s)

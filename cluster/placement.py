@@ -63,7 +63,7 @@ _CAMBRICON_DEV_RE = re.compile(r"^cambricon_dev\d+$")
 _EPS = 1e-9
 
 
-class PlacementError(RuntimeError):
+class PlacementError(ValueError):
     """The requested replicas cannot be placed on the cluster (message starts "impossible placement")."""
 
 

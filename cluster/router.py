@@ -10,6 +10,9 @@ Contract:
   marked unhealthy for a short while; the request goes to another member, so no request fails
   that a live member could serve. A timed-out request stays counted against its replica until
   the replica really finishes it (or dies): the replica is still busy with it.
+- A request whose inference raises inside the replica (a bad input) is not retried elsewhere: the
+  caller gets ``InferenceFailed`` at once, the replica's own error first, and the replica is not
+  marked unhealthy.
 - Thread-safe: one handle may serve many client threads.
 """
 
@@ -24,9 +27,10 @@ from typing import Any
 
 import numpy as np
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
-from .errors import NoReplicaAvailable, Overloaded
+from .errors import InferenceFailed, NoReplicaAvailable, Overloaded
+from .remote import readable
 
 
 @dataclass
@@ -150,11 +154,14 @@ class Router:
                     self._unhealthy_until[rid] = time.monotonic() + self.unhealthy_s
                 skip.add(rid)
                 continue
+            except RayTaskError as exc:  # the request itself failed there: not retried elsewhere
+                raise readable(exc, InferenceFailed, f"inference failed on replica {rid}") from None
             finally:
                 if not still_running:
                     self._done(rid)
             if resp["stale"]:
-                last_error = f"replica {rid} stale at version {resp['version']} < {floor}"
+                why = f" ({resp['reason']})" if resp.get("reason") else ""
+                last_error = f"replica {rid} stale at version {resp['version']} < {floor}{why}"
                 skip.add(rid)
                 continue
             self.observe(resp["version"])

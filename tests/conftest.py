@@ -35,7 +35,7 @@ def ray_session() -> Iterator[None]:
         from ray_head import free_port
 
         os.environ["WEIGHT_REFIT_TEST_METRICS_PORT"] = str(port := free_port())
-        ray.init(num_cpus=4, object_store_memory=512 << 20, include_dashboard=False,
+        ray.init(address="local", num_cpus=4, object_store_memory=512 << 20, include_dashboard=False,
                  log_to_driver=False, _system_config=RAY_SYSTEM_CONFIG, _metrics_export_port=port)
     yield
     ray.shutdown()

@@ -15,7 +15,15 @@ import torch
 from fleet_models import converged, fleet_config, probe_input, probe_value, probe_weights
 
 from actors.payload import spec_dict, to_wire
-from cluster import Fleet, FleetConfig, RefitAborted
+from cluster import (
+    Fleet,
+    FleetConfig,
+    FleetConfigMismatch,
+    FleetNotFound,
+    InferenceFailed,
+    RefitAborted,
+    RemoteError,
+)
 from cluster.errors import EngineNotRefittable
 from engines import (
     BuilderConfig,
@@ -130,7 +138,7 @@ def test_names_with_path_characters(fleet: Fleet, unchanged: None, probe_engine_
     for name in ("../etc", "a/b", "..", "x\x00y"):
         with pytest.raises(pydantic.ValidationError, match="name"):
             FleetConfig(name=name, engine=str(probe_engine_path))
-        with pytest.raises(ValueError, match="label"):
+        with pytest.raises(ValueError, match="fleet name"):
             Fleet.connect(name)
     with pytest.raises(RefitAborted, match="not a committed version"):
         fleet.rollback(to=987654)
@@ -190,3 +198,126 @@ def test_version_larger_than_the_object_store_is_refused_with_the_numbers(ray_se
     finally:
         f.shutdown()
         os.remove(path)
+
+
+# ----------------------------------------------------------------------------- operator edges
+
+
+def _named_actors(fleet_name: str) -> list[str]:
+    return [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+            if a["name"].startswith(f"{fleet_name}.")]
+
+
+def test_a_bad_inference_input_gets_the_replicas_own_error_at_once(fleet: Fleet, unchanged: None) -> None:
+    handle = Fleet.connect(fleet.name, fleet.namespace)
+    with pytest.raises(InferenceFailed) as info:
+        handle.infer(np.ones((3, 3), np.float32))
+    text = str(info.value)
+    assert text.startswith("inference failed on replica r") and "Error: " in text, text
+    assert "ray::" not in text and "pid=" not in text and "\x1b[" not in text and "\n" not in text
+    assert handle.router._unhealthy_until == {}  # not retried elsewhere, no replica blamed
+
+
+def test_a_corrupted_checkpoint_reaches_the_caller_as_its_own_error(fleet: Fleet, unchanged: None) -> None:
+    from actors.store import CheckpointCorrupted
+
+    manifest = Path(fleet._cfg["state_dir"]) / "checkpoints" / "v0.json"
+    good = manifest.read_bytes()
+    manifest.write_bytes(b"{ not json")
+    try:
+        with pytest.raises(CheckpointCorrupted, match="checkpoint v0 is corrupted") as info:
+            Fleet.connect(fleet.name, fleet.namespace).manifest()
+        assert "ray::" not in str(info.value) and "pid=" not in str(info.value)
+    finally:
+        manifest.write_bytes(good)
+
+
+def test_rollback_to_the_active_version_is_a_noop(fleet: Fleet, unchanged: None) -> None:
+    st = fleet.status()
+    res = fleet.rollback(to=st["version"])
+    assert res.noop and res.version == st["version"]
+    assert fleet.status()["last_version"] == st["last_version"]
+
+
+def test_config_values_of_the_wrong_kind_are_refused_naming_the_field(probe_engine_path: Path) -> None:
+    cases = [({"replicas": True}, "replicas"), ({"replicas": 2.0}, "replicas"),
+             ({"timeouts": {"launch_s": float("inf")}}, "launch_s"),
+             ({"timeouts": {"prepare_s": True}}, "prepare_s"),
+             ({"failpoints": {"replica.nope": "raise"}}, "replica.nope"),
+             ({"failpoints": {"replica.before_vote": "sleep:soon"}}, "sleep"),
+             ({"routing": {"max_queue_per_replica": False}}, "max_queue_per_replica")]
+    for fields, named in cases:
+        with pytest.raises(pydantic.ValidationError, match=named) as info:
+            FleetConfig(name="ok", engine=str(probe_engine_path), **fields)
+        assert isinstance(info.value, ValueError)
+
+
+def test_fleet_names_follow_one_rule_and_a_name_it_accepts_works_everywhere(
+        ray_session: None, probe_engine_path: Path, tmp_path: Path) -> None:
+    for name in ("a..b", "-x", "x" * 65):
+        with pytest.raises(pydantic.ValidationError, match="invalid fleet name"):
+            FleetConfig(name=name, engine=str(probe_engine_path))
+        with pytest.raises(ValueError, match="invalid fleet name"):
+            Fleet.connect(name)
+    f = Fleet.launch(fleet_config(probe_engine_path, tmp_path, name="ok.name_1-x", replicas=1))
+    try:
+        other = Fleet.connect("ok.name_1-x", f.namespace)
+        assert other.status()["name"] == "ok.name_1-x"
+    finally:
+        f.shutdown()
+    with pytest.raises(FleetNotFound):
+        Fleet.connect("ok.name_1-x", f.namespace)
+
+
+@pytest.mark.parametrize("kind", ["a file", "under /proc"])
+def test_a_state_dir_that_cannot_be_used_is_refused_before_anything_starts(
+        ray_session: None, probe_engine_path: Path, tmp_path: Path, kind: str) -> None:
+    if kind == "a file":
+        state = tmp_path / "state"
+        state.write_text("not a directory")
+        words = "is not a directory"
+    else:
+        state = Path("/proc/weight-refit-state")
+        words = "cannot be used"
+    cfg = fleet_config(probe_engine_path, tmp_path, state_dir=str(state))
+    with pytest.raises(ValueError, match=words) as info:
+        Fleet.launch(cfg)
+    assert str(state) in str(info.value)
+    assert _named_actors(cfg.name) == []
+
+
+def test_a_failed_launch_leaves_no_actors_no_placement_group_and_no_fleet(
+        ray_session: None, probe_engine_path: Path, tmp_path: Path) -> None:
+    """A replica that dies in ``__init__`` used to fail the launch while ``status`` still showed
+    the fleet (0 replicas) and its coordinator and other replicas kept running."""
+    from ray.util.placement_group import placement_group_table
+
+    cfg = fleet_config(probe_engine_path, tmp_path, replicas=3, failpoints={"replica.on_start": "r1/raise"})
+    with pytest.raises(RemoteError, match="replica r1") as info:
+        Fleet.launch(cfg)
+    assert "could not start" in str(info.value) and "FailpointError" in str(info.value)
+    assert _named_actors(cfg.name) == []
+    with pytest.raises(FleetNotFound):
+        Fleet.connect(cfg.name, cfg.namespace)
+    live = [g for g in placement_group_table().values()
+            if g.get("name", "").startswith(cfg.name) and g.get("state") != "REMOVED"]
+    assert live == []
+    fixed = cfg.model_copy(update={"failpoints": {}})
+    f = Fleet.launch(fixed)  # the same name and state dir launch cleanly afterwards
+    try:
+        assert converged(f)["version"] == 0
+    finally:
+        f.shutdown()
+
+
+def test_a_relaunch_with_another_config_is_refused_naming_what_differs(fleet: Fleet, unchanged: None) -> None:
+    cfg = FleetConfig(**fleet._cfg)
+    changed = cfg.model_copy(update={"timeouts": cfg.timeouts.model_copy(update={"request_s": 7.0}),
+                                     "torch_threads": 2})
+    with pytest.raises(FleetConfigMismatch) as info:
+        Fleet.launch(changed)
+    assert set(info.value.fields) == {"timeouts.request_s", "torch_threads"}
+    assert "request_s" in str(info.value) and isinstance(info.value, ValueError)
+    assert Fleet.connect(fleet.name, fleet.namespace)._cfg == fleet._cfg  # the running one is as it was
+    again = Fleet.launch(cfg)  # the same config re-attaches
+    assert again.status()["version"] == fleet.status()["version"]

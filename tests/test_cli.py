@@ -81,7 +81,7 @@ def test_cli_end_to_end(tmp_path: Path) -> None:
         assert "does not exist" in p.stderr
         p = wr("status", "--fleet", "nosuchfleet", code=3)
         assert "nosuchfleet" in p.stderr
-        p = wr("rollback", "--fleet", "clifleet", "--to", "999", code=2)
+        p = wr("rollback", "--fleet", "clifleet", "--to", "999", code=4)
         assert "999" in p.stderr
         assert json.loads(wr("status", "--fleet", "clifleet", "--json").stdout)["version"] == 3
 

@@ -16,7 +16,7 @@ import ray
 import torch
 from fleet_models import fleet_config, probe_input, probe_value, probe_weights, wait_for
 
-from cluster import Fleet, NoReplicaAvailable, Overloaded, RefitAborted
+from cluster import Fleet, KeyReused, NoReplicaAvailable, Overloaded, RefitAborted
 from engines import NonFiniteWeightError, ShapeMismatchError, UnknownWeightError
 from engines.checksum import tensor_checksum
 
@@ -123,12 +123,22 @@ def test_bad_input_is_refused_before_any_transfer(fleet: Fleet) -> None:
 
 def test_same_key_returns_first_outcome(fleet: Fleet) -> None:
     first = fleet.refit(probe_weights(21.0), key="deploy-21")
-    again = fleet.refit(probe_weights(22.0), key="deploy-21")
+    again = fleet.refit(probe_weights(21.0), key="deploy-21")
     assert again.version == first.version and again.duplicate
     assert _value_everywhere(fleet) == {21.0}
     assert fleet.outcome("deploy-21")["status"] == "committed"
     assert fleet.outcome(first.txn)["version"] == first.version
     assert fleet.outcome("never-used")["status"] == "unknown"
+
+
+def test_a_key_reused_for_other_weights_is_refused_and_changes_nothing(fleet: Fleet) -> None:
+    first = fleet.refit(probe_weights(23.0), key="deploy-23")
+    last = fleet.status()["last_version"]
+    with pytest.raises(KeyReused, match="deploy-23") as info:
+        fleet.refit(probe_weights(24.0), key="deploy-23")
+    assert isinstance(info.value, ValueError) and first.txn in str(info.value)
+    assert fleet.status()["last_version"] == last  # no transaction began
+    assert _value_everywhere(fleet) == {23.0}
 
 
 def test_rollback_walks_back(fleet: Fleet) -> None:

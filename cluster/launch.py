@@ -1,0 +1,265 @@
+"""Launching a fleet: start its coordinator and replicas, or re-attach to running ones.
+
+Contract of ``Launch.run``:
+- Everything that can be checked before creating an actor is checked first: the engine file
+  (exists, is an engine, built with ``enable_refit``), the cluster's capacity, and, when the fleet
+  already runs, that it runs with this very config (``FleetConfigMismatch`` names every field that
+  differs; nothing is touched).
+- A launch that fails leaves nothing behind that it created: the replicas and the coordinator it
+  started are killed (replicas that had already joined a running coordinator leave it), and the
+  placement groups it created are removed. What ran before the call keeps running.
+- The errors it raises are readable (``cluster.remote``): a replica that could not start says why.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from actors.coordinator import Coordinator
+from actors.durable import StateDirLock, describe_os_error
+from actors.replica import Replica
+from actors.replica_client import coordinator_actor_name, replica_actor_name
+from actors.settings import CoordinatorSettings, ReplicaSettings
+from actors.store import CheckpointStore
+from engines.checksum import checksums as checksum_all
+from engines.engine_file import read_engine_file
+from engines.errors import EngineFileError
+
+from .config import FleetConfig
+from .errors import EngineNotRefittable, FleetConfigMismatch, RemoteError
+from .placement import (
+    actor_options,
+    create_placement_group,
+    local_ray_init_kwargs,
+    plan_placement,
+    resolve_card_indexes,
+)
+from .ray_session import ensure_ray
+from .remote import readable_errors
+
+logger = logging.getLogger("weight_refit.launch")
+
+__all__ = ["Launch", "config_differences", "coordinator_settings", "replica_settings"]
+
+
+def replica_settings(cfg: FleetConfig, card: int | None) -> ReplicaSettings:
+    device = cfg.engine_device or {"cpu": "cpu", "cuda": "cuda:0", "mlu": "mlu:0"}[cfg.device]
+    spare = 2 if cfg.keep_previous else 1
+    return ReplicaSettings(
+        fleet=cfg.name, namespace=cfg.namespace, state_dir=cfg.state_dir,
+        failpoints=dict(cfg.failpoints), engine=cfg.engine, device=device, card=card,
+        memory_mode=cfg.memory_mode, keep_previous=cfg.keep_previous,
+        memory_budget_bytes=cfg.memory_budget_bytes, torch_threads=cfg.torch_threads,
+        prefill_sets=spare if cfg.prefill_buffers and cfg.memory_mode == "swap" else 0,
+        fetch_timeout_s=cfg.timeouts.prepare_s, lease_s=cfg.timeouts.lease_s,
+    )
+
+
+def coordinator_settings(cfg: FleetConfig) -> CoordinatorSettings:
+    return CoordinatorSettings(
+        fleet=cfg.name, namespace=cfg.namespace, state_dir=cfg.state_dir,
+        failpoints=dict(cfg.failpoints), timeouts=cfg.timeouts, commit_policy=cfg.commit_policy,
+        max_exclude=cfg.max_exclude, retain_versions=cfg.retain_versions, persist_fsync=cfg.persist_fsync,
+        driver_config=cfg.model_dump(mode="json"),
+    )
+
+
+def config_differences(running: Mapping[str, Any], wanted: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """Dotted names of the fields whose values differ, with both values."""
+    out = []
+    for key in sorted(set(running) | set(wanted)):
+        a, b = running.get(key), wanted.get(key)
+        if isinstance(a, Mapping) and isinstance(b, Mapping) and key != "failpoints":
+            out += config_differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key} ({a!r} -> {b!r})")
+    return out
+
+
+def check_engine(cfg: FleetConfig) -> None:
+    """The engine file exists, is an engine file, and was built with ``enable_refit``."""
+    path = Path(cfg.engine)
+    if not path.is_file():
+        raise EngineFileError(f"engine file {cfg.engine!r} does not exist or is not a file "
+                              "(build one with scripts/gen_model.py)")
+    builder_config = read_engine_file(cfg.engine).builder_config
+    if not builder_config.get("enable_refit", False):
+        raise EngineNotRefittable(
+            f"engine file {cfg.engine!r} was built without enable_refit=True: its weights cannot be "
+            f"refit (rebuild it with BuilderConfig(enable_refit=True))")
+
+
+def check_state_dir(path: str) -> None:
+    """``state_dir`` is a directory this process can create and write, or a ValueError says why."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise ValueError(f"state_dir {path!r} exists and is not a directory")
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        probe = p / f".write-test.{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        why = describe_os_error(exc, "creating or writing")
+        raise ValueError(f"state_dir {path!r} cannot be used: {why} "
+                         "(it must be a directory this process can create and write: a local disk, or a "
+                         "filesystem every node shares)") from None
+
+
+def _ensure_base_version(cfg: FleetConfig) -> None:
+    """Write the engine file's weights as version 0 of the checkpoint store (once per fleet)."""
+    store = CheckpointStore.in_state_dir(cfg.state_dir)
+    if store.has(0):
+        return
+    ef = read_engine_file(cfg.engine)
+    store.save(0, ef.weights, checksum_all(ef.weights), fsync=cfg.persist_fsync)
+
+
+def _head_node_strategy() -> Any:
+    """Prefer the head node for the coordinator (it outlives worker nodes; its log and store are
+    there on a one-machine fleet); soft, so a restart goes elsewhere if the head is gone."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    head = next((n["NodeID"] for n in ray.nodes()
+                 if n.get("Alive") and "node:__internal_head__" in n.get("Resources", {})), None)
+    return NodeAffinitySchedulingStrategy(head, soft=True) if head else "DEFAULT"
+
+
+def _named(name: str, namespace: str) -> Any:
+    try:
+        return ray.get_actor(name, namespace)
+    except ValueError:
+        return None
+
+
+def _placement_group(name: str) -> Any:
+    from ray.util import get_placement_group
+
+    try:
+        return get_placement_group(name)
+    except ValueError:
+        return None
+
+
+class Launch:
+    """One launch (or re-attach); see the module docstring."""
+
+    def __init__(self, cfg: FleetConfig, address: str | None = None) -> None:
+        self.cfg = cfg
+        self.address = address
+        self._actors: list[Any] = []  # created by this launch, newest last
+        self._joined: list[str] = []  # replicas this launch had a running coordinator admit
+        self._groups: list[Any] = []
+        self._coordinator_was_running = False
+
+    def run(self) -> Any:
+        """Return the coordinator's handle once every replica serves."""
+        cfg = self.cfg
+        check_engine(cfg)
+        check_state_dir(cfg.state_dir)
+        ensure_ray(self.address or cfg.address, local_ray_init_kwargs(cfg))
+        running = _named(coordinator_actor_name(cfg.name), cfg.namespace)
+        if running is not None:
+            self._check_same_config(running)
+        else:
+            StateDirLock(cfg.state_dir).check_free()
+        try:
+            _ensure_base_version(cfg)
+            return self._start(running)
+        except BaseException:
+            self.undo(running)
+            raise
+
+    def _check_same_config(self, running: Any) -> None:
+        with readable_errors():
+            current = ray.get(running.config.remote(), timeout=self.cfg.timeouts.request_s)
+        differ = config_differences(current, self.cfg.model_dump(mode="json"))
+        if differ:
+            raise FleetConfigMismatch(
+                f"fleet {self.cfg.name!r} is running with a different config: {'; '.join(differ)}. "
+                "Nothing was changed: shut it down first (`weight-refit shutdown`), or change the "
+                "number of replicas with `weight-refit scale`",
+                [d.split(" ", 1)[0] for d in differ])
+        self._coordinator_was_running = True
+
+    def _start(self, running: Any) -> Any:
+        cfg = self.cfg
+        plan = plan_placement(cfg)
+        group_name = f"{cfg.name}.replicas"
+        pg = _placement_group(group_name)
+        if pg is None:
+            pg = create_placement_group(plan, cfg.timeouts.launch_s, name=group_name)
+            if pg is not None:
+                self._groups.append(pg)
+        cards = resolve_card_indexes(plan, pg)
+        coord = running
+        if coord is None:
+            coord = Coordinator.options(
+                name=coordinator_actor_name(cfg.name), namespace=cfg.namespace, lifetime="detached",
+                get_if_exists=True, num_cpus=0, scheduling_strategy=_head_node_strategy(),
+                runtime_env={"env_vars": dict(cfg.coordinator_env)} if cfg.coordinator_env else None,
+            ).remote(coordinator_settings(cfg))
+            self._actors.append(coord)
+        self.start_replicas(plan, pg, cards, coord)
+        return coord
+
+    def start_replicas(self, plan: Any, pg: Any, cards: Mapping[str, int], coord: Any) -> None:
+        """Create the plan's replicas (detached, named) that are not running, wait until each
+        answers, and have the coordinator admit each one (it catches it up first)."""
+        cfg = self.cfg
+        handles = {}
+        for rp in plan.replicas:
+            name = replica_actor_name(cfg.name, rp.replica_id)
+            existing = _named(name, cfg.namespace)
+            if existing is not None:
+                handles[rp.replica_id] = existing
+                continue
+            card = cards.get(rp.replica_id)
+            handles[rp.replica_id] = Replica.options(
+                name=name, namespace=cfg.namespace, lifetime="detached",
+                **actor_options(rp, placement_group=pg, card_index=card),
+            ).remote(rp.replica_id, replica_settings(cfg, card))
+            self._actors.append(handles[rp.replica_id])
+        deadline = time.monotonic() + cfg.timeouts.launch_s
+        for rid, handle in handles.items():
+            with readable_errors(RemoteError, where=f"replica {rid}"):
+                ray.get(handle.ping.remote(), timeout=max(1.0, deadline - time.monotonic()))
+        for rid in handles:
+            with readable_errors(RemoteError, where=f"admitting replica {rid}"):
+                ray.get(coord.join.remote(rid), timeout=max(1.0, deadline - time.monotonic()))
+            self._joined.append(rid)
+
+    def created_group(self, pg: Any) -> None:
+        """Count a placement group made for this launch as its own (removed if it fails)."""
+        self._groups.append(pg)
+
+    def undo(self, running: Any) -> None:
+        """Take back what this launch created (see the module docstring); ``running`` is the
+        coordinator that ran before it, if any."""
+        coord = running
+        if coord is not None:
+            for rid in self._joined:
+                with contextlib.suppress(Exception):
+                    ray.get(coord.leave.remote(rid, 0.0), timeout=self.cfg.timeouts.request_s)
+        if running is None and self._actors:  # our coordinator: let it release the state dir first
+            with contextlib.suppress(Exception):
+                ray.get(self._actors[0].shutdown.remote(), timeout=10)
+        for handle in reversed(self._actors):
+            with contextlib.suppress(Exception):
+                ray.kill(handle, no_restart=True)
+        from ray.util import remove_placement_group
+
+        for pg in self._groups:
+            with contextlib.suppress(Exception):
+                remove_placement_group(pg)
+        if self._actors or self._groups:
+            logger.warning("launch of %s failed: removed the %d actor(s) and %d placement group(s) "
+                           "it had created", self.cfg.name, len(self._actors), len(self._groups))
