@@ -91,7 +91,8 @@ class Coordinator:
             raise
         self.retention = Retention(self.store)
         self.leases = LeaseKeeper(self.client, self.membership, epoch=ledger.epoch,
-                                  lease_s=self.t.lease_s, on_failed=self._exclude_failed)
+                                  lease_s=self.t.lease_s, on_failed=self._exclude_failed,
+                                  aborted=lambda txn: self.txns.aborted_reason(txn) if self.txns else None)
         self.txns = TwoPhaseCommit(self.settings, ledger, self.client, self.persister, self.membership,
                                    self.leases, self.retention, self.fp, self._retained)
         self.repairer = Repairer(self.client, self.membership, self.leases,

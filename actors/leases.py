@@ -4,7 +4,9 @@
 member's membership generation (a replica ignores renewals older than its newest generation, so
 one sent before an exclusion cannot re-admit it). It records when each renewal was sent, so that
 ``wait_out`` can sleep until an excluded member's last lease has lapsed. A member that answers a
-renewal in state ``failed`` (it cannot load its weights) is reported through ``on_failed``.
+renewal in state ``failed`` (it cannot load its weights) is reported through ``on_failed``; one
+that still holds the staged set of a transaction the coordinator aborted (every ABORT sent to it
+was lost) is sent the ABORT again.
 
 ``Repairer`` catches excluded replicas up to the active version, in parallel and without holding
 the refit lock, then re-admits those that reached it while no refit was running and the active
@@ -19,6 +21,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 from .membership import Membership
 from .replica_client import ReplicaClient
@@ -47,12 +50,15 @@ def run_loop(name: str, period_s: Callable[[], float], body: Callable[[], None],
 
 class LeaseKeeper:
     def __init__(self, client: ReplicaClient, membership: Membership, *, epoch: int, lease_s: float,
-                 on_failed: Callable[[str, str], None]) -> None:
+                 on_failed: Callable[[str, str], None],
+                 aborted: Callable[[str], str | None] = lambda txn: None) -> None:
         self._client = client
         self._membership = membership
         self.epoch = epoch
         self.lease_s = lease_s
         self._on_failed = on_failed
+        self._aborted = aborted
+        self._replies = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lease-replies")
 
     def grant(self, rid: str, generation: int) -> None:
         """Send ``rid`` a lease under ``generation`` and record when."""
@@ -60,13 +66,27 @@ class LeaseKeeper:
         self._client.renew(rid, self.epoch, self.lease_s, generation, self._on_reply)
         self._membership.renewed(rid, generation, sent)
 
+    def settle(self) -> None:
+        """Wait until every answer received so far has been acted on."""
+        self._replies.submit(lambda: None).result()
+
     def renew_all(self) -> None:
         for rid, generation in self._membership.renewal_targets():
             self.grant(rid, generation)
 
     def _on_reply(self, rid: str, reply: LeaseReply | Failed) -> None:
-        if isinstance(reply, LeaseReply) and reply.accepted and reply.state == "failed":
+        """Runs on the thread that delivered the answer: hand it off, never block that thread."""
+        if isinstance(reply, LeaseReply) and ((reply.accepted and reply.state == "failed") or reply.prepared):
+            self._replies.submit(self._act_on, rid, reply)
+
+    def _act_on(self, rid: str, reply: LeaseReply) -> None:
+        if reply.accepted and reply.state == "failed":
             self._on_failed(rid, reply.error or "the replica reports state failed")
+        for txn in reply.prepared:  # its ABORT was lost: say it again, so the set is freed now
+            reason = self._aborted(txn)
+            if reason is not None:
+                logger.info("replica %s still holds aborted txn %s: sending ABORT again", rid, txn)
+                self._client.abort([rid], self.lease_s, self.epoch, txn, reason)
 
     def wait_out(self, rids: list[str]) -> None:
         """Return once the last lease granted to each of ``rids`` has lapsed."""

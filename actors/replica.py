@@ -36,7 +36,7 @@ from .failpoints import Failpoints
 from .log import LOG_NAME, TxnLog
 from .replica_client import coordinator_actor_name
 from .replica_core import ReplicaCore, reason_of
-from .replica_protocol import Lifecycle
+from .replica_protocol import Lifecycle, TxnState
 from .replies import Ack, LeaseReply, PrepareReply
 from .serving_lease import LeaseVerdict, ServingLease
 from .settings import ReplicaSettings
@@ -169,8 +169,9 @@ class Replica:
         accepted = self.lease.renew(epoch, lease_s, generation)
         self.fp.hit("reply.renew_lease")
         lifecycle = self.core.lifecycle
+        prepared = tuple(r.txn for r in self.core.participant.pending() if r.state is TxnState.PREPARED)
         return LeaseReply(self.replica_id, accepted, self.engine.version, lifecycle.state.value,
-                          lifecycle.error)
+                          lifecycle.error, prepared)
 
     @ray.method(concurrency_group="control")
     def exclude(self, epoch: int = 0, generation: int = 0) -> bool:

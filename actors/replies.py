@@ -40,13 +40,15 @@ class Ack:
 class LeaseReply:
     """Answer to a lease renewal. ``accepted`` is False for a renewal older than the replica's
     membership generation. ``state`` is the replica's lifecycle state; ``error`` says why a
-    replica in state ``failed`` cannot serve."""
+    replica in state ``failed`` cannot serve; ``prepared`` lets the coordinator resend a decision
+    whose message was lost."""
 
     replica: str
     accepted: bool
     version: int
     state: str
     error: str = ""
+    prepared: tuple[str, ...] = ()  # transactions holding a staged set and still waiting for a decision
 
 
 class FailureKind(str, Enum):

@@ -276,6 +276,14 @@ class TwoPhaseCommit:
         return TxnResult(status=o.status, txn=o.txn, version=o.version, key=o.key, reason=o.reason or "",
                          votes=dict(o.votes), activated=o.activated)
 
+    def aborted_reason(self, txn: str) -> str | None:
+        """Why ``txn`` aborted, if it did and is not the one in flight; else None."""
+        current = self.current
+        if current is not None and current.txn == txn:
+            return None
+        o = self._ledger.outcome(txn)
+        return (o.reason or "aborted") if o is not None and o.status == "aborted" else None
+
     # ------------------------------------------------------------------ endings
 
     def _refuse(self, txn: CoordinatorTxn, reason: str, t0: float) -> TxnResult:

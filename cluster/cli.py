@@ -74,7 +74,7 @@ def _exit_code(exc: BaseException) -> int:
 
 def _guard(fn: Any) -> Any:
     """Run ``fn``; map the library's errors to exit codes and one-line messages."""
-    from cluster import RefitAborted
+    from cluster import FleetError, RefitAborted
 
     try:
         return fn()
@@ -84,7 +84,7 @@ def _guard(fn: Any) -> Any:
         first = str(exc).splitlines()[0] if str(exc) else ""
         if isinstance(exc, RefitAborted):
             message = str(exc)
-        elif _exit_code(exc) in (BAD_INPUT, NOT_FOUND, ABORTED):
+        elif _exit_code(exc) in (BAD_INPUT, NOT_FOUND, ABORTED) or isinstance(exc, FleetError):
             message = first or type(exc).__name__
         else:
             message = f"{type(exc).__name__}: {first}"
@@ -161,14 +161,17 @@ def launch(config: Path = typer.Option(..., "--config", "-c", help="fleet config
            json_out: bool = JsonOpt) -> None:
     """Launch a fleet that outlives this command (a local Ray head is started if none runs)."""
     from cluster import Fleet, FleetConfig
+    from cluster.launch import check_engine
     from cluster.ray_session import answers, join, recorded_head
 
     if not config.is_file():
         _fail(BAD_INPUT, f"fleet config {str(config)!r} does not exist or is not a file")
     cfg = _guard(lambda: FleetConfig.from_yaml(config))
-    if not Path(cfg.engine).is_file():
-        _fail(BAD_INPUT, f"engine file {cfg.engine!r} does not exist "
-                         "(build one: python scripts/gen_model.py)")
+    if fresh:
+        from actors.durable import StateDirLock
+
+        _guard(lambda: StateDirLock(cfg.state_dir).check_free(wait_s=0.0))
+    _guard(lambda: check_engine(cfg))
     if fresh:
         shutil.rmtree(cfg.state_dir, ignore_errors=True)
     target = address or os.environ.get("RAY_ADDRESS") or cfg.address
@@ -410,9 +413,25 @@ def shutdown(fleet_name: str = FleetOpt, namespace: str = NamespaceOpt, address:
         out.print(f"Ray head at {head.address} stopped")
 
 
-def main() -> None:  # pragma: no cover  (console entry point)
-    app()
+def main() -> None:
+    """The console entry point: click's own errors (an unknown option, a missing argument) become
+    one ``error:`` line too, with click's exit code (2 for usage errors)."""
+    from typer.exceptions import TyperException
+
+    try:
+        code = app(standalone_mode=False)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        err.print("error: aborted", highlight=False, markup=False)
+        sys.exit(FAILED)
+    except TyperException as exc:
+        message = " ".join((exc.format_message() if hasattr(exc, "format_message") else str(exc)).split())
+        if message:  # (empty after no_args_is_help has printed the help)
+            err.print(f"error: {message} (see --help)", highlight=False, markup=False, soft_wrap=True)
+        sys.exit(int(getattr(exc, "exit_code", USAGE)))
+    sys.exit(code if isinstance(code, int) else OK)
 
 
-if __name__ == "__main__":  # pragma: no cover
-    app()
+if __name__ == "__main__":
+    main()

@@ -32,6 +32,7 @@ from actors.store import CheckpointStore
 from engines.checksum import checksums as checksum_all
 from engines.engine_file import read_engine_file
 from engines.errors import EngineFileError
+from engines.paths import check_regular_file
 
 from .config import FleetConfig
 from .errors import EngineNotRefittable, FleetConfigMismatch, RemoteError
@@ -86,10 +87,10 @@ def config_differences(running: Mapping[str, Any], wanted: Mapping[str, Any], pr
 
 def check_engine(cfg: FleetConfig) -> None:
     """The engine file exists, is an engine file, and was built with ``enable_refit``."""
-    path = Path(cfg.engine)
-    if not path.is_file():
-        raise EngineFileError(f"engine file {cfg.engine!r} does not exist or is not a file "
-                              "(build one with scripts/gen_model.py)")
+    try:
+        check_regular_file(cfg.engine, "engine file", EngineFileError)
+    except EngineFileError as exc:
+        raise EngineFileError(f"{exc} (build one with scripts/gen_model.py)") from None
     builder_config = read_engine_file(cfg.engine).builder_config
     if not builder_config.get("enable_refit", False):
         raise EngineNotRefittable(
@@ -230,7 +231,7 @@ class Launch:
             self._actors.append(handles[rp.replica_id])
         deadline = time.monotonic() + cfg.timeouts.launch_s
         for rid, handle in handles.items():
-            with readable_errors(RemoteError, where=f"replica {rid}"):
+            with readable_errors(RemoteError, where=f"replica {rid}"):  # "replica r1 could not start"
                 ray.get(handle.ping.remote(), timeout=max(1.0, deadline - time.monotonic()))
         for rid in handles:
             with readable_errors(RemoteError, where=f"admitting replica {rid}"):
@@ -261,5 +262,5 @@ class Launch:
             with contextlib.suppress(Exception):
                 remove_placement_group(pg)
         if self._actors or self._groups:
-            logger.warning("launch of %s failed: removed the %d actor(s) and %d placement group(s) "
+            logger.info("launch of %s failed: removed the %d actor(s) and %d placement group(s) "
                            "it had created", self.cfg.name, len(self._actors), len(self._groups))

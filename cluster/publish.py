@@ -25,9 +25,11 @@ def load_and_check(weights: WeightsLike, manifest: Mapping[str, Any], *,
                    add_prefix: str | None = None, mapping: Mapping[str, str] | None = None,
                    complete: bool = False) -> dict[str, torch.Tensor]:
     """Read ``weights`` and check them against the fleet manifest (names, shapes, dtypes, values,
-    completeness when asked); raises the engine's errors naming the tensor."""
-    tensors = load_weights(weights, strip_prefix=strip_prefix, add_prefix=add_prefix, mapping=mapping)
+    completeness when asked); raises the engine's errors naming the tensor. A file's names, shapes
+    and dtypes are checked from its header before any tensor is read (no decompression bombs)."""
     specs = {n: TensorSpec(shape=tuple(s["shape"]), dtype=s["dtype"]) for n, s in manifest.items()}
+    tensors = load_weights(weights, strip_prefix=strip_prefix, add_prefix=add_prefix, mapping=mapping,
+                           expect=specs)
     check_weights(tensors, specs, non_finite)
     if complete and (missing := sorted(set(specs) - set(tensors))):
         raise MissingWeightsError(missing)

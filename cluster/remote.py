@@ -35,11 +35,12 @@ def first_line(text: str) -> str:
 
 
 def _last_error_line(text: str) -> str:
-    """The ``Type: message`` line a Python traceback ends with."""
+    """The ``Type: message`` line a Python traceback ends with (the type without its module)."""
     lines = [ln.strip() for ln in _ANSI.sub("", text).splitlines() if ln.strip()]
     for line in reversed(lines):
-        if re.match(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt|Warning|\w+)?: ", line):
-            return line
+        m = re.match(r"^(?:[A-Za-z_]\w*\.)*([A-Za-z_]\w*): (.*)$", line)
+        if m:
+            return f"{m.group(1)}: {m.group(2)}"
     return lines[-1] if lines else ""
 
 
@@ -56,7 +57,8 @@ def readable(exc: BaseException, wrap: Callable[[str], FleetError] = RemoteError
             return wrap(f"{prefix}{type(cause).__name__}: {first_line(str(cause))}")
         return wrap(f"{prefix}{_last_error_line(str(exc))}")
     if isinstance(exc, ActorDiedError) and getattr(exc, "actor_init_failed", False):
-        return wrap(f"{prefix}could not start: {_last_error_line(getattr(exc, 'error_msg', '') or str(exc))}")
+        who = f"{where} could not start" if where else "could not start"
+        return wrap(f"{who}: {_last_error_line(getattr(exc, 'error_msg', '') or str(exc))}")
     return exc
 
 

@@ -8,6 +8,7 @@ from .errors import (
     DtypeMismatchError,
     EngineError,
     EngineFileError,
+    InvalidVersionError,
     MemoryBudgetError,
     MissingWeightsError,
     NonFiniteWeightError,
@@ -29,8 +30,8 @@ from .weights import load_weights
 
 __all__ = [
     "BackendUnavailableError", "BuilderConfig", "DtypeMismatchError", "Engine", "EngineError",
-    "EngineFileError", "InferResult", "MemoryBudgetError", "MemoryMode", "MemoryReport",
-    "MissingWeightsError",
+    "EngineFileError", "InferResult", "InvalidVersionError", "MemoryBudgetError", "MemoryMode",
+    "MemoryReport", "MissingWeightsError",
     "NonFinitePolicy", "NonFiniteWeightError", "NotRetainedError", "RefitDisabledError", "RefitError",
     "Refitter", "ShapeMismatchError", "StagedSet", "StagedSetDiscardedError", "StagedSetError",
     "StagedSetSupersededError", "StagedState", "TensorSpec", "UnknownWeightError", "VersionOrderError",

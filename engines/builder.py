@@ -40,7 +40,9 @@ def load_engine(path: str | os.PathLike, device: str | None = None, **overrides:
     """Load an engine file onto ``device`` (default: the device it was built for).
 
     ``overrides`` replace fields of the saved ``BuilderConfig`` (e.g. ``memory_mode="copy"``).
-    Nothing is unpickled: the program is JSON and the weights are raw safetensors bytes.
+    Nothing is unpickled: the program is JSON and the weights are raw safetensors bytes. Anything
+    wrong with the file is an ``EngineFileError`` naming it; a bad override is pydantic's
+    ``ValidationError`` (a ``ValueError``), as for ``BuilderConfig`` itself.
     """
     ef = read_engine_file(path)
     fields = dict(ef.builder_config)
@@ -48,6 +50,6 @@ def load_engine(path: str | os.PathLike, device: str | None = None, **overrides:
         fields["device"] = device
     fields.update(overrides)
     config = BuilderConfig(**fields)
-    program = deserialize_program(ef.program_json, ef.weights, ef.constants)
+    program = deserialize_program(ef.program_json, ef.weights, ef.constants, source=str(path))
     backend = make_backend(config, program)
     return Engine(backend, ef.weights, ef.constants, ef.program_json, config, version=ef.version)

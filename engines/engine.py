@@ -11,10 +11,16 @@ Contract:
   counts). On CUDA the outputs are copied to the host before the reader leaves, so the device
   work that read the buffer has finished too.
 - Every refit error leaves the engine serving the weights it served before the call.
+- A version is an ``int`` (numpy integers are accepted) in ``[0, 2**63)``; a bool, a float (even
+  ``5.0``), a string or a negative number is an ``InvalidVersionError`` (a ``VersionOrderError``),
+  checked before any weight is read. ``stage`` checks a weights file's names, shapes and dtypes
+  against the manifest from the file's header before reading its data (``load_weights(expect=)``).
+- ``commit``/``discard`` take only sets this engine staged (``StagedSetError`` otherwise).
 """
 
 from __future__ import annotations
 
+import numbers
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -29,12 +35,14 @@ import torch
 from .backends.base import Backend
 from .config import BuilderConfig, MemoryMode
 from .devices import pinned_memory_available
-from .engine_file import EngineFile, write_engine_file
+from .engine_file import MAX_VERSION, EngineFile, write_engine_file
 from .errors import (
+    InvalidVersionError,
     MemoryBudgetError,
     NotRetainedError,
     RefitDisabledError,
     StagedSetDiscardedError,
+    StagedSetError,
     StagedSetSupersededError,
     VersionOrderError,
 )
@@ -70,6 +78,16 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
+def check_version_number(version: object, what: str = "version") -> int:
+    """``version`` as an ``int`` if it is an integer in ``[0, 2**63)``, else InvalidVersionError."""
+    if isinstance(version, (bool, np.bool_)) or not isinstance(version, numbers.Integral):
+        raise InvalidVersionError(f"{what} {version!r} is not an integer ({type(version).__name__})")
+    value = int(version)
+    if not 0 <= value <= MAX_VERSION:
+        raise InvalidVersionError(f"{what} {version!r} is outside [0, 2**63)")
+    return value
+
+
 class Engine:
     """One program, one device, a live weight set and the sets staged to replace it."""
 
@@ -85,6 +103,7 @@ class Engine:
         self._constants = dict(constants)
         self._manifest: Manifest = manifest_of(weights)
         self._ids = count(1)
+        self._token = object()  # marks the staged sets this engine made
         self._cond = threading.Condition(threading.Lock())
         self._refit_lock = threading.RLock()
         self._writer_waiting = False
@@ -168,13 +187,18 @@ class Engine:
               add_prefix: str | None = None, mapping: Mapping[str, str] | None = None) -> StagedSet:
         """Validate ``weights`` (a subset is fine) and copy them into spare buffers as ``version``."""
         self._check_refittable()
-        tensors = load_weights(weights, strip_prefix=strip_prefix, add_prefix=add_prefix, mapping=mapping)
+        version = check_version_number(version)
+        self._check_version(version, self._live)  # again under the lock; this one spares a read
+        tensors = load_weights(weights, strip_prefix=strip_prefix, add_prefix=add_prefix, mapping=mapping,
+                               expect=self._manifest)
         check_weights(tensors, self._manifest, self.config.non_finite)
         return self._stage_tensors(tensors, version)
 
     def stage_retained(self, from_version: int, version: int) -> StagedSet:
         """Stage ``version`` as the weights of a set still held (live or previous): no copy."""
         self._check_refittable()
+        from_version = check_version_number(from_version, "from_version")
+        version = check_version_number(version)
         with self._refit_lock:
             base = self._live
             self._check_version(version, base)
@@ -186,7 +210,7 @@ class Engine:
                                        f"{self._previous.version if self._previous else None})")
             ws = WeightSet(next(self._ids), version, dict(source.tensors), source.program)
             staged = StagedSet(version=version, names=(), nbytes=0, base_id=base.set_id, stage_s=0.0,
-                               weight_set=ws, base_version=base.version)
+                               weight_set=ws, base_version=base.version, owner=self._token)
             with self._cond:
                 self._staged[id(staged)] = staged
             return staged
@@ -235,7 +259,7 @@ class Engine:
             raise
         ws = WeightSet(next(self._ids), version, new_tensors, program)
         return StagedSet(version=version, names=tuple(tensors), nbytes=need, base_id=base.set_id,
-                         stage_s=0.0, weight_set=ws, base_version=base.version)
+                         stage_s=0.0, weight_set=ws, base_version=base.version, owner=self._token)
 
     def _stage_copy(self, tensors: Mapping[str, torch.Tensor], version: int, base: WeightSet,
                     need: int) -> StagedSet:
@@ -247,7 +271,7 @@ class Engine:
             buf.copy_(src)
             host[name] = buf
         return StagedSet(version=version, names=tuple(tensors), nbytes=need, base_id=base.set_id,
-                         stage_s=0.0, host=host, base_version=base.version)
+                         stage_s=0.0, host=host, base_version=base.version, owner=self._token)
 
     def _make_room(self, new_bytes: Callable[[], int]) -> None:
         """Keep extra memory (previous + staged + pool + what this stage allocates) within the
@@ -272,6 +296,7 @@ class Engine:
 
     def commit(self, staged: StagedSet) -> int:
         """Make ``staged`` live; returns its version. Committing it twice returns the version again."""
+        self._check_owned(staged)
         with self._refit_lock:
             if staged.state is StagedState.COMMITTED:
                 return staged.version
@@ -329,12 +354,20 @@ class Engine:
 
     def discard(self, staged: StagedSet) -> None:
         """Free a staged set. Discarding twice is a no-op; a committed set cannot be discarded."""
+        self._check_owned(staged)
         with self._refit_lock:
             if staged.state is StagedState.COMMITTED:
                 raise StagedSetSupersededError(
                     f"staged set of version {staged.version} is committed; it cannot be discarded"
                 )
             self._drop(staged)
+
+    def _check_owned(self, staged: object) -> None:
+        if not isinstance(staged, StagedSet):
+            raise StagedSetError(
+                f"expected a StagedSet from this engine's stage(), got {type(staged).__name__}")
+        if staged.owner is not self._token:
+            raise StagedSetError(f"staged set of version {staged.version} was not staged by this engine")
 
     def _drop(self, staged: StagedSet) -> None:
         if staged.state is StagedState.DISCARDED:
@@ -396,6 +429,8 @@ class Engine:
 
     def weights(self, version: int | None = None) -> dict[str, torch.Tensor]:
         """The tensors of the live set (or of the retained set of ``version``), not copied."""
+        if version is not None:
+            version = check_version_number(version)
         with self._cond:
             for s in (self._live, self._previous):
                 if s is not None and (version is None or s.version == version):
@@ -488,7 +523,7 @@ class Refitter:
         return list(self._engine.manifest())
 
     def set_named_weights(self, name: str, value: Any) -> None:
-        tensors = load_weights({name: value})
+        tensors = load_weights({name: value}, expect=self._engine.manifest())
         check_weights(tensors, self._engine.manifest(), self._engine.config.non_finite)
         self._pending[name] = tensors[name]
 

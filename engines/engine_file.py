@@ -5,22 +5,37 @@ constants under ``__const__.<name>``; the header's string metadata holds ``forma
 ``torch.export`` program serialized as JSON (no pickle), the refittable names, the weight version
 and the build configuration. Loading parses JSON and reads raw tensor bytes: nothing is unpickled
 and the model's Python class is not needed.
+
+Reading refuses, with an ``EngineFileError`` naming the file and what is wrong (never a raw
+``JSONDecodeError``/``KeyError``/``TypeError``): a path that is not a regular file (checked with
+``os.stat`` before anything opens it), a truncated file or a lying safetensors header, missing
+metadata keys, metadata of the wrong JSON shape or type (``refittable`` a list of names,
+``version`` a decimal integer in ``[0, 2**63)``, ``builder_config`` an object ``BuilderConfig``
+accepts, ``program`` a JSON object), tensors the ``refittable`` list does not account for, and
+(in ``deserialize_program``) a program that cannot be rebuilt or whose weights' names, shapes or
+dtypes are not the ones its graph was exported with.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from .errors import EngineFileError
+from .errors import EngineError, EngineFileError
+from .paths import check_regular_file
 
 FORMAT = "weight-refit-engine"
 FORMAT_VERSION = "1"
 _CONST_PREFIX = "__const__."
+_KEYS = ("format", "format_version", "backend", "program", "refittable", "version", "builder_config")
+_VERSION_RE = re.compile(r"^(0|[1-9][0-9]{0,18})$")
+MAX_VERSION = 2**63 - 1
 
 
 @dataclass
@@ -45,23 +60,67 @@ def serialize_program(program: torch.export.ExportedProgram) -> bytes:
 
 
 def deserialize_program(program_json: bytes, weights: dict[str, torch.Tensor],
-                        constants: dict[str, torch.Tensor]) -> torch.export.ExportedProgram:
-    """Rebuild the program from JSON and tensors already in memory (no ``torch.load``)."""
+                        constants: dict[str, torch.Tensor], *,
+                        source: str = "<memory>") -> torch.export.ExportedProgram:
+    """Rebuild the program from JSON and tensors already in memory (no ``torch.load``).
+
+    EngineFileError naming ``source`` (the engine file) when the JSON is not a program, or when
+    ``weights``/``constants`` are not exactly the tensors its graph takes (names, shapes, dtypes).
+    """
     from torch._export.serde.serialize import SerializedArtifact, deserialize
 
-    params = set(_parameter_targets(json.loads(program_json)))
+    where = f"engine file {source!r}"
+    try:
+        params = set(_parameter_targets(json.loads(program_json)))
+    except Exception as exc:
+        raise EngineFileError(f"{where}: program is not a serialized torch.export program: "
+                              f"{type(exc).__name__}: {exc}") from exc
     state = {n: (torch.nn.Parameter(t, requires_grad=False) if n in params else t)
              for n, t in weights.items()}
-    return deserialize(SerializedArtifact(program_json, state, dict(constants), b""))
+    try:
+        program = deserialize(SerializedArtifact(program_json, state, dict(constants), b""))
+    except Exception as exc:  # torch's deserializer raises whatever a malformed graph trips on
+        raise EngineFileError(f"{where}: program cannot be rebuilt: {type(exc).__name__}: {exc}") from exc
+    _check_program_tensors(program, weights, constants, where)
+    return program
 
 
-def _parameter_targets(program: dict) -> list[str]:
+def _parameter_targets(program: Any) -> list[str]:
     """Names the program's signature declares as parameters (the rest are buffers)."""
     out = []
     for spec in program["graph_module"]["signature"]["input_specs"]:
         if "parameter" in spec:
-            out.append(spec["parameter"]["parameter_name"])
+            out.append(str(spec["parameter"]["parameter_name"]))
     return out
+
+
+def _check_program_tensors(program: torch.export.ExportedProgram, weights: dict[str, torch.Tensor],
+                           constants: dict[str, torch.Tensor], where: str) -> None:
+    sig = program.graph_signature
+    targets = {**sig.inputs_to_parameters, **sig.inputs_to_buffers,
+               **sig.inputs_to_lifted_tensor_constants}
+    slots = set(sig.inputs_to_parameters.values()) | set(sig.inputs_to_buffers.values())
+    extra = sorted(set(weights) - slots - set(sig.inputs_to_lifted_tensor_constants.values()))
+    if extra:
+        raise EngineFileError(f"{where} holds weights its program has no slot for: {extra}")
+    for node in program.graph.nodes:
+        if node.op != "placeholder" or node.name not in targets:
+            continue
+        target = targets[node.name]
+        t = weights.get(target, constants.get(target))
+        if t is None:
+            raise EngineFileError(f"{where} lacks tensor {target!r} that its program takes")
+        val = node.meta.get("val")
+        if not isinstance(val, torch.Tensor):
+            continue
+        try:
+            want = tuple(int(d) for d in val.shape)
+        except (TypeError, ValueError):  # a symbolic size: nothing static to compare
+            continue
+        if tuple(t.shape) != want or t.dtype != val.dtype:
+            raise EngineFileError(
+                f"{where}: tensor {target!r} is {tuple(t.shape)} {t.dtype}, but its program was "
+                f"exported for {want} {val.dtype}")
 
 
 def write_engine_file(path: str | os.PathLike, ef: EngineFile) -> None:
@@ -97,38 +156,92 @@ def read_engine_file(path: str | os.PathLike) -> EngineFile:
     from safetensors import safe_open
 
     p = Path(path)
-    if not p.is_file():
-        raise EngineFileError(f"engine file {str(p)!r} does not exist")
+    where = f"engine file {str(p)!r}"
+    check_regular_file(p, "engine file", EngineFileError)
     try:
         with safe_open(str(p), framework="pt", device="cpu") as fh:
             meta = fh.metadata() or {}
             if meta.get("format") != FORMAT:
-                raise EngineFileError(f"engine file {str(p)!r} is not a weight-refit engine (no format tag)")
+                raise EngineFileError(f"{where} is not a weight-refit engine (no format tag)")
             if meta.get("format_version") != FORMAT_VERSION:
                 raise EngineFileError(
-                    f"engine file {str(p)!r}: format version {meta.get('format_version')!r} "
+                    f"{where}: format version {meta.get('format_version')!r} "
                     f"is not supported (expected {FORMAT_VERSION})"
                 )
-            names = json.loads(meta["refittable"])
+            missing = [k for k in _KEYS if k not in meta]
+            if missing:
+                raise EngineFileError(f"{where}: metadata lacks {missing}")
+            names = _refittable(meta["refittable"], where)
+            version = _version(meta["version"], where)
+            builder_config = _builder_config(meta["builder_config"], where)
+            _program_object(meta["program"], where)
+            keys = list(fh.keys())
+            unlisted = sorted(k for k in keys if not k.startswith(_CONST_PREFIX) and k not in names)
+            if unlisted:
+                raise EngineFileError(f"{where} holds tensors its refittable list does not name: {unlisted}")
+            lacking = sorted(set(names) - set(keys))
+            if lacking:
+                raise EngineFileError(f"{where} lacks weights {lacking}")
             weights: dict[str, torch.Tensor] = {}
             constants: dict[str, torch.Tensor] = {}
-            for key in fh.keys():  # noqa: SIM118  (safe_open is not a Mapping)
+            for key in keys:
                 if key.startswith(_CONST_PREFIX):
                     constants[key[len(_CONST_PREFIX):]] = fh.get_tensor(key)
                 else:
                     weights[key] = fh.get_tensor(key)
-    except EngineFileError:
+    except EngineError:
         raise
     except Exception as exc:
-        raise EngineFileError(f"engine file {str(p)!r} is truncated or malformed: {exc}") from exc
-    missing = set(names) - set(weights)
-    if missing:
-        raise EngineFileError(f"engine file {str(p)!r} lacks weights {sorted(missing)}")
+        raise EngineFileError(f"{where} is truncated or malformed: {exc}") from exc
     return EngineFile(
         program_json=meta["program"].encode("utf-8"),
         weights=weights,
         constants=constants,
-        version=int(meta.get("version", "0")),
-        builder_config=json.loads(meta.get("builder_config", "{}")),
-        backend=meta.get("backend", "torch"),
+        version=version,
+        builder_config=builder_config,
+        backend=meta["backend"],
     )
+
+
+def _json(text: str, key: str, where: str) -> Any:
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise EngineFileError(f"{where}: metadata {key!r} is not JSON: {exc}") from None
+
+
+def _refittable(text: str, where: str) -> list[str]:
+    names = _json(text, "refittable", where)
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise EngineFileError(f"{where}: metadata 'refittable' must be a JSON list of names, "
+                              f"got {text[:80]!r}")
+    if len(set(names)) != len(names):
+        raise EngineFileError(f"{where}: metadata 'refittable' names a weight twice")
+    return names
+
+
+def _version(text: str, where: str) -> int:
+    if not _VERSION_RE.match(text) or int(text) > MAX_VERSION:
+        raise EngineFileError(f"{where}: metadata 'version' must be a decimal integer in [0, 2**63), "
+                              f"got {text[:80]!r}")
+    return int(text)
+
+
+def _builder_config(text: str, where: str) -> dict:
+    from .config import BuilderConfig
+
+    fields = _json(text, "builder_config", where)
+    if not isinstance(fields, dict):
+        raise EngineFileError(f"{where}: metadata 'builder_config' must be a JSON object, got {text[:80]!r}")
+    try:
+        BuilderConfig(**fields)
+    except ValueError as exc:  # pydantic's ValidationError
+        raise EngineFileError(
+            f"{where}: metadata 'builder_config' is not a valid BuilderConfig: {exc}") from None
+    return fields
+
+
+def _program_object(text: str, where: str) -> None:
+    program = _json(text, "program", where)
+    if not isinstance(program, dict) or not isinstance(program.get("graph_module"), dict):
+        raise EngineFileError(f"{where}: metadata 'program' is not a serialized torch.export program")

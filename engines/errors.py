@@ -4,7 +4,9 @@ Every error that concerns one weight names it in ``.name``; every refit error is
 anything is copied, so the engine keeps serving the weights it served before the call (I4).
 
 Errors about a bad value are also ``ValueError``s (a wrong dtype is also a ``TypeError``), so a
-caller's ``except ValueError`` catches them as Python's conventions lead it to expect.
+caller's ``except ValueError`` catches them as Python's conventions lead it to expect. Every error
+pickles and unpickles to an equal one (type, message, ``name``/``names``): they cross process
+boundaries (Ray) intact.
 """
 
 from __future__ import annotations
@@ -32,6 +34,10 @@ class WeightError(RefitError, ValueError):
     def __init__(self, name: str, message: str) -> None:
         super().__init__(f"weight {name!r}: {message}")
         self.name = name
+        self.message = message
+
+    def __reduce__(self) -> tuple:
+        return (type(self), (self.name, self.message), self.__dict__)
 
 
 class UnknownWeightError(WeightError):
@@ -51,11 +57,18 @@ class NonFiniteWeightError(WeightError):
 
 
 class WeightFileError(RefitError, ValueError):
-    """A weights file that cannot be read safely: malformed, truncated, or carrying code (pickle)."""
+    """Weights that cannot be read safely: a file that is malformed, truncated, not a regular file
+    or carrying code (pickle), or a value that is not a plain dense tensor (meta, sparse,
+    quantized, ...). ``name`` is the weight concerned, None for the file as a whole."""
+
+    def __init__(self, message: str, *, name: str | None = None) -> None:
+        super().__init__(message)
+        self.name = name
 
 
 class StagedSetError(RefitError):
-    """Commit or discard of a staged set that is no longer in a state that allows it."""
+    """Commit or discard of a staged set that is no longer in a state that allows it, or that
+    this engine did not stage."""
 
 
 class StagedSetDiscardedError(StagedSetError):
@@ -78,6 +91,11 @@ class VersionOrderError(RefitError, ValueError):
     """A staged version number that is not newer than the live one (versions only grow)."""
 
 
+class InvalidVersionError(VersionOrderError):
+    """A version that is not an integer in ``[0, 2**63)``: a bool, a float (even ``5.0``), a
+    string, a negative number. Refused, never truncated or coerced."""
+
+
 class NotRetainedError(RefitError):
     """A request to re-stage a weight set the engine no longer holds (not live, not previous)."""
 
@@ -89,3 +107,6 @@ class MissingWeightsError(RefitError, ValueError):
         shown = ", ".join(repr(n) for n in names[:10]) + (" ..." if len(names) > 10 else "")
         super().__init__(f"{len(names)} weight(s) missing from a complete refit: {shown}")
         self.names = names
+
+    def __reduce__(self) -> tuple:
+        return (type(self), (self.names,), self.__dict__)

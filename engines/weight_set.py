@@ -61,6 +61,7 @@ class StagedSet:
     weight_set: WeightSet | None = None  # swap mode
     host: dict[str, torch.Tensor] = field(default_factory=dict)  # copy mode
     base_version: int = 0
+    owner: object = field(default=None, repr=False)  # the staging engine's token
 
 
 class BufferPool:

@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _conv import WEIGHT_NAME, load_or_build  # noqa: E402
 
+from actors.durable import StateDirInUse, StateDirLock  # noqa: E402
 from cluster import Fleet, FleetConfig  # noqa: E402
 
 STEPS = 9
@@ -42,6 +43,12 @@ def main(argv: list[str] | None = None) -> int:
         load_or_build(Path(cfg.engine), "cpu")
         print(f"built sample engine {cfg.engine}")
     if args.fresh:
+        try:
+            StateDirLock(cfg.state_dir).check_free(wait_s=0.0)
+        except StateDirInUse as exc:
+            print(f"error: {exc}: shut that fleet down first (weight-refit shutdown --fleet {cfg.name}), "
+                  "or use another state_dir", file=sys.stderr)
+            return 1
         shutil.rmtree(cfg.state_dir, ignore_errors=True)
     t = time.perf_counter()
     fleet = Fleet.launch(cfg)

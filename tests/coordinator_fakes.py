@@ -136,7 +136,7 @@ class FakeReplicas(ReplicaClient):
         if accepted:
             r.lease = (epoch, generation)
         if on_reply is not None:
-            on_reply(rid, LeaseReply(rid, accepted, r.version, r.state, r.error))
+            on_reply(rid, LeaseReply(rid, accepted, r.version, r.state, r.error, tuple(r.staged)))
 
     def exclude(self, rid: str, epoch: int, generation: int) -> None:
         self.exclusions.append((rid, epoch, generation))

@@ -321,3 +321,79 @@ def test_a_relaunch_with_another_config_is_refused_naming_what_differs(fleet: Fl
     assert Fleet.connect(fleet.name, fleet.namespace)._cfg == fleet._cfg  # the running one is as it was
     again = Fleet.launch(cfg)  # the same config re-attaches
     assert again.status()["version"] == fleet.status()["version"]
+
+
+# ----------------------------------------------------------------------------- hostile tensors and files
+
+
+HOSTILE = {
+    "meta": lambda: torch.empty(256, device="meta"),
+    "sparse": lambda: torch.zeros(256).to_sparse(),
+    "object array": lambda: np.array([object()] * 256, dtype=object),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(HOSTILE))
+def test_a_hostile_tensor_is_refused_naming_it_before_any_transfer(fleet: Fleet, unchanged: None,
+                                                                   kind: str) -> None:
+    last = fleet.status()["last_version"]
+    with pytest.raises(WeightFileError, match="w.2") as info:
+        fleet.refit({**probe_weights(4.0), "w.2": HOSTILE[kind]()})
+    assert isinstance(info.value, ValueError)
+    assert fleet.status()["last_version"] == last
+
+
+def test_a_big_endian_array_is_read_as_its_values(fleet: Fleet, tmp_path: Path) -> None:
+    weights = {n: a.astype(">f4") for n, a in probe_weights(8.0).items()}
+    res = fleet.refit(weights)
+    assert {probe_value(fleet.infer(probe_input()).outputs) for _ in range(4)} == {8.0}
+    assert converged(fleet)["version"] == res.version
+    fleet.refit(probe_weights(3.0))  # back to what the other tests expect
+
+
+@pytest.mark.parametrize("kind", ["directory", "fifo", "device"])
+def test_a_weights_path_that_is_not_a_regular_file_is_refused_saying_what_it_is(
+        fleet: Fleet, unchanged: None, tmp_path: Path, kind: str) -> None:
+    path = tmp_path / f"w-{kind}.safetensors"
+    if kind == "directory":
+        path.mkdir()
+    elif kind == "fifo":
+        os.mkfifo(path)
+    else:
+        path.symlink_to("/dev/zero")
+    says = {"directory": "is a directory", "fifo": "is a FIFO", "device": "is a device"}[kind]
+    with pytest.raises(WeightFileError, match=says) as info:
+        fleet.refit(path)
+    assert str(path) in str(info.value)
+
+
+def test_a_compressed_archive_that_would_decompress_to_hundreds_of_megabytes_is_refused_from_its_header(
+        fleet: Fleet, unchanged: None, tmp_path: Path) -> None:
+    """Today's code decompressed the member before finding its name unknown (+2 GiB, 10 s, for a
+    1 GiB member); the header says enough."""
+    from memory_probe import peak_growth
+
+    bomb = tmp_path / "bomb.npz"
+    np.savez_compressed(bomb, **{"w.0": np.zeros(64 << 20, np.float32)})  # 256 MiB -> ~250 KiB
+    assert bomb.stat().st_size < 4 << 20
+
+    def refit() -> None:
+        with pytest.raises(ShapeMismatchError, match="w.0"):
+            fleet.refit(bomb)
+
+    grown = peak_growth(refit)
+    assert grown < 32 << 20, f"peak memory grew by {grown >> 20} MiB"
+
+
+def test_a_malformed_engine_file_is_refused_at_launch_naming_it(ray_session: None, probe_engine_path: Path,
+                                                                tmp_path: Path) -> None:
+    from engines import EngineFileError
+
+    broken = tmp_path / "broken.engine"
+    raw = probe_engine_path.read_bytes()
+    broken.write_bytes(raw[: len(raw) // 2])  # truncated
+    cfg = fleet_config(broken, tmp_path)
+    with pytest.raises(EngineFileError, match="broken.engine") as info:
+        Fleet.launch(cfg)
+    assert isinstance(info.value, ValueError) or "engine" in str(info.value)
+    assert _named_actors(cfg.name) == []

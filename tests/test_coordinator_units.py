@@ -47,7 +47,8 @@ class Rig:
             self.membership.admit(rid)
         self.failed: list[tuple[str, str]] = []
         self.leases = LeaseKeeper(self.client, self.membership, epoch=self.ledger.epoch, lease_s=lease_s,
-                                  on_failed=lambda rid, why: self.failed.append((rid, why)))
+                                  on_failed=lambda rid, why: self.failed.append((rid, why)),
+                                  aborted=lambda txn: self.txns.aborted_reason(txn))
         self.persister = FakePersister()
         self.retention = FakeRetention()
         self.txns = TwoPhaseCommit(self.settings, self.ledger, self.client, self.persister, self.membership,
@@ -357,7 +358,20 @@ def test_a_replica_that_reports_it_cannot_serve_is_reported_once_renewed(rig: Ri
     rig.client.replicas["r0"].state = "failed"
     rig.client.replicas["r0"].error = "ChecksumMismatch: w"
     rig.leases.renew_all()
+    rig.leases.settle()
     assert rig.failed == [("r0", "ChecksumMismatch: w")]
+
+
+def test_a_replica_still_holding_an_aborted_set_is_sent_the_abort_again(rig: Rig) -> None:
+    """Found by the soak under Ray's RPC-loss injection: both ABORTs to a replica were lost, and
+    it kept the aborted transaction's staged set until the next transaction."""
+    rig.client.replicas["r2"].vote_no = "no"
+    rig.client.lose("abort", "r0", times=2)
+    res = rig.txns.run(rig.request())
+    assert res.status == "aborted" and rig.client.replicas["r0"].staged  # r0 still holds it
+    rig.leases.renew_all()
+    rig.leases.settle()
+    assert rig.client.calls[-1] == ("abort", ("r0",)) and not rig.client.replicas["r0"].staged
 
 
 def test_wait_out_returns_only_after_the_last_lease_granted_lapsed(rig: Rig) -> None:

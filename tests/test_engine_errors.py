@@ -394,3 +394,29 @@ class _ThreeWeights(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * self.a + self.b.sum() + self.c.sum()
+
+
+# ------------------------------------------------------------------------- errors across processes
+
+
+PICKLED_ERRORS: list[RefitError] = [
+    UnknownWeightError("nope.weight", "not a refittable weight of this engine"),
+    ShapeMismatchError("b", "shape (5,) != expected (8,)"),
+    DtypeMismatchError("b", "dtype float16 != expected float32 (no implicit casts)"),
+    NonFiniteWeightError("b", "1 non-finite value(s) (NaN/Inf) refused by policy"),
+    WeightFileError("weight 'b': a meta tensor has no data", name="b"),
+    MissingWeightsError(["a", "b"]),
+    VersionOrderError("version 1 is not newer than the live version 1"),
+]
+
+
+@pytest.mark.parametrize("error", PICKLED_ERRORS, ids=[type(e).__name__ for e in PICKLED_ERRORS])
+def test_every_refit_error_pickles_to_the_same_type_message_and_names(error: RefitError) -> None:
+    """Errors cross Ray's process boundaries by pickle; a WeightError used to fail to unpickle."""
+    import pickle
+
+    copy = pickle.loads(pickle.dumps(error))
+    assert type(copy) is type(error)
+    assert str(copy) == str(error)
+    assert getattr(copy, "name", None) == getattr(error, "name", None)
+    assert getattr(copy, "names", None) == getattr(error, "names", None)

@@ -174,7 +174,7 @@ def test_a_full_disk_under_the_log_aborts_the_refit_says_so_and_heals_when_space
             fleet.refit(probe_weights(2.0, MANY, NARROW), key="k-log-full")
         assert "transaction log" in info.value.reason and "ENOSPC" in info.value.reason
         cli = _cli(fleet, "refit", str(weights_file))
-        assert cli.returncode == 2
+        assert cli.returncode == 4  # aborted
         assert "disk full (ENOSPC) writing the transaction log" in _one_line_error(cli)
         assert _reason_in_history(fleet, "disk full", "transaction log")["status"] == "aborted"
         assert fleet.outcome("k-log-full")["status"] == "aborted"
@@ -328,7 +328,7 @@ def test_a_garbage_line_in_the_log_stops_refits_naming_the_line_while_the_fleet_
         with pytest.raises(RefitAborted, match=f"txn.log:{bad_line}"):
             fleet.refit(probe_weights(9.0))
         cli = _cli(fleet, "rollback")
-        assert cli.returncode == 2 and f"txn.log:{bad_line}" in _one_line_error(cli)
+        assert cli.returncode == 4 and f"txn.log:{bad_line}" in _one_line_error(cli)
         assert {probe_value(fleet.infer(probe_input()).outputs) for _ in range(6)} == {2.0}
         log.write_bytes(good)  # the operator repairs the file; the next attempt succeeds
         wait_for(lambda: fleet.status()["recovery"]["state"] == "ready", 60, "recovery after the repair")
