@@ -131,7 +131,8 @@ def test_hung_replica_is_excluded_and_readmitted(make_fleet, failpoint: str) -> 
         res = fleet.refit(probe_weights(9.0))
         assert res.excluded == ["r1"]
         late = ray.get(r1.infer.remote([probe_input()], 0), timeout=10)
-        assert late["stale"] and late["reason"] == "excluded", late  # never the old version
+        # never the old version: excluded, or (the repair loop is quick) re-admitted at the new one
+        assert (late["stale"] and late["reason"] == "excluded") or late["version"] == res.version, late
         assert all(v == 9.0 for v in _values(fleet))
         ray.get(r1.arm_failpoint.remote(failpoint, None))
         wait_for(lambda: "r1" in ray.get(fleet._coord.member_handles.remote()), 60, "r1 re-admitted")
