@@ -6,8 +6,9 @@ Guarantees, stated the way Ray Serve's controller states its own:
   ACTIVATED and membership records; EPOCH, COMMIT, ABORT and exclusions fsync'd) and in the
   checkpoint store (every committed version as a full, checksummed set). Nothing else is needed to
   recover (``actors.recovery``).
-- The commit point is the fsync'd COMMIT record, written only after every member voted YES and the
-  version is persisted (``actors.two_phase``). Versions only grow; aborted transactions leave gaps.
+- The commit point is the fsync'd COMMIT record, written only after every member voted YES (and,
+  under ``durability: disk``, the version is persisted; under ``replicated`` the checkpoint
+  follows and is logged PERSISTED, ``actors.persistence``) (``actors.two_phase``). Versions only grow; aborted transactions leave gaps.
 - Every state-changing call is idempotent: ``refit``/``rollback`` with a key return the first
   call's outcome; COMMIT/ABORT/ACTIVATE to replicas may be repeated.
 - Refits and rollbacks from any number of drivers are serialised by one lock; status, outcome and
@@ -21,7 +22,7 @@ state), ``TwoPhaseCommit``, ``Recovery``, ``LeaseKeeper``/``Repairer``, ``Member
 
 from __future__ import annotations
 
-import dataclasses
+import functools
 import logging
 import os
 import socket
@@ -30,24 +31,22 @@ from typing import Any
 
 import ray
 
-from engines.checksum import set_digest
-
-from .coordinator_protocol import default_rollback_target, retained_versions
 from .durable import StateDirLock
-from .errors import KeyReused
 from .failpoints import Failpoints
 from .leases import LeaseKeeper, Repairer, run_loop
 from .ledger import Ledger
 from .log import MemberRecord
 from .membership import Membership
 from .persist import Persister
-from .recovery import Recovery, finish_the_log, restore_membership, sync_members
+from .persistence import PersistTracker, export_job, newest_stored
+from .recovery import Recovery, finish_the_log, persist_the_log, restore_membership, sync_members
 from .replica_client import RayReplicaClient, coordinator_actor_name, replica_actor_name
 from .replies import Ack
+from .requests import Requests
 from .retention import Retention
 from .settings import CoordinatorSettings
 from .store import CheckpointStore
-from .two_phase import RefitRequest, TwoPhaseCommit, TxnResult
+from .two_phase import TwoPhaseCommit, TxnResult
 
 logger = logging.getLogger("weight_refit.coordinator")
 
@@ -93,8 +92,16 @@ class Coordinator:
         self.leases = LeaseKeeper(self.client, self.membership, epoch=ledger.epoch,
                                   lease_s=self.t.lease_s, on_failed=self._exclude_failed,
                                   aborted=lambda txn: self.txns.aborted_reason(txn) if self.txns else None)
+        self.requests = Requests(ledger, self.store, self.settings.retain_versions)
         self.txns = TwoPhaseCommit(self.settings, ledger, self.client, self.persister, self.membership,
-                                   self.leases, self.retention, self.fp, self._retained)
+                                   self.leases, self.retention, self.fp, self.requests.retained)
+        self.tracker = PersistTracker(self.persister, ledger, persist_s=self.t.persist_s,
+                                      retry_s=min(5.0, self.t.lease_s),
+                                      export=functools.partial(export_job, ledger=ledger, client=self.client,
+                                                               membership=self.membership,
+                                                               settings=self.settings, timeouts=self.t),
+                                      drop=self.retention.drop, on_lost=self._on_lost, stop=self._stop)
+        self.txns.tracker = self.tracker
         self.repairer = Repairer(self.client, self.membership, self.leases,
                                  active_version=lambda: ledger.state.active_version,
                                  admit=self._readmit, refit_lock=self._refit_lock,
@@ -109,11 +116,44 @@ class Coordinator:
         assert ledger is not None and txns is not None
         with self._refit_lock:
             finish_the_log(ledger, txns)
+            persist_the_log(ledger, txns, self.persister, persist_s=self.t.persist_s,
+                            export=self.tracker.export, newest_stored=self._newest_stored)
             sync_members(ledger, txns, self.client, self.membership, request_s=self.t.request_s,
                          catch_up_s=self.t.launch_s)
         self.persister.ready()
         run_loop("leases", lambda: self.t.lease_s / 3, self.leases.renew_all, self._stop)
         run_loop("repair", lambda: min(1.0, self.t.lease_s / 3), self.repairer.repair, self._stop)
+
+    def _newest_stored(self, below: int) -> tuple[int, dict[str, str]]:
+        assert self.ledger is not None
+        return newest_stored(self.ledger, self.store, below)
+
+    def _on_lost(self, txn: str, version: int, why: str) -> None:
+        """Every holder of the newest committed version went before it was written (the
+        coordinator lived on): move to a new version re-installing the newest stored weights."""
+        def reinstall() -> None:
+            assert self.ledger is not None and self.txns is not None
+            with self._refit_lock:
+                state = self.ledger.state
+                if state.is_persisted(version) or version != max(state.versions, default=0):
+                    return
+                job, nobody_holds = self.tracker.export(version)
+                if job is not None:  # a holder came back meanwhile: write it after all
+                    self.tracker.given_up.pop(version, None)
+                    self.tracker.track(txn, version, self.persister.start(job))
+                    return
+                if not nobody_holds:
+                    return
+                source, sums = self._newest_stored(version)
+                self.txns.reinstall(txn, version, why, source, sums)
+
+        threading.Thread(target=reinstall, name="reinstall", daemon=True).start()
+
+    def wait_persisted(self, version: int, timeout: float) -> bool:
+        """Wait until ``version``'s checkpoint is durable; False at the timeout."""
+        if self._ready(timeout) or self.ledger is None:
+            return False
+        return self.tracker.wait(version, timeout)
 
     def _ready(self, timeout: float) -> str:
         return self.recovery.wait(timeout)
@@ -184,95 +224,39 @@ class Coordinator:
         of the fleet, so that routers keep serving."""
         if self.recovery.ready:
             return self.client.handles(self.membership.members())
-        prefix = replica_actor_name(self.settings.fleet, "")
-        out = {}
-        for entry in ray.util.list_named_actors(all_namespaces=True):
-            if entry["namespace"] == self.settings.namespace and entry["name"].startswith(prefix):
-                out[entry["name"][len(prefix):]] = ray.get_actor(entry["name"], entry["namespace"])
-        return out
+        return self.client.running()
 
     # ------------------------------------------------------------------ refit / rollback
-
-    def _retained(self, in_flight: int | None) -> set[int]:
-        assert self.ledger is not None
-        s = self.ledger.state
-        committed = set(s.versions) | ({0} if self.store.has(0) else set())
-        return retained_versions(active=s.active_version, committed=committed, origins=self._origins(),
-                                 retain=self.settings.retain_versions, in_flight=in_flight,
-                                 last_assigned=s.last_version)
-
-    def _origins(self) -> dict[int, int]:
-        assert self.ledger is not None
-        return {v: (i.origin_version if i.origin_version is not None else v)
-                for v, i in self.ledger.state.versions.items()}
 
     def _prelude(self, key: str | None, checksums: dict[str, str] | None) -> TxnResult | None:
         if why := self._ready(self.t.launch_s):
             return TxnResult(status="aborted", txn=None, version=None, key=key, reason=why)
-        return self._duplicate(key, checksums)
+        return self.requests.duplicate(self._outcome(key) if key else None, key, checksums)
 
-    def _duplicate(self, key: str | None, checksums: dict[str, str] | None) -> TxnResult | None:
-        """The first outcome of ``key``, if it has one; ``KeyReused`` if that transaction carried
-        other weights than ``checksums`` (None: not comparable, e.g. a default rollback)."""
-        if key is None or (prior := self._outcome(key)) is None:
-            return None
-        begin = self.ledger.state.begin_of(key) if self.ledger is not None else None
-        if checksums is not None and begin is not None:
-            differ = sorted(n for n, c in checksums.items() if begin.checksums.get(n) != c)
-            if differ:
-                raise KeyReused(f"idempotency key {key!r} was used for transaction {begin.txn} "
-                                f"(version {begin.version}, {prior.status}) with other weights "
-                                f"({len(differ)} differ, e.g. {differ[0]!r}); use a new key")
-        return dataclasses.replace(prior, duplicate=True)
+    def _run(self, make: Any, key: str | None, checksums: dict[str, str] | None) -> TxnResult:
+        if (early := self._prelude(key, checksums)) is not None:
+            return early
+        assert self.txns is not None
+        with self._refit_lock:
+            if (prior := self.requests.duplicate(self._outcome(key) if key else None, key, checksums)):
+                return prior
+            request = make()
+            return request if isinstance(request, TxnResult) else self.txns.run(request)
 
     def refit(self, refs: list[Any], specs: dict[str, Any], checksums: dict[str, str],
               key: str | None = None) -> TxnResult:
         """Two-phase commit of a published version; returns its outcome (never raises for an abort)."""
-        if (early := self._prelude(key, checksums)) is not None:
-            return early
-        assert self.ledger is not None and self.txns is not None
-        with self._refit_lock:
-            if (prior := self._duplicate(key, checksums)) is not None:
-                return prior
-            state = self.ledger.state
-            active = dict(state.active.checksums) if state.active is not None \
-                else self.store.manifest(state.active_version).checksums
-            full = {**active, **checksums}
-            if set_digest(full) == set_digest(active):
-                return TxnResult(status="noop", txn=None, version=state.active_version,
-                                 reason="identical to the active version")
-            return self.txns.run(RefitRequest(refs, specs, checksums, full, key,
-                                              base_version=state.active_version))
+        return self._run(lambda: self.requests.refit(refs, specs, checksums, key), key, checksums)
 
     def rollback(self, to: int | None = None, key: str | None = None) -> TxnResult:
         """A new version carrying an earlier version's weights (default: walk back one origin)."""
-        target_sums = self.store.manifest(to).checksums if to is not None and self.ledger is not None \
-            and self.store.has(to) else None
-        if (early := self._prelude(key, target_sums)) is not None:
-            return early
-        assert self.ledger is not None and self.txns is not None
-        with self._refit_lock:
-            if (prior := self._duplicate(key, target_sums)) is not None:
-                return prior
+        sums = self.requests.target_checksums(to) if self.ledger is not None else None
+
+        def make() -> Any:
             self.retention.wait()
-            state = self.ledger.state
-            committed = sorted(set(state.versions) | ({0} if self.store.has(0) else set()))
-            if to is None:
-                to = default_rollback_target(state.active_version, self._origins(), committed)
-                if to is None:
-                    return TxnResult(status="aborted", txn=None, version=None, key=key,
-                                     reason="no earlier version to roll back to")
-            if to == state.active_version:
-                return TxnResult(status="noop", txn=None, version=state.active_version, key=key,
-                                 reason=f"version {to} is the active version")
-            if to not in committed or not self.store.has(to):
-                return TxnResult(status="aborted", txn=None, version=None, key=key,
-                                 reason=f"version {to} is not a committed version held in the "
-                                        f"checkpoint store (held: {self.store.versions()})")
-            sums = self.store.manifest(to).checksums
-            info = state.versions.get(to)
-            origin = info.origin_version if info is not None and info.origin_version is not None else to
-            return self.txns.run(RefitRequest(None, {}, sums, sums, key, origin=origin, from_version=to))
+            return self.requests.rollback(to, key)
+
+        return self._run(make, key, sums)
 
     # ------------------------------------------------------------------ queries
 
@@ -313,6 +297,8 @@ class Coordinator:
                 "in_flight": None if current is None else {
                     "txn": current.txn, "version": current.version, "phase": current.phase.value},
                 "recovery": self.recovery.summary(),
+                "durability": self.settings.durability,
+                "persistence": self.tracker.summary() if ledger else {},
                 "log": {"unwritten_records": ledger.deferred if ledger else 0,
                         "cut_tails": [str(c) for c in ledger.cut_tails()] if ledger else []},
                 "replicas": sorted(replicas, key=lambda r: r["id"])}

@@ -33,6 +33,9 @@ State. ``LogState.apply(record)`` folds one record into the state in time indepe
 history's length (the coordinator applies each record it appends); ``replay(records)`` folds a whole
 log into a fresh ``LogState`` (presumed abort, idempotency keys, committed-but-not-activated
 transactions to finish).
+
+Records: EPOCH, BEGIN, COMMIT, ABORT, ACTIVATED, MEMBER, and under ``durability: replicated``
+PERSISTED (a committed version's checkpoint is durable) and LOST (no holder was left to write it).
 """
 
 from __future__ import annotations
@@ -68,7 +71,9 @@ __all__ = [
     "LogCorrupted",
     "LogRecord",
     "LogState",
+    "LostRecord",
     "MemberRecord",
+    "PersistedRecord",
     "Outcome",
     "StaleEpoch",
     "TxnLog",
@@ -106,6 +111,9 @@ class BeginRecord(_Record):
     ``checksums`` should describe the full (materialised) weight set of the version, so ``digest``
     compares with other versions; ``digest`` is computed from ``checksums`` when left empty.
     ``origin_version`` is set for a rollback: the version whose weights it re-installs.
+    ``durability``: ``disk`` (COMMIT waits for the checkpoint: a committed version is persisted) or
+    ``replicated`` (COMMIT once every member holds the set; PERSISTED follows). Records written
+    before the field existed read as ``disk``, which is what they were.
     """
 
     kind: Literal["BEGIN"] = "BEGIN"
@@ -115,6 +123,7 @@ class BeginRecord(_Record):
     digest: str = ""
     checksums: dict[str, str] = Field(default_factory=dict)
     origin_version: int | None = None
+    durability: Literal["disk", "replicated"] = "disk"
 
     @model_validator(mode="before")
     @classmethod
@@ -150,6 +159,26 @@ class ActivatedRecord(_Record):
     duration_s: float
 
 
+class PersistedRecord(_Record):
+    """A committed version's checkpoint is durable (under ``durability: replicated``)."""
+
+    kind: Literal["PERSISTED"] = "PERSISTED"
+    txn: str
+    version: int = Field(ge=1)
+
+
+class LostRecord(_Record):
+    """A committed version that no holder was left to persist: every replica holding it and the
+    coordinator were lost first. ``replaced_by`` is the new version that re-installs the newest
+    persisted weights."""
+
+    kind: Literal["LOST"] = "LOST"
+    txn: str
+    version: int = Field(ge=1)
+    reason: str
+    replaced_by: int | None = None
+
+
 class MemberRecord(_Record):
     """A membership change (an ``exclude`` is always fsync'd). Logs written before the word was
     settled say ``evict``; it is read as ``exclude``."""
@@ -167,7 +196,8 @@ class MemberRecord(_Record):
 
 
 LogRecord = Annotated[
-    EpochRecord | BeginRecord | CommitRecord | AbortRecord | ActivatedRecord | MemberRecord,
+    EpochRecord | BeginRecord | CommitRecord | AbortRecord | ActivatedRecord | PersistedRecord | LostRecord
+    | MemberRecord,
     Field(discriminator="kind"),
 ]
 _RECORD_ADAPTER: TypeAdapter[LogRecord] = TypeAdapter(LogRecord)
@@ -521,6 +551,8 @@ class Outcome:
     reason: str | None = None
     votes: dict[str, str] = field(default_factory=dict)
     activated: bool = False
+    persisted: bool = True
+    lost: str | None = None
 
 
 @dataclass(frozen=True)
@@ -549,6 +581,8 @@ class HistoryEntry:
     ts: float
     activated: bool
     origin_version: int | None
+    persisted: bool = True
+    lost: str | None = None
 
 
 @dataclass(slots=True)
@@ -560,6 +594,8 @@ class _Txn:
     votes: dict[str, str] = field(default_factory=dict)
     duration_s: float | None = None
     activated: bool = False
+    persisted: bool = False
+    lost: str | None = None
     outcome: Outcome | None = None  # cache, valid for outcome_epoch; reset on every change
     outcome_epoch: int = -1
 
@@ -601,6 +637,7 @@ class LogState:
         self._first_by_key: dict[str, str] = {}
         self._undecided: dict[str, None] = {}  # BEGIN order
         self._unactivated: dict[str, _Txn] = {}  # committed, no ACTIVATED yet
+        self._unpersisted: dict[str, _Txn] = {}  # committed under replicated durability, no PERSISTED
         self._outcomes = _Outcomes(self)
 
     # -- views -----------------------------------------------------------------------------------
@@ -624,6 +661,21 @@ class LogState:
         return self._outcomes
 
     @property
+    def unpersisted(self) -> list[tuple[str, int]]:
+        """``(txn, version)`` of committed versions whose checkpoint is not durable yet, oldest
+        first (a restarted coordinator re-persists them from a live holder)."""
+        return sorted(((t.begin.txn, t.begin.version) for t in self._unpersisted.values()),
+                      key=lambda tv: tv[1])
+
+    def is_persisted(self, version: int) -> bool:
+        """True for v0 and every committed version whose checkpoint is durable."""
+        if version == 0:
+            return True
+        info = self.versions.get(version)
+        t = self._txns.get(info.txn) if info is not None else None
+        return t is not None and t.persisted
+
+    @property
     def history(self) -> list[HistoryEntry]:
         entries = []
         for t in self._txns.values():
@@ -632,6 +684,7 @@ class LogState:
             entries.append(HistoryEntry(
                 txn=b.txn, key=b.key, version=b.version, status=status, reason=reason,
                 duration_s=t.duration_s, ts=b.ts, activated=t.activated, origin_version=b.origin_version,
+                persisted=t.persisted or status != "committed", lost=t.lost,
             ))
         return entries
 
@@ -671,6 +724,10 @@ class LogState:
                 self._on_abort(record, line)
             case ActivatedRecord():
                 self._on_activated(record, line)
+            case PersistedRecord():
+                self._on_persisted(record, line)
+            case LostRecord():
+                self._on_lost(record, line)
             case MemberRecord():
                 self._on_member(record)
 
@@ -702,6 +759,10 @@ class LogState:
         self._undecided.pop(r.txn, None)
         if not t.activated:
             self._unactivated[r.txn] = t
+        if b.durability == "disk":
+            t.persisted = True
+        elif not t.persisted and t.lost is None:
+            self._unpersisted[r.txn] = t
         self.versions[b.version] = VersionInfo(
             version=b.version, txn=b.txn, checksums=dict(b.checksums), digest=b.digest,
             origin_version=b.origin_version, key=b.key, ts=r.ts,
@@ -728,6 +789,26 @@ class LogState:
         self._unactivated.pop(r.txn, None)
         self.active_version, self.active_txn = r.version, r.txn
 
+    def _committed_txn(self, kind: str, txn: str, version: int, line: int | None) -> _Txn:
+        t = self._txns.get(txn)
+        if t is None or t.status != "committed":
+            raise LogCorrupted(None, line, f"{kind} for transaction {txn} that is not committed")
+        if version != t.begin.version:
+            raise LogCorrupted(None, line, f"{kind} of {txn} names v{version}, BEGIN assigned "
+                                           f"v{t.begin.version}")
+        return t
+
+    def _on_persisted(self, r: PersistedRecord, line: int | None) -> None:
+        t = self._committed_txn("PERSISTED", r.txn, r.version, line)
+        t.persisted, t.outcome = True, None
+        self._unpersisted.pop(r.txn, None)
+
+    def _on_lost(self, r: LostRecord, line: int | None) -> None:
+        t = self._committed_txn("LOST", r.txn, r.version, line)
+        replaced = f"; replaced by v{r.replaced_by}" if r.replaced_by is not None else ""
+        t.lost, t.outcome = f"{r.reason}{replaced}", None
+        self._unpersisted.pop(r.txn, None)
+
     def _on_member(self, r: MemberRecord) -> None:
         self.members[r.replica_id] = r.event
 
@@ -744,7 +825,7 @@ class LogState:
             b = t.begin
             t.outcome = Outcome(
                 txn=b.txn, status=status, version=b.version, key=b.key, reason=reason, votes=t.votes,
-                activated=t.activated,
+                activated=t.activated, persisted=t.persisted or status != "committed", lost=t.lost,
             )
             t.outcome_epoch = self.epoch
         return t.outcome
@@ -753,6 +834,7 @@ class LogState:
         return (
             self.epoch, self.active_version, self.active_txn, self.versions, self.committed_not_activated,
             self.undecided, dict(self.outcomes), self.last_version, self.history, self.members,
+            self.unpersisted,
         )
 
 

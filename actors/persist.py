@@ -147,6 +147,11 @@ class Persister:
     def start(self, job: PersistJob) -> PendingPersist:
         return PendingPersist(job, self._worker.persist.remote(job))
 
+    def done(self, pending: PendingPersist) -> bool:
+        """Whether the write has ended (successfully or not), without waiting."""
+        ready, _ = ray.wait([pending.ref], timeout=0)
+        return bool(ready)
+
     def wait(self, pending: PendingPersist, deadline: float) -> tuple[dict[str, float], str]:
         version = pending.job.version
         ref = pending.ref

@@ -2,8 +2,10 @@
 
 Recovery opens the log, bumps the epoch (fsync'd) before anything is sent, replays the log,
 appends ABORT for every transaction it does not show as committed (presumed abort), finishes every
-logged COMMIT (COMMIT and ACTIVATE, members caught up from the store) and catches members up to
-the active version. Any failure (a corrupted log, a full disk, an unreadable checkpoint) is
+logged COMMIT (COMMIT and ACTIVATE, members caught up from the store), writes every committed
+version whose checkpoint was not written yet from a replica that holds it (or, when none does,
+moves the fleet to a new version re-installing the newest stored weights), and catches members up
+to the active version. Any failure (a corrupted log, a full disk, an unreadable checkpoint) is
 recorded with its cause and the whole attempt is retried after ``retry_s``; every step is
 idempotent. Until an attempt succeeds, refits are refused with the cause, and ``status`` shows it.
 """
@@ -12,11 +14,13 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from enum import Enum
+from typing import Any
 
 from .ledger import Ledger, describe_log_error
-from .log import AbortRecord
+from .log import AbortRecord, LostRecord, PersistedRecord
 from .membership import Membership
 from .replica_client import ReplicaClient
 from .replies import Ack
@@ -24,7 +28,8 @@ from .two_phase import TwoPhaseCommit
 
 logger = logging.getLogger("weight_refit.coordinator")
 
-__all__ = ["Recovery", "RecoveryState", "finish_the_log", "restore_membership", "sync_members"]
+__all__ = ["Recovery", "RecoveryState", "finish_the_log", "persist_the_log", "restore_membership",
+           "sync_members"]
 
 
 def restore_membership(members: dict[str, str], client: ReplicaClient, membership: Membership) -> None:
@@ -52,6 +57,34 @@ def finish_the_log(ledger: Ledger, txns: TwoPhaseCommit) -> None:
         assert o.version is not None
         info = ledger.state.versions.get(o.version)
         txns.finish_logged(txn, o.version, o.key, info.origin_version if info else None)
+
+
+def persist_the_log(ledger: Ledger, txns: TwoPhaseCommit, persister: Any, *, persist_s: float,
+                    export: Callable[[int], tuple[Any, bool]],
+                    newest_stored: Callable[[int], tuple[int, dict[str, str]]]) -> None:
+    """Write every committed-but-unpersisted version from a live holder; a version nobody holds
+    any more is lost: the newest is replaced by a new version re-installing the newest stored
+    weights (``newest_stored(below)``), an older one is only recorded. Raises (recovery retries)
+    while who holds a version cannot be told yet, or a write fails."""
+    for txn, version in ledger.state.unpersisted:
+        job, nobody_holds = export(version)
+        if job is not None:
+            _, error = persister.wait(persister.start(job), time.monotonic() + persist_s)
+            if error:
+                raise RuntimeError(f"re-persisting committed v{version} from a replica failed: {error}")
+            ledger.append(PersistedRecord(epoch=ledger.epoch, txn=txn, version=version), deferrable=True)
+            continue
+        if not nobody_holds:
+            raise RuntimeError(f"committed v{version} is not persisted and its holders do not all answer yet")
+        why = "every replica holding it and the coordinator were lost before its checkpoint was written"
+        if version == max(ledger.state.versions, default=0):
+            source, sums = newest_stored(version)
+            result = txns.reinstall(txn, version, why, source, sums)
+            if result.status != "committed":
+                raise RuntimeError(result.reason)
+        else:
+            ledger.append(LostRecord(epoch=ledger.epoch, txn=txn, version=version, reason=why),
+                          deferrable=True)
 
 
 def sync_members(ledger: Ledger, txns: TwoPhaseCommit, client: ReplicaClient, membership: Membership, *,

@@ -238,6 +238,17 @@ class Replica:
         self.fp.hit("reply.sync_to")
         return ack
 
+    @ray.method(concurrency_group="control")
+    def export(self, version: int) -> tuple[list[Any], dict[str, Any]] | None:
+        """Put the weights of ``version`` into the object store, if this replica holds them
+        (the coordinator re-persists a version nobody has written yet): ``([ref], specs)``."""
+        wire = self.core.export(version)
+        if wire is None:
+            return None
+        manifest = self.engine.manifest()
+        specs = {n: {"shape": list(a.shape), "dtype": manifest[n].dtype} for n, a in wire.items()}
+        return [ray.put(wire)], specs
+
     # ------------------------------------------------------------------ inspection
 
     @ray.method(concurrency_group="control")
@@ -255,6 +266,7 @@ class Replica:
             "lease_left_s": round(self.lease.left_s(), 3), "inflight": self._inflight,
             "pending": [(r.txn, r.state.value) for r in core.participant.pending()],
             "staged_bytes": mem.staged_bytes, "previous_bytes": mem.previous_bytes,
+            "retained": self.engine.retained_versions(),
             "epoch": core.participant.epoch, "last_refit_at": core.last_refit_at,
         }
 

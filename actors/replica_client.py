@@ -41,6 +41,7 @@ def coordinator_actor_name(fleet: str) -> str:
 
 
 OnReply = Callable[[str, Any], None]
+Exported = tuple[list[Any], dict[str, Any]]  # ([ref], specs) of a weight set a replica put
 
 
 class ReplicaClient(ABC):
@@ -82,6 +83,10 @@ class ReplicaClient(ABC):
 
     @abstractmethod
     def status(self, rids: list[str], timeout: float) -> dict[str, dict[str, Any] | Failed]: ...
+
+    @abstractmethod
+    def export(self, rid: str, version: int, timeout: float) -> Exported | None | Failed:
+        """``([ref], specs)`` of the set ``version`` that ``rid`` holds; None if it holds none."""
 
     @abstractmethod
     def renew(self, rid: str, epoch: int, lease_s: float, generation: int,
@@ -144,6 +149,13 @@ class RayReplicaClient(ReplicaClient):
     def forget(self, rid: str) -> None:
         with self._lock:
             self._handles.pop(rid, None)
+
+    def running(self) -> dict[str, Any]:
+        """Handles of every replica actor of the fleet that Ray knows by name, member or not."""
+        prefix = replica_actor_name(self._fleet, "")
+        return {e["name"][len(prefix):]: ray.get_actor(e["name"], e["namespace"])
+                for e in ray.util.list_named_actors(all_namespaces=True)
+                if e["namespace"] == self._namespace and e["name"].startswith(prefix)}
 
     def handles(self, rids: list[str]) -> dict[str, Any]:
         with self._lock:
@@ -234,6 +246,9 @@ class RayReplicaClient(ReplicaClient):
 
     def status(self, rids: list[str], timeout: float) -> dict[str, dict[str, Any] | Failed]:
         return self._fan_out("status", rids, timeout)
+
+    def export(self, rid: str, version: int, timeout: float) -> Exported | None | Failed:
+        return self._call(rid, "export", timeout, version)
 
     def renew(self, rid: str, epoch: int, lease_s: float, generation: int,
               on_reply: Callable[[str, LeaseReply | Failed], None] | None = None) -> None:

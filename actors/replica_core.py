@@ -28,7 +28,7 @@ from engines.checksum import ChecksumMismatch, tensor_checksum
 from engines.errors import NotRetainedError
 
 from .failpoints import Failpoints
-from .payload import from_wire
+from .payload import from_wire, to_wire
 from .replica_protocol import (
     Lifecycle,
     ProtocolViolation,
@@ -240,6 +240,15 @@ class ReplicaCore:
             phase_log("replica", "abort", txn, rec.version, time.perf_counter() - t,
                       replica=self.replica_id, reason=reason)
             return Ack(self.replica_id, txn, self.engine.version, rec.state.value)
+
+    def export(self, version: int) -> dict[str, Any] | None:
+        """The weights of ``version`` as they travel (numpy arrays, bf16 as int16 views), if this
+        replica holds it (live or retained); None if it does not. Under the lock, so no commit
+        retires the set while it is being copied out."""
+        with self.ctl:
+            if version not in self.engine.retained_versions():
+                return None
+            return to_wire(self.engine.weights(version))
 
     def fence(self, epoch: int, keep: str | None = None) -> None:
         """Refuse an older epoch (StaleEpoch); free what a newer one drops."""

@@ -69,6 +69,7 @@ class CoordinatorSettings(_Settings):
     max_exclude: int = Field(default=0, ge=0)
     retain_versions: int = Field(default=3, ge=2)
     persist_fsync: bool = True
+    durability: Literal["replicated", "disk"] = "replicated"
     driver_config: dict[str, Any] = Field(default_factory=dict)
 
 

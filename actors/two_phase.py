@@ -13,7 +13,8 @@
 5. ``finish`` (also used by recovery for logged-committed transactions): COMMIT to every member,
    then ACTIVATE; a lost message is retried once (both are idempotent); members still without the
    version are caught up from the store in parallel, and those that cannot be are excluded; then
-   ACTIVATED is logged and retention scheduled.
+   ACTIVATED is logged and retention scheduled. Under ``replicated`` the checkpoint write is then
+   handed to the ``PersistTracker``.
 
 The transaction's phase moves when each phase's work starts, so ``progress()`` and ``outcome()``
 (which read ``current`` once) always describe what is really happening.
@@ -32,7 +33,7 @@ from .coordinator_protocol import CoordinatorTxn, Decision, Phase, Vote, tally
 from .failpoints import Failpoints
 from .leases import LeaseKeeper
 from .ledger import Ledger, describe_log_error
-from .log import ActivatedRecord, BeginRecord, CommitRecord, MemberRecord
+from .log import ActivatedRecord, BeginRecord, CommitRecord, LostRecord, MemberRecord
 from .membership import Membership
 from .persist import PersistJob
 from .replica_client import ReplicaClient
@@ -77,12 +78,18 @@ class TxnResult:
     persist: dict[str, float] = field(default_factory=dict)
     excluded: list[str] = field(default_factory=list)
     replicas: dict[str, dict[str, float]] = field(default_factory=dict)
+    persisted: bool = True  # the version's checkpoint was durable when this was answered
 
 
 class PersisterLike(Protocol):
     def ensure(self) -> None: ...
     def start(self, job: PersistJob) -> Any: ...
     def wait(self, pending: Any, deadline: float) -> tuple[dict[str, float], str]: ...
+
+
+class PersistTrackerLike(Protocol):
+    def track(self, txn: str, version: int, pending: Any) -> None: ...
+    def discard(self, version: int, pending: Any) -> None: ...
 
 
 class RetentionLike(Protocol):
@@ -117,6 +124,8 @@ class TwoPhaseCommit:
         self._retention = retention
         self._fp = fp
         self._retained = retained
+        self._replicated = settings.durability == "replicated"
+        self.tracker: PersistTrackerLike | None = None
         self.current: CoordinatorTxn | None = None
 
     @property
@@ -136,17 +145,20 @@ class TwoPhaseCommit:
                 self._begin(txn, req)
             except Exception as exc:  # noqa: BLE001  (nothing was logged or sent)
                 return self._refuse(txn, _why(exc), t0)
+            write: list[tuple[Any, float]] = []  # the checkpoint write, once started
             try:
-                pending = self._start_persist(txn, req)
+                write.append(self._start_persist(txn, req))
                 self._prepare(txn, req)
-                decision = self._decide(txn, pending)
+                decision = self._decide(txn, write[0])
                 if not decision.commit:
-                    return self._abort(txn, decision.reason, t0)
+                    return self._abort(txn, decision.reason, t0, write)
                 self._log_commit(txn)
             except Exception as exc:  # noqa: BLE001  (anything before the commit point aborts)
                 logger.exception("txn %s failed before its commit point", txn.txn)
-                return self._abort(txn, _why(exc), t0)
+                return self._abort(txn, _why(exc), t0, write)
             replies = self.finish(txn, t0)
+            if self._replicated and self.tracker is not None:  # once the members serve it
+                self.tracker.track(txn.txn, txn.version, write[0][0])
             self._leases.wait_out(txn.excluded)
             return self._committed(txn, replies, t0)
         finally:
@@ -156,7 +168,8 @@ class TwoPhaseCommit:
 
     def _begin(self, txn: CoordinatorTxn, req: RefitRequest) -> None:
         self._ledger.append(BeginRecord(epoch=self.epoch, txn=txn.txn, version=txn.version, key=txn.key,
-                                        checksums=req.full, origin_version=req.origin))
+                                        checksums=req.full, origin_version=req.origin,
+                                        durability=self._s.durability))
         phase_log("coordinator", "begin", txn.txn, txn.version, 0.0, members=txn.members, key=txn.key)
         self._fp.hit("coordinator.after_begin")
 
@@ -189,11 +202,13 @@ class TwoPhaseCommit:
                   no={r: v.reason for r, v in txn.votes.items() if not v.yes})
 
     def _decide(self, txn: CoordinatorTxn, pending: tuple[Any, float]) -> Decision:
-        persisted, persist_error = self._persister.wait(*pending)
-        txn.timings.update({f"persist_{k}": v for k, v in persisted.items()})
+        """The tally; under ``disk`` durability the checkpoint write must have landed too."""
         decision = tally(txn.votes, policy=self._s.commit_policy, max_exclude=self._s.max_exclude)
-        if persist_error:
-            return Decision(False, [], persist_error)
+        if not self._replicated:
+            persisted, persist_error = self._persister.wait(*pending)
+            txn.timings.update({f"persist_{k}": v for k, v in persisted.items()})
+            if persist_error:
+                return Decision(False, [], persist_error)
         for rid in decision.excluded:
             self.exclude(rid, f"excluded from v{txn.version}: {txn.votes[rid].reason}",
                          deferrable=False, txn=txn)
@@ -274,7 +289,40 @@ class TwoPhaseCommit:
         if o is None:
             return None
         return TxnResult(status=o.status, txn=o.txn, version=o.version, key=o.key, reason=o.reason or "",
-                         votes=dict(o.votes), activated=o.activated)
+                         votes=dict(o.votes), activated=o.activated, persisted=o.persisted)
+
+    # ------------------------------------------------------------------ unpersisted versions
+
+    def reinstall(self, lost_txn: str, lost_version: int, why: str, source: int,
+                  source_checksums: dict[str, str]) -> TxnResult:
+        """Every holder of committed ``lost_version`` was lost before it was persisted: commit a
+        new version carrying stored version ``source``'s weights (versions never go back), and
+        log what was lost. Members catch up to it from the store. The caller holds the refit lock."""
+        t0 = time.perf_counter()
+        txn = CoordinatorTxn(txn=uuid.uuid4().hex[:16], epoch=self.epoch,
+                             version=self._ledger.state.last_version + 1, key=None,
+                             members=self._membership.members(), origin_version=source)
+        self.current = txn
+        try:
+            self._ledger.append(BeginRecord(epoch=self.epoch, txn=txn.txn, version=txn.version,
+                                            checksums=source_checksums, origin_version=source,
+                                            durability="disk"))
+            job = PersistJob(state_dir=self._s.state_dir, version=txn.version, refs=None, specs={},
+                             checksums=source_checksums, base_version=None, from_version=source,
+                             fsync=self._s.persist_fsync)
+            _, error = self._persister.wait(self._persister.start(job), time.monotonic() + self._t.persist_s)
+            txn.move(Phase.PREPARING)
+            if error:
+                return self._abort(txn, f"re-installing v{source} after losing v{lost_version}: {error}", t0)
+            self._log_commit(txn)
+            self._ledger.append(LostRecord(epoch=self.epoch, txn=lost_txn, version=lost_version, reason=why,
+                                           replaced_by=txn.version), deferrable=True)
+            logger.error("v%s was lost before it was persisted (%s): the fleet moves to v%s, carrying "
+                         "v%s's weights", lost_version, why, txn.version, source)
+            replies = self.finish(txn, t0)
+            return self._committed(txn, replies, t0)
+        finally:
+            self.current = None
 
     def aborted_reason(self, txn: str) -> str | None:
         """Why ``txn`` aborted, if it did and is not the one in flight; else None."""
@@ -295,14 +343,18 @@ class TwoPhaseCommit:
                          reason=f"refused before it began: {reason}",
                          duration_s=time.perf_counter() - t0)
 
-    def _abort(self, txn: CoordinatorTxn, reason: str, t0: float) -> TxnResult:
+    def _abort(self, txn: CoordinatorTxn, reason: str, t0: float,
+               write: list[tuple[Any, float]] | None = None) -> TxnResult:
         votes = {rid: ("YES" if v.yes else f"NO: {v.reason}") for rid, v in txn.votes.items()}
         txn.move(Phase.ABORTED)
         unlogged = self._ledger.append(self._ledger.abort_record(txn.txn, reason, votes), deferrable=True)
         observe_refit(self._s.fleet, "aborted", time.perf_counter() - t0)
         phase_log("coordinator", "abort", txn.txn, txn.version, time.perf_counter() - t0, reason=reason)
         self._send_twice(self._client.abort, txn.members, self._t.commit_s, txn.txn, reason=reason)
-        self._retention.drop(txn.version)
+        if write and self._replicated and self.tracker is not None:  # the write may still run
+            self.tracker.discard(txn.version, write[0][0])
+        else:
+            self._retention.drop(txn.version)
         shown = f"{reason} (the ABORT record is not logged yet: {unlogged})" if unlogged else reason
         return TxnResult(status="aborted", txn=txn.txn, version=None, key=txn.key, reason=shown,
                          votes=votes, duration_s=time.perf_counter() - t0)
@@ -320,7 +372,8 @@ class TwoPhaseCommit:
         persist = {k[len("persist_"):]: v for k, v in txn.timings.items() if k.startswith("persist_")}
         return TxnResult(status="committed", txn=txn.txn, version=txn.version, key=txn.key,
                          activated=True, duration_s=duration, prepare_s=txn.timings.get("prepare_s", 0.0),
-                         persist=persist, excluded=list(txn.excluded), replicas=per_replica)
+                         persist=persist, excluded=list(txn.excluded), replicas=per_replica,
+                         persisted=self._ledger.state.is_persisted(txn.version))
 
     def exclude(self, rid: str, reason: str, *, deferrable: bool = True,
                 txn: CoordinatorTxn | None = None) -> bool:

@@ -256,12 +256,14 @@ def _result_line(res: Any, done: str) -> str:
                 "nothing new was applied")
     if res.noop:
         return f"no-op: the fleet already serves these weights (version {res.version})"
-    return f"{done} {res.version} in {res.duration_s:.3f}s (txn {res.txn})"
+    later = "" if res.persisted else "; its checkpoint is being written in the background"
+    return f"{done} {res.version} in {res.duration_s:.3f}s (txn {res.txn}){later}"
 
 
 def _result_dict(res: Any) -> dict[str, Any]:
     return {"status": "noop" if res.noop else "committed", "version": res.version, "txn": res.txn,
             "duration_s": round(res.duration_s, 6), "duplicate": res.duplicate, "excluded": res.excluded,
+            "persisted": res.persisted,
             "replicas": res.replicas}
 
 
@@ -272,6 +274,8 @@ def refit(weights: Path = typer.Argument(..., help=".safetensors, .pt (tensors o
           dry_run: bool = typer.Option(False, "--dry-run", help="validate against the fleet; stage nothing"),
           strip_prefix: str = typer.Option(None, "--strip-prefix", help="drop this prefix from names"),
           complete: bool = typer.Option(False, "--complete", help="refuse a file lacking any weight"),
+          wait_persisted: bool = typer.Option(False, "--wait-persisted",
+                                              help="return once the version's checkpoint is durable too"),
           json_out: bool = JsonOpt) -> None:
     """Publish a weights file and refit every replica (two-phase commit)."""
     if not weights.exists():
@@ -290,6 +294,11 @@ def refit(weights: Path = typer.Argument(..., help=".safetensors, .pt (tensors o
     res = _guard(lambda: _refit_with_progress(
         fleet, lambda: fleet.refit(weights, key=key, strip_prefix=strip_prefix, complete=complete),
         weights.stat().st_size))
+    if wait_persisted and not res.persisted and not res.noop:
+        if not _guard(lambda: fleet.wait_persisted(res.version)):
+            _fail(FAILED, f"version {res.version} committed, but its checkpoint was not written in time "
+                          "(see `weight-refit status`)")
+        res.persisted = True
     if json_out:
         _print_json(_result_dict(res))
     else:
@@ -367,11 +376,13 @@ def history(fleet_name: str = FleetOpt, namespace: str = NamespaceOpt, address: 
     if json_out:
         _print_json(rows)
         return
-    table = Table("when", "txn", "version", "status", "duration", "origin", "reason")
+    table = Table("when", "txn", "version", "status", "duration", "origin", "persisted", "reason")
     for h in rows:
+        persisted = "lost" if h.get("lost") else ("yes" if h.get("persisted", True) else "not yet")
         table.add_row(_ago(h["ts"]), h["txn"], str(h["version"]), h["status"],
                       f"{h['duration_s']:.3f}s" if h.get("duration_s") is not None else "-",
-                      str(h.get("origin_version") or "-"), (h.get("reason") or "")[:80])
+                      str(h.get("origin_version") or "-"), persisted if h["status"] == "committed" else "-",
+                      (h.get("lost") or h.get("reason") or "")[:80])
     out.print(table)
 
 

@@ -187,6 +187,10 @@ class FleetConfig(BaseModel):
     coordinator_env: dict[str, str] = Field(default_factory=dict,
         description="extra environment variables of the coordinator's process (fault tests: Ray's "
                     "RAY_testing_rpc_failure there loses the coordinator's calls to replicas)")
+    durability: Literal["replicated", "disk"] = Field(
+        default="replicated",
+        description="replicated: COMMIT once every member holds the verified set, the checkpoint follows "
+                    "(logged PERSISTED); disk: COMMIT waits for the fsync'd checkpoint")
     persist_fsync: bool = Field(default=True,
         description="fsync checkpoint files (the log's decision records are fsync'd regardless)")
     retain_versions: int = Field(strict=True, default=3, ge=2,

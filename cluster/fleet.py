@@ -48,6 +48,7 @@ class RefitResult:
     replicas: dict[str, dict[str, float]] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     excluded: list[str] = field(default_factory=list)
+    persisted: bool = True  # the version's checkpoint was durable before refit returned
 
     @property
     def evicted(self) -> list[str]:
@@ -286,7 +287,13 @@ class Fleet:
         return RefitResult(version=out.version, txn=out.txn, duration_s=time.perf_counter() - t0,
                            noop=out.status == "noop", duplicate=out.duplicate, replicas=out.replicas,
                            timings={**timings, "coordinator_s": out.duration_s, "prepare_s": out.prepare_s},
-                           excluded=list(out.excluded))
+                           excluded=list(out.excluded), persisted=out.persisted)
+
+    def wait_persisted(self, version: int, timeout: float = 300.0) -> bool:
+        """Wait until ``version``'s checkpoint is durable (under ``durability: replicated`` it is
+        written after ``refit`` returns); False if it is not within ``timeout``."""
+        with readable_errors():
+            return bool(ray.get(self._coord.wait_persisted.remote(version, timeout), timeout=timeout + 30))
 
     def outcome(self, key_or_txn: str) -> dict[str, Any]:
         """``{"status": committed | aborted | in_doubt | unknown, "version", "txn", "reason", ...}``."""

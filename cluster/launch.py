@@ -69,6 +69,7 @@ def coordinator_settings(cfg: FleetConfig) -> CoordinatorSettings:
         fleet=cfg.name, namespace=cfg.namespace, state_dir=cfg.state_dir,
         failpoints=dict(cfg.failpoints), timeouts=cfg.timeouts, commit_policy=cfg.commit_policy,
         max_exclude=cfg.max_exclude, retain_versions=cfg.retain_versions, persist_fsync=cfg.persist_fsync,
+        durability=cfg.durability,
         driver_config=cfg.model_dump(mode="json"),
     )
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from actors.persist import PersistJob
-from actors.replica_client import OnReply, ReplicaClient
+from actors.replica_client import Exported, OnReply, ReplicaClient
 from actors.replies import Ack, Failed, FailureKind, LeaseReply, PrepareReply
 
 
@@ -124,7 +124,13 @@ class FakeReplicas(ReplicaClient):
         return self._each("catch_up", rids, sync)
 
     def status(self, rids: list[str], timeout: float) -> dict[str, dict[str, Any] | Failed]:
-        return self._each("status", rids, lambda r: {"id": r.rid, "version": r.version, "state": r.state})
+        return self._each("status", rids, lambda r: {"id": r.rid, "version": r.version, "state": r.state,
+                                                      "retained": [] if r.state == "failed" else [r.version]})
+
+    def export(self, rid: str, version: int, timeout: float) -> Exported | None | Failed:
+        def put(r: FakeReplica) -> tuple[list[Any], dict[str, Any]] | None:
+            return ([f"exported-v{version}-by-{r.rid}"], {}) if r.version == version else None
+        return self._each("export", [rid], put)[rid]
 
     def renew(self, rid: str, epoch: int, lease_s: float, generation: int,
               on_reply: Callable[[str, LeaseReply | Failed], None] | None = None) -> None:
@@ -155,12 +161,16 @@ class FakeReplicas(ReplicaClient):
 
 
 class FakePersister:
-    """Stands in for the persistence worker: ``error`` makes the next write fail with it."""
+    """Stands in for the persistence worker: ``error`` makes every write fail with it; ``fail_next``
+    only the next ones; ``written`` lists the versions written."""
 
     def __init__(self) -> None:
         self.jobs: list[PersistJob] = []
         self.error = ""
+        self.fail_next: list[str] = []
+        self.written: list[int] = []
         self.raise_on_wait: BaseException | None = None
+        self.hold: Any = None  # a threading.Event: writes wait until it is set
 
     def ensure(self) -> None:
         pass
@@ -170,10 +180,15 @@ class FakePersister:
         return job
 
     def wait(self, pending: PersistJob, deadline: float) -> tuple[dict[str, float], str]:
+        if self.hold is not None:
+            self.hold.wait(30)
         if self.raise_on_wait is not None:
             raise self.raise_on_wait
         if self.error:
             return {}, self.error
+        if self.fail_next:
+            return {}, self.fail_next.pop(0)
+        self.written.append(pending.version)
         return {"write_s": 0.001}, ""
 
 

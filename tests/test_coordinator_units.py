@@ -7,6 +7,7 @@ The loose ends of the coordinator review each have a test here that fails on the
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from pathlib import Path
@@ -19,9 +20,17 @@ from actors.coordinator_protocol import CoordinatorTxn, Phase
 from actors.failpoints import Failpoints
 from actors.leases import LeaseKeeper, Repairer, run_loop
 from actors.ledger import Ledger
-from actors.log import BeginRecord, CommitRecord, MemberRecord, TxnLog
+from actors.log import ActivatedRecord, BeginRecord, CommitRecord, MemberRecord, TxnLog
 from actors.membership import Membership, MembershipError, MemberState
-from actors.recovery import Recovery, RecoveryState, finish_the_log, restore_membership, sync_members
+from actors.persistence import PersistTracker, export_job
+from actors.recovery import (
+    Recovery,
+    RecoveryState,
+    finish_the_log,
+    persist_the_log,
+    restore_membership,
+    sync_members,
+)
 from actors.replies import Failed, FailureKind
 from actors.settings import CoordinatorSettings, Timeouts
 from actors.two_phase import RefitRequest, TwoPhaseCommit
@@ -34,11 +43,13 @@ class Rig:
     """One coordinator's parts over fakes: ``rig.txns.run(rig.request())`` is one refit."""
 
     def __init__(self, state_dir: Path, *, policy: str = "strict", max_exclude: int = 0,
-                 lease_s: float = 0.05) -> None:
+                 lease_s: float = 0.05, durability: str = "disk") -> None:
         self.fp = Failpoints(owner="coordinator")
         self.settings = CoordinatorSettings(
             fleet="f", namespace="n", state_dir=str(state_dir), commit_policy=policy, max_exclude=max_exclude,
-            timeouts=Timeouts(prepare_s=1, commit_s=1, activate_s=1, lease_s=lease_s, launch_s=1))
+            durability=durability,
+            timeouts=Timeouts(prepare_s=1, commit_s=1, activate_s=1, lease_s=lease_s, launch_s=1,
+                              persist_s=1))
         self.ledger = Ledger.open(state_dir, self.fp)
         self.ledger.bump_epoch()
         self.client = FakeReplicas(RIDS)
@@ -53,6 +64,16 @@ class Rig:
         self.retention = FakeRetention()
         self.txns = TwoPhaseCommit(self.settings, self.ledger, self.client, self.persister, self.membership,
                                    self.leases, self.retention, self.fp, lambda in_flight: {0})
+        self.stop = threading.Event()
+        self.lost: list[tuple[str, int, str]] = []
+        self.tracker = PersistTracker(self.persister, self.ledger, persist_s=1, retry_s=0.01,
+                                      export=functools.partial(
+                                          export_job, ledger=self.ledger, client=self.client,
+                                          membership=self.membership, settings=self.settings,
+                                          timeouts=self.settings.timeouts),
+                                      drop=self.retention.drop,
+                                      on_lost=lambda *a: self.lost.append(a), stop=self.stop)
+        self.txns.tracker = self.tracker
 
     def request(self, key: str | None = None) -> RefitRequest:
         return RefitRequest(refs=["ref"], specs={"w": {"shape": [1], "dtype": "float32"}}, checksums=SUMS,
@@ -420,3 +441,93 @@ def test_timeouts_give_a_refit_call_room_for_every_phase() -> None:
 def test_a_failed_call_is_retryable_unless_the_replica_is_gone() -> None:
     assert Failed(FailureKind.TIMEOUT, "x").retryable and Failed(FailureKind.UNAVAILABLE, "x").retryable
     assert not Failed(FailureKind.DEAD, "x").retryable and not Failed(FailureKind.UNKNOWN, "x").retryable
+
+
+# ----------------------------------------------------------------------------- durability: replicated
+
+
+def _settled(rig: Rig) -> None:
+    deadline = time.monotonic() + 10
+    while not rig.tracker.idle() and time.monotonic() < deadline:
+        rig.tracker.wait(10**9, 0.05)
+    assert rig.tracker.idle()
+
+
+def test_under_replicated_durability_commit_does_not_wait_for_the_checkpoint(tmp_path: Path) -> None:
+    rig = Rig(tmp_path, durability="replicated")
+    rig.persister.hold = threading.Event()  # the write is slow: COMMIT must not wait for it
+    res = rig.txns.run(rig.request(key="k-r"))
+    assert not res.persisted
+    assert res.status == "committed" and res.version == 1
+    records = TxnLog.open(rig.settings.state_dir, readonly=True).records()
+    assert [r.kind for r in records] == ["EPOCH", "BEGIN", "COMMIT", "ACTIVATED"]
+    assert records[1].durability == "replicated"
+    rig.persister.hold.set()
+    _settled(rig)
+    assert rig.kinds()[-1] == "PERSISTED" and rig.ledger.state.is_persisted(1)
+    assert rig.ledger.history()[-1]["persisted"] is True
+
+
+def test_a_checkpoint_write_that_fails_after_commit_is_redone_from_a_replica(tmp_path: Path) -> None:
+    rig = Rig(tmp_path, durability="replicated")
+    rig.persister.fail_next = ["persisting version 1 failed: disk full (ENOSPC) writing the checkpoint"]
+    res = rig.txns.run(rig.request())
+    assert res.status == "committed"
+    _settled(rig)
+    assert "export" in rig.client.methods()
+    assert rig.persister.jobs[-1].refs and str(rig.persister.jobs[-1].refs[0]).startswith("exported-v1")
+    assert rig.persister.jobs[-1].checksums == SUMS  # verified against the version's own checksums
+    assert rig.ledger.state.is_persisted(1) and rig.tracker.summary()["failing"] == {}
+
+
+def test_the_newest_version_nobody_holds_any_more_is_reported_lost(tmp_path: Path) -> None:
+    rig = Rig(tmp_path, durability="replicated")
+    rig.persister.error = "the worker's node is gone"
+    assert rig.txns.run(rig.request()).status == "committed"
+    for r in rig.client.replicas.values():  # every holder restarted without it
+        r.state, r.version = "failed", 0
+    _settled(rig)
+    assert [(v, "no replica holds it" in why) for _, v, why in rig.lost] == [(1, True)]
+    assert not rig.ledger.state.is_persisted(1)
+
+
+def _log_committed_not_persisted(state_dir: Path) -> None:
+    with TxnLog.open(state_dir) as log:
+        log.bump_epoch()
+        log.append(BeginRecord(epoch=1, txn="t-rep", version=1, key="k-rep", checksums=SUMS,
+                               durability="replicated"))
+        log.append(CommitRecord(epoch=1, txn="t-rep", version=1))
+        log.append(ActivatedRecord(epoch=1, txn="t-rep", version=1, duration_s=0.01))
+        for rid in RIDS:
+            log.append(MemberRecord(epoch=1, replica_id=rid, event="join"))
+
+
+def test_recovery_writes_a_committed_unpersisted_version_from_a_replica_holding_it(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    _log_committed_not_persisted(state)
+    rig = Rig(state, durability="replicated")
+    for r in rig.client.replicas.values():
+        r.version = 1
+    assert rig.ledger.state.unpersisted == [("t-rep", 1)]
+    persist_the_log(rig.ledger, rig.txns, rig.persister, persist_s=1, export=rig.tracker.export,
+                    newest_stored=lambda below: pytest.fail("nothing was lost"))
+    assert rig.ledger.state.unpersisted == [] and rig.persister.written == [1]
+    assert rig.kinds()[-1] == "PERSISTED"
+
+
+def test_recovery_replaces_a_version_every_holder_lost_with_a_new_one_carrying_stored_weights(
+        tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    _log_committed_not_persisted(state)
+    rig = Rig(state, durability="replicated")
+    for r in rig.client.replicas.values():  # restarted: v1 is in no store and no memory
+        r.state, r.version = "failed", 0
+    stored = {"w": "00000000000000b0"}
+    persist_the_log(rig.ledger, rig.txns, rig.persister, persist_s=1, export=rig.tracker.export,
+                    newest_stored=lambda below: (0, stored))
+    s = rig.ledger.state
+    assert s.active_version == 2 and s.versions[2].origin_version == 0 and s.versions[2].checksums == stored
+    assert rig.persister.jobs[-1].from_version == 0 and rig.persister.jobs[-1].version == 2
+    [row] = [h for h in rig.ledger.history() if h["version"] == 1]
+    assert row["lost"] and "replaced by v2" in row["lost"] and "lost before" in row["lost"]
+    assert {r.version for r in rig.client.replicas.values()} == {2}  # caught up from the store

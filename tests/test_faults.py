@@ -161,11 +161,13 @@ def test_coordinator_killed_after_begin_presumes_abort(make_fleet) -> None:
     load.check()
 
 
+@pytest.mark.parametrize("durability", ["replicated", "disk"])
 @pytest.mark.parametrize("failpoint", ["coordinator.after_decision_logged", "coordinator.mid_activate"])
-def test_coordinator_killed_after_commit_finishes_it(make_fleet, failpoint: str) -> None:
-    """COMMIT logged: the restarted coordinator finishes COMMIT and ACTIVATE; the cut-off caller
-    gets the committed result (and fleet.outcome says so)."""
-    fleet = make_fleet()
+def test_coordinator_killed_after_commit_finishes_it(make_fleet, failpoint: str, durability: str) -> None:
+    """COMMIT logged: the restarted coordinator finishes COMMIT and ACTIVATE (and, under
+    replicated durability, writes the checkpoint from a replica if it was not written); the
+    cut-off caller gets the committed result (and fleet.outcome says so)."""
+    fleet = make_fleet(durability=durability)
     with ClientLoad(fleet) as load:
         ray.get(fleet._coord.arm_failpoint.remote(failpoint, "exit"))
         res = fleet.refit(probe_weights(13.0), key=f"k-{failpoint}")
@@ -173,6 +175,7 @@ def test_coordinator_killed_after_commit_finishes_it(make_fleet, failpoint: str)
         assert out["status"] == "committed" and out["version"] == res.version and out["activated"]
         st = converged(fleet)
         assert st["version"] == res.version and _values(fleet) == {13.0}
+        assert fleet.wait_persisted(res.version, 60)
     load.check()
 
 

@@ -131,9 +131,11 @@ def tmpfs_state(tmp_path: Path) -> Iterator[Path]:
 
 
 @pytest.fixture
-def disk_fleet(ray_session: None, many_engine_path: Path, tmpfs_state: Path) -> Iterator[Fleet]:
+def disk_fleet(request: pytest.FixtureRequest, ray_session: None, many_engine_path: Path,
+               tmpfs_state: Path) -> Iterator[Fleet]:
+    durability = getattr(request, "param", "replicated")
     cfg = fleet_config(many_engine_path, tmpfs_state.parent, replicas=3, timeouts=TIMEOUTS,
-                       state_dir=str(tmpfs_state))
+                       state_dir=str(tmpfs_state), durability=durability)
     fleet = Fleet.launch(cfg)
     try:
         fleet.refit(probe_weights(1.0, MANY, NARROW))
@@ -186,7 +188,8 @@ def test_a_full_disk_under_the_log_aborts_the_refit_says_so_and_heals_when_space
     load.check()
 
 
-def test_a_full_disk_under_the_checkpoint_store_aborts_the_refit_says_so_and_heals(
+@pytest.mark.parametrize("disk_fleet", ["disk"], indirect=True)
+def test_a_full_disk_under_the_checkpoint_store_aborts_a_disk_durability_refit_says_so_and_heals(
         disk_fleet: Fleet, tmpfs_state: Path) -> None:
     fleet = disk_fleet
     inputs = probe_input(NARROW)
@@ -206,6 +209,27 @@ def test_a_full_disk_under_the_checkpoint_store_aborts_the_refit_says_so_and_hea
     load.check()
 
 
+def test_a_full_disk_under_the_checkpoint_store_delays_a_replicated_checkpoint_until_space_is_freed(
+        disk_fleet: Fleet, tmpfs_state: Path) -> None:
+    """Under ``replicated`` the version commits in the members' memory; its checkpoint is written
+    once there is room, with no repair (``status`` says why it is not yet)."""
+    fleet = disk_fleet
+    inputs = probe_input(NARROW)
+    with ClientLoad(fleet, inputs=inputs) as load:
+        filler = fill(tmpfs_state / "checkpoints")
+        res = fleet.refit(probe_weights(2.0, MANY, NARROW))
+        assert not res.persisted and _values(fleet, inputs) == {2.0}
+        failing = wait_for(lambda: fleet.status()["persistence"]["failing"].get(res.version), 60,
+                           "the checkpoint write to fail")
+        assert "disk full" in failing and "checkpoint" in failing
+        assert not fleet.wait_persisted(res.version, 1.0)
+        filler.unlink()
+        assert fleet.wait_persisted(res.version, 60)
+        assert next(h for h in fleet.history() if h["version"] == res.version)["persisted"] is True
+        assert converged(fleet)["version"] == res.version
+    load.check()
+
+
 # ----------------------------------------------------------------------------- OS errors
 
 
@@ -217,7 +241,7 @@ def test_a_full_disk_under_the_checkpoint_store_aborts_the_refit_says_so_and_hea
 ], ids=["log-write-EIO", "log-fsync-EIO", "store-write-EACCES", "store-fsync-EIO"])
 def test_an_os_error_under_the_log_or_the_store_aborts_the_refit_naming_it(
         make_fleet: Any, where: str, hook: str, action: str, words: str) -> None:
-    fleet = make_fleet()
+    fleet = make_fleet(durability="disk")  # (under replicated a failed checkpoint write is redone later)
     target = fleet._coord if where == "coordinator" else ray.get(fleet._coord.persist_worker.remote())
     before = fleet.status()["version"]
     with ClientLoad(fleet) as load:
@@ -292,7 +316,7 @@ def _restart_coordinator(fleet: Fleet) -> int:
 
 
 def test_a_torn_log_tail_is_cut_named_and_its_transaction_finished_again(make_fleet: Any) -> None:
-    fleet = make_fleet()
+    fleet = make_fleet(durability="disk")  # ACTIVATED is the last record (no PERSISTED follows)
     res = fleet.refit(probe_weights(2.0), key="k-torn")
     log = _log(fleet)
     lines = log.read_bytes().splitlines(keepends=True)

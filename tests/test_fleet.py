@@ -319,6 +319,7 @@ def test_a_lost_persistence_worker_is_replaced_before_the_next_refit(fleet: Flee
     res = fleet.refit(probe_weights(61.0))  # would abort if the dead worker were used
     assert fleet.status()["version"] == res.version
     assert _value_everywhere(fleet) == {61.0}
+    assert fleet.wait_persisted(res.version, 60)
     held = ray.get(fleet._coord.versions.remote())
     assert res.version in held["stored"]
     replacement = ray.get(fleet._coord.persist_worker.remote())
@@ -338,4 +339,5 @@ def test_a_persistence_worker_lost_mid_write_is_replaced_and_the_refit_commits(f
     assert not refit.is_alive() and "r" in result
     assert fleet.status()["version"] == result["r"].version
     assert _value_everywhere(fleet) == {71.0}
+    assert fleet.wait_persisted(result["r"].version, 60)
     assert result["r"].version in ray.get(fleet._coord.versions.remote())["stored"]
