@@ -8,7 +8,8 @@ Guarantees, stated the way Ray Serve's controller states its own:
   recover (``actors.recovery``).
 - The commit point is the fsync'd COMMIT record, written only after every member voted YES (and,
   under ``durability: disk``, the version is persisted; under ``replicated`` the checkpoint
-  follows and is logged PERSISTED, ``actors.persistence``) (``actors.two_phase``). Versions only grow; aborted transactions leave gaps.
+  follows and is logged PERSISTED, ``actors.persistence``) (``actors.two_phase``). Versions only
+  grow; aborted transactions leave gaps.
 - Every state-changing call is idempotent: ``refit``/``rollback`` with a key return the first
   call's outcome; COMMIT/ABORT/ACTIVATE to replicas may be repeated.
 - Refits and rollbacks from any number of drivers are serialised by one lock; status, outcome and
