@@ -304,8 +304,12 @@ class Coordinator:
                         "cut_tails": [str(c) for c in ledger.cut_tails()] if ledger else []},
                 "replicas": sorted(replicas, key=lambda r: r["id"])}
 
-    def history(self) -> list[dict[str, Any]]:
-        return self.ledger.history() if self.ledger is not None else []
+    def history(self, limit: int | None = None, since: int | None = None) -> list[dict[str, Any]]:
+        """Transactions oldest first: those with a version above ``since``, the newest ``limit``."""
+        rows = self.ledger.history() if self.ledger is not None else []
+        if since is not None:
+            rows = [r for r in rows if (r["version"] or 0) > since]
+        return rows[-limit:] if limit else rows
 
     def versions(self) -> dict[str, Any]:
         assert self.ledger is not None

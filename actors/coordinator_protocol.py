@@ -106,6 +106,14 @@ class CoordinatorTxn:
     excluded: list[str] = field(default_factory=list)  # by the tally, or after COMMIT
     timings: dict[str, float] = field(default_factory=dict)  # prepare_s, and the checkpoint write's
     started: float = field(default_factory=time.monotonic)
+    laps: dict[str, float] = field(default_factory=dict)  # seconds per step, in the order taken
+    _lap_mark: float = field(default_factory=time.perf_counter, repr=False)
+
+    def lap(self, step: str) -> None:
+        """Record the seconds since the previous lap (or since this record was made) as ``step``."""
+        now = time.perf_counter()
+        self.laps[step] = self.laps.get(step, 0.0) + now - self._lap_mark
+        self._lap_mark = now
 
     def move(self, new: Phase) -> None:
         if new not in PHASE_TRANSITIONS[self.phase]:

@@ -15,6 +15,7 @@ Contract of ``append(record, deferrable=...)``:
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from dataclasses import asdict
@@ -94,6 +95,30 @@ class Ledger:
         while self._deferred:
             self._log.append(self._deferred[0])
             self._deferred.pop(0)
+
+    ARCHIVE = "txn.archive.jsonl"
+
+    def compact(self, keep_recent: int, keep_versions: set[int]) -> int:
+        """Rewrite the log without transactions older than the newest ``keep_recent`` (those still
+        needed stay: see ``LogState.compacted``); their records are appended to
+        ``txn.archive.jsonl`` first. Returns how many records went to the archive (0: nothing to
+        do, or records are waiting to be written)."""
+        from .log import dump_record, replay
+
+        with self._lock:
+            if self._deferred:
+                return 0
+            kept, dropped = self.state.compacted(keep_recent, keep_versions)
+            if not dropped:
+                return 0
+            with open(self._log.path.with_name(self.ARCHIVE), "ab") as archive:
+                archive.write(b"".join(dump_record(r) for r in dropped))
+                archive.flush()
+                os.fsync(archive.fileno())
+            state = replay(kept)
+            self._log.rewrite(kept)
+            self.state = state
+            return len(dropped)
 
     def refuse(self, txn: str, version: int, key: str | None, reason: str,
                origin_version: int | None = None) -> None:

@@ -413,6 +413,34 @@ class TxnLog:
             if isinstance(record, EpochRecord):
                 self._file_epoch = self._epoch = record.epoch
 
+    def rewrite(self, records: list[LogRecord]) -> None:
+        """Replace the log with ``records`` (compaction): written to a temp file, fsync'd, renamed
+        over the log, the directory fsync'd; this object appends to the new file from then on. A
+        crash leaves either the old log or the new one. Readers that opened the path before keep
+        reading the old file; later ones read the new."""
+        self._check_writable()
+        data = b"".join(dump_record(r) for r in records)
+        with self._locked(exclusive=True):
+            self._refresh()
+            tmp = self._path.with_name(f".{self._path.name}.compact.{os.getpid()}")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, self._path)
+            fsync_dir(self._path.parent)
+            new = os.open(self._path, os.O_RDWR | os.O_APPEND)
+            fcntl.flock(new, fcntl.LOCK_EX)
+            old, self._fd = self._fd, new
+            os.close(old)
+            self._offset, self._lines = len(data), len(records)
+            epochs = [r.epoch for r in records if isinstance(r, EpochRecord)]
+            self._file_epoch = max([self._file_epoch, *epochs])
+
     def bump_epoch(self) -> int:
         """Durably start a new epoch (highest in the file + 1), adopt it and return it."""
         self._check_writable()
@@ -701,6 +729,57 @@ class LogState:
             f"last_version={self.last_version}, transactions={len(self._txns)}, "
             f"undecided={self.undecided}, committed_not_activated={self.committed_not_activated})"
         )
+
+    @property
+    def transactions(self) -> int:
+        return len(self._txns)
+
+    def compacted(self, keep_recent: int, keep_versions: set[int]) -> tuple[list[LogRecord], list[LogRecord]]:
+        """The records of a log that replays to this state without its older transactions:
+        ``(kept, dropped)``. Kept: the newest ``keep_recent`` transactions, the active one, every
+        one of ``keep_versions``, every undecided, unactivated or unpersisted one, the current
+        members and the epoch. Each transaction's records carry its BEGIN's epoch, in BEGIN order."""
+        order = list(self._txns.values())
+        recent = {t.begin.txn for t in order[-keep_recent:]} if keep_recent > 0 else set()
+        pinned = set(self._undecided) | set(self._unactivated) | set(self._unpersisted)
+        pinned |= {i.txn for v, i in self.versions.items() if v in keep_versions}
+        if self.active_txn is not None:
+            pinned.add(self.active_txn)
+        kept: list[LogRecord] = []
+        dropped: list[LogRecord] = []
+        seen_epoch = 0
+        for t in order:
+            records = self._records_of(t)
+            if t.begin.txn in recent or t.begin.txn in pinned:
+                if t.begin.epoch > seen_epoch:
+                    kept.append(EpochRecord(epoch=t.begin.epoch, ts=t.begin.ts))
+                    seen_epoch = t.begin.epoch
+                kept += records
+            else:
+                dropped += records
+        if self.epoch > seen_epoch:
+            kept.append(EpochRecord(epoch=self.epoch))
+        kept += [MemberRecord(epoch=self.epoch, replica_id=rid, event=event)  # type: ignore[arg-type]
+                 for rid, event in self.members.items() if event != "leave"]
+        return kept, dropped
+
+    def _records_of(self, t: _Txn) -> list[LogRecord]:
+        b = t.begin
+        out: list[LogRecord] = [b]
+        e, txn, v = b.epoch, b.txn, b.version
+        if t.status == "committed":
+            info = self.versions.get(v)
+            out.append(CommitRecord(epoch=e, txn=txn, version=v, ts=info.ts if info else b.ts))
+            if t.activated:
+                out.append(ActivatedRecord(epoch=e, txn=txn, version=v, duration_s=t.duration_s or 0.0,
+                                           ts=b.ts))
+            if t.persisted and b.durability == "replicated":
+                out.append(PersistedRecord(epoch=e, txn=txn, version=v, ts=b.ts))
+            if t.lost is not None:
+                out.append(LostRecord(epoch=e, txn=txn, version=v, reason=t.lost, ts=b.ts))
+        elif t.status == "aborted":
+            out.append(AbortRecord(epoch=e, txn=txn, reason=t.reason or "aborted", votes=t.votes, ts=b.ts))
+        return out
 
     def begin_of(self, key_or_txn: str) -> BeginRecord | None:
         """The BEGIN record of a transaction, by id or idempotency key (its first transaction)."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
 
 from .store import CheckpointStore
 
@@ -19,10 +20,14 @@ class Retention:
     def __init__(self, store: CheckpointStore) -> None:
         self._store = store
         self._runner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="retain")
-        self._pending: Future[list[int]] | None = None
+        self._pending: Future[Any] | None = None
 
     def schedule(self, keep: set[int], below: int) -> None:
         self._pending = self._runner.submit(self._store.retain, keep, below=below)
+
+    def later(self, work: Any) -> None:
+        """Run ``work`` on the same background thread, after what is scheduled (log compaction)."""
+        self._pending = self._runner.submit(work)
 
     def wait(self) -> None:
         pending = self._pending

@@ -70,6 +70,7 @@ class CoordinatorSettings(_Settings):
     retain_versions: int = Field(default=3, ge=2)
     persist_fsync: bool = True
     durability: Literal["replicated", "disk"] = "replicated"
+    history_window: int = Field(default=1000, ge=10)
     driver_config: dict[str, Any] = Field(default_factory=dict)
 
 

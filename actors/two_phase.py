@@ -79,6 +79,7 @@ class TxnResult:
     excluded: list[str] = field(default_factory=list)
     replicas: dict[str, dict[str, float]] = field(default_factory=dict)
     persisted: bool = True  # the version's checkpoint was durable when this was answered
+    phases: dict[str, float] = field(default_factory=dict)  # seconds in each step, in order
 
 
 class PersisterLike(Protocol):
@@ -94,6 +95,7 @@ class PersistTrackerLike(Protocol):
 
 class RetentionLike(Protocol):
     def schedule(self, keep: set[int], below: int) -> None: ...
+    def later(self, work: Callable[[], Any]) -> None: ...
     def drop(self, version: int) -> None: ...
 
 
@@ -140,19 +142,25 @@ class TwoPhaseCommit:
                              version=self._ledger.state.last_version + 1, key=req.key,
                              members=self._membership.members(), origin_version=req.origin)
         self.current = txn
+        lap = txn.lap
         try:
             try:
                 self._begin(txn, req)
+                lap("begin_log_s")
             except Exception as exc:  # noqa: BLE001  (nothing was logged or sent)
                 return self._refuse(txn, _why(exc), t0)
             write: list[tuple[Any, float]] = []  # the checkpoint write, once started
             try:
                 write.append(self._start_persist(txn, req))
+                lap("persist_start_s")
                 self._prepare(txn, req)
+                lap("prepare_s")
                 decision = self._decide(txn, write[0])
+                lap("decide_s")
                 if not decision.commit:
                     return self._abort(txn, decision.reason, t0, write)
                 self._log_commit(txn)
+                lap("commit_log_s")
             except Exception as exc:  # noqa: BLE001  (anything before the commit point aborts)
                 logger.exception("txn %s failed before its commit point", txn.txn)
                 return self._abort(txn, _why(exc), t0, write)
@@ -160,6 +168,7 @@ class TwoPhaseCommit:
             if self._replicated and self.tracker is not None:  # once the members serve it
                 self.tracker.track(txn.txn, txn.version, write[0][0])
             self._leases.wait_out(txn.excluded)
+            lap("after_s")
             return self._committed(txn, replies, t0)
         finally:
             self.current = None
@@ -237,6 +246,7 @@ class TwoPhaseCommit:
         members = [r for r in txn.members if self._membership.is_member(r)]
         acks = self._send_twice(self._client.commit, members, self._t.commit_s, txn.txn)
         txn.commit_acks.update(r for r, a in acks.items() if isinstance(a, Ack))
+        txn.lap("commit_s")
         txn.move(Phase.ACTIVATING)
         ready = sorted(txn.commit_acks)
         first: list[str] = []
@@ -250,6 +260,7 @@ class TwoPhaseCommit:
             self._client.activate, ready, self._t.activate_s, txn.txn, on_reply=on_reply))
         txn.activated.update(r for r, a in replies.items()
                              if isinstance(a, Ack) and a.version == txn.version)
+        txn.lap("activate_s")
         lost = [r for r in members if r not in txn.activated]
         if lost:
             caught = self._client.catch_up(lost, txn.version, self._t.launch_s)
@@ -265,7 +276,12 @@ class TwoPhaseCommit:
         self._ledger.append(ActivatedRecord(epoch=self.epoch, txn=txn.txn, version=txn.version,
                                             duration_s=time.perf_counter() - t0), deferrable=True)
         txn.move(Phase.DONE)
-        self._retention.schedule(self._retained(None), below=self._ledger.state.last_version + 1)
+        keep = self._retained(None)
+        self._retention.schedule(keep, below=self._ledger.state.last_version + 1)
+        window = self._s.history_window
+        if self._ledger.state.transactions > window + max(10, window // 10):  # bounded: compact
+            self._retention.later(lambda: self._ledger.compact(window, keep | {txn.version}))
+        txn.lap("activated_log_s")
         return replies
 
     def _send_twice(self, send: Callable[..., dict[str, Ack | Failed]], rids: list[str], timeout: float,
@@ -373,7 +389,7 @@ class TwoPhaseCommit:
         return TxnResult(status="committed", txn=txn.txn, version=txn.version, key=txn.key,
                          activated=True, duration_s=duration, prepare_s=txn.timings.get("prepare_s", 0.0),
                          persist=persist, excluded=list(txn.excluded), replicas=per_replica,
-                         persisted=self._ledger.state.is_persisted(txn.version))
+                         persisted=self._ledger.state.is_persisted(txn.version), phases=dict(txn.laps))
 
     def exclude(self, rid: str, reason: str, *, deferrable: bool = True,
                 txn: CoordinatorTxn | None = None) -> bool:

@@ -369,10 +369,12 @@ def status(fleet_name: str = FleetOpt, namespace: str = NamespaceOpt, address: s
 
 @app.command()
 def history(fleet_name: str = FleetOpt, namespace: str = NamespaceOpt, address: str = AddressOpt,
+            limit: int = typer.Option(50, "--limit", min=1, help="the newest N transactions"),
+            since: int = typer.Option(None, "--since", help="only versions above this one"),
             json_out: bool = JsonOpt) -> None:
     """Committed and aborted transactions, with reasons and durations (from the durable log)."""
     fleet = _connect(fleet_name, namespace, address)
-    rows = _guard(fleet.history)
+    rows = _guard(lambda: fleet.history(limit=limit, since=since))
     if json_out:
         _print_json(rows)
         return
@@ -384,6 +386,8 @@ def history(fleet_name: str = FleetOpt, namespace: str = NamespaceOpt, address: 
                       str(h.get("origin_version") or "-"), persisted if h["status"] == "committed" else "-",
                       (h.get("lost") or h.get("reason") or "")[:80])
     out.print(table)
+    if len(rows) == limit:
+        out.print(f"the newest {limit} shown: --limit N for more, --since VERSION for those after one")
 
 
 @app.command()

@@ -191,6 +191,9 @@ class FleetConfig(BaseModel):
         default="replicated",
         description="replicated: COMMIT once every member holds the verified set, the checkpoint follows "
                     "(logged PERSISTED); disk: COMMIT waits for the fsync'd checkpoint")
+    history_window: int = Field(strict=True, default=1000, ge=10,
+        description="transactions the log and the coordinator keep (older ones go to txn.archive.jsonl; "
+                    "their idempotency keys are forgotten); bounds restart and refit costs")
     persist_fsync: bool = Field(default=True,
         description="fsync checkpoint files (the log's decision records are fsync'd regardless)")
     retain_versions: int = Field(strict=True, default=3, ge=2,

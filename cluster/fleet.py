@@ -75,6 +75,7 @@ class Fleet:
         self._refit_timeout = timeouts.refit_call_s()
         self._request_s = timeouts.request_s
         self._lock = threading.Lock()
+        self.launch_timings: dict[str, float] = {}  # seconds per launch step (set by ``launch``)
         self.router = Router(self._members, max_queue=routing["max_queue_per_replica"],
                              request_timeout_s=timeouts.request_s,
                              retries_on_stale=routing["retries_on_stale"])
@@ -88,8 +89,10 @@ class Fleet:
         Ray: ``address``, else ``RAY_ADDRESS``, else ``cfg.address``, else a private Ray for this
         process (``cluster.ray_session``). A fleet already running with another config is refused
         (``FleetConfigMismatch``); a launch that fails leaves nothing it created behind."""
-        coord = Launch(cfg, address).run()
-        return cls(cfg.name, cfg.namespace, coord, cfg.model_dump(mode="json"))
+        launch = Launch(cfg, address)
+        fleet = cls(cfg.name, cfg.namespace, launch.run(), cfg.model_dump(mode="json"))
+        fleet.launch_timings = dict(launch.timings)
+        return fleet
 
     @classmethod
     def connect(cls, name: str, namespace: str = "weight-refit", address: str | None = None) -> Fleet:
@@ -286,7 +289,8 @@ class Fleet:
         self.router.observe(out.version)
         return RefitResult(version=out.version, txn=out.txn, duration_s=time.perf_counter() - t0,
                            noop=out.status == "noop", duplicate=out.duplicate, replicas=out.replicas,
-                           timings={**timings, "coordinator_s": out.duration_s, "prepare_s": out.prepare_s},
+                           timings={**timings, "coordinator_s": out.duration_s, "prepare_s": out.prepare_s,
+                                    **{f"coordinator.{k}": v for k, v in out.phases.items()}},
                            excluded=list(out.excluded), persisted=out.persisted)
 
     def wait_persisted(self, version: int, timeout: float = 300.0) -> bool:
@@ -309,7 +313,10 @@ class Fleet:
         with readable_errors():
             return ray.get(self._coord.status.remote(), timeout=self._request_s * 2)
 
-    def history(self) -> list[dict[str, Any]]:
-        """Every transaction in the log: committed and aborted, with reasons and durations."""
+    def history(self, limit: int | None = None, since: int | None = None) -> list[dict[str, Any]]:
+        """Transactions in the log, oldest first (committed and aborted, with reasons, durations,
+        persisted): only versions above ``since``, and the newest ``limit`` of them."""
+        if limit is not None and (isinstance(limit, bool) or limit < 1):
+            raise ValueError(f"history limit must be a positive number of rows, got {limit!r}")
         with readable_errors():
-            return ray.get(self._coord.history.remote(), timeout=self._request_s)
+            return ray.get(self._coord.history.remote(limit, since), timeout=self._request_s)

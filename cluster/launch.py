@@ -69,7 +69,7 @@ def coordinator_settings(cfg: FleetConfig) -> CoordinatorSettings:
         fleet=cfg.name, namespace=cfg.namespace, state_dir=cfg.state_dir,
         failpoints=dict(cfg.failpoints), timeouts=cfg.timeouts, commit_policy=cfg.commit_policy,
         max_exclude=cfg.max_exclude, retain_versions=cfg.retain_versions, persist_fsync=cfg.persist_fsync,
-        durability=cfg.durability,
+        durability=cfg.durability, history_window=cfg.history_window,
         driver_config=cfg.model_dump(mode="json"),
     )
 
@@ -161,13 +161,22 @@ class Launch:
         self._joined: list[str] = []  # replicas this launch had a running coordinator admit
         self._groups: list[Any] = []
         self._coordinator_was_running = False
+        self.timings: dict[str, float] = {}  # seconds per step of ``run``, in order
+        self._mark = time.perf_counter()
+
+    def _lap(self, step: str) -> None:
+        now = time.perf_counter()
+        self.timings[step] = now - self._mark
+        self._mark = now
 
     def run(self) -> Any:
         """Return the coordinator's handle once every replica serves."""
         cfg = self.cfg
         check_engine(cfg)
         check_state_dir(cfg.state_dir)
+        self._lap("checks_s")
         ensure_ray(self.address or cfg.address, local_ray_init_kwargs(cfg))
+        self._lap("ray_s")
         running = _named(coordinator_actor_name(cfg.name), cfg.namespace)
         if running is not None:
             self._check_same_config(running)
@@ -210,6 +219,7 @@ class Launch:
                 runtime_env={"env_vars": dict(cfg.coordinator_env)} if cfg.coordinator_env else None,
             ).remote(coordinator_settings(cfg))
             self._actors.append(coord)
+        self._lap("placement_s")
         self.start_replicas(plan, pg, cards, coord)
         return coord
 
@@ -234,10 +244,12 @@ class Launch:
         for rid, handle in handles.items():
             with readable_errors(RemoteError, where=f"replica {rid}"):  # "replica r1 could not start"
                 ray.get(handle.ping.remote(), timeout=max(1.0, deadline - time.monotonic()))
+        self._lap("replicas_start_s")
         for rid in handles:
             with readable_errors(RemoteError, where=f"admitting replica {rid}"):
                 ray.get(coord.join.remote(rid), timeout=max(1.0, deadline - time.monotonic()))
             self._joined.append(rid)
+        self._lap("replicas_join_s")
 
     def created_group(self, pg: Any) -> None:
         """Count a placement group made for this launch as its own (removed if it fails)."""

@@ -202,3 +202,6 @@ class FakeRetention:
 
     def drop(self, version: int) -> None:
         self.dropped.append(version)
+
+    def later(self, work: Any) -> None:
+        work()

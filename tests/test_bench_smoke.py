@@ -45,3 +45,25 @@ def test_bench_refit_tiny(tmp_path: Path) -> None:
         assert row["n_idle"] > 0 and row["n_refit"] > 0
         assert row["swap_us"] < 10_000
     assert result["floors"] and result["engine"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_bench_history_synthesises_a_log_the_fleet_recovers_from_and_compacts(tmp_path: Path) -> None:
+    out = tmp_path / "history.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "bench_history.py"), "--versions", "15", "60",
+         "--refits", "3", "--history-window", "10", "--json", str(out)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=580,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = {r["versions"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {15, 60}
+    for n, row in rows.items():
+        assert row["restart_s"] > 0 and row["catch_up_s"] > 0 and len(row["refit_s"]) == 3
+        assert row["log_records"] + row["archived_records"] >= 3 * n  # nothing synthesised was lost
+        assert row["history_rows"] <= 10 + 10 + 3  # the window, the slack before compaction, new refits
+    assert rows[60]["archived_records"] > rows[15]["archived_records"]
+    assert rows[60]["log_bytes_after"] < 2 * rows[15]["log_bytes_after"]  # bounded, not 4x

@@ -65,6 +65,11 @@ def test_cli_end_to_end(tmp_path: Path) -> None:
         hist = json.loads(wr("history", "--fleet", "clifleet", "--json").stdout)
         assert [h["version"] for h in hist if h["status"] == "committed"] == [1, 2, 3]
         assert hist[-1]["origin_version"] == 1
+        page = json.loads(wr("history", "-f", "clifleet", "--limit", "2", "--json").stdout)
+        assert [h["version"] for h in page] == [2, 3]
+        assert [h["version"] for h in json.loads(wr("history", "-f", "clifleet", "--since", "2",
+                                                     "--json").stdout)] == [3]
+        assert "--limit" in wr("history", "-f", "clifleet", "--limit", "2").stdout  # says there is more
 
         scaled = json.loads(wr("scale", "--fleet", "clifleet", "--replicas", "3", "--json").stdout)
         assert scaled["added"] == ["r2"]

@@ -531,3 +531,23 @@ def test_recovery_replaces_a_version_every_holder_lost_with_a_new_one_carrying_s
     [row] = [h for h in rig.ledger.history() if h["version"] == 1]
     assert row["lost"] and "replaced by v2" in row["lost"] and "lost before" in row["lost"]
     assert {r.version for r in rig.client.replicas.values()} == {2}  # caught up from the store
+
+
+# ----------------------------------------------------------------------------- history-independent cost
+
+
+def test_the_log_and_the_coordinators_memory_stay_bounded_by_the_history_window(tmp_path: Path) -> None:
+    rig = Rig(tmp_path)
+    rig.settings = rig.settings.model_copy(update={"history_window": 10})
+    rig.txns._s = rig.settings
+    for i in range(60):
+        assert rig.txns.run(rig.request(key=f"k{i}")).status == "committed"
+    assert rig.ledger.state.transactions <= 2 * 10 + 1
+    lines = (tmp_path / "txn.log").read_bytes().count(b"\n")
+    assert lines < 4 * (2 * 10 + 1) + 10  # at most a window's records and a few, not 60 refits' 180
+    archived = (tmp_path / "txn.archive.jsonl").read_bytes().count(b"\n")
+    assert archived >= 3 * (60 - 2 * 10 - 1)  # nothing is thrown away: it is archived
+    on_disk = TxnLog.open(tmp_path, readonly=True).state()
+    assert on_disk.active_version == rig.ledger.state.active_version == 60
+    assert rig.txns.outcome("k59").status == "committed" and rig.txns.outcome("k0") is None
+    assert rig.txns.run(rig.request(key="k61")).version == 61  # versions keep growing

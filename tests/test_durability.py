@@ -123,3 +123,32 @@ def test_every_holder_and_the_coordinator_lost_before_persisted_give_a_new_versi
     assert _values(fleet) == {1.0}  # the newest persisted weights, under a newer version
     r = handle.infer(probe_input())  # a handle that saw the lost version does not go back
     assert r.version == st["version"] > lost.version and probe_value(r.outputs) == 1.0
+
+
+# ----------------------------------------------------------------------------- a bounded log
+
+
+def test_a_fleet_past_its_history_window_keeps_a_bounded_log_and_a_restart_recovers_from_it(
+        make_fleet: Any) -> None:
+    fleet = make_fleet(history_window=10)
+    log = Path(fleet._cfg["state_dir"]) / "txn.log"
+    for i in range(1, 31):
+        assert fleet.refit(probe_weights(float(i)), key=f"k{i}").version == i
+    lines = wait_for(lambda: (n := log.read_bytes().count(b"\n")) < 4 * 21 + 10 and n, 30,
+                     "the log compacted to the window")
+    archive = log.with_name("txn.archive.jsonl").read_bytes()
+    assert b'"k1"' in archive and lines < 4 * 30
+    assert [h["version"] for h in fleet.history(limit=3)] == [28, 29, 30]
+    assert [h["version"] for h in fleet.history(since=27)] == [28, 29, 30]
+    epoch = fleet.status()["epoch"]
+    with ClientLoad(fleet) as load:
+        ray.kill(fleet._coord, no_restart=False)
+        wait_for(lambda: (s := fleet.status())["epoch"] == epoch + 1 and s["recovery"]["state"] == "ready",
+                 60, "the coordinator's recovery")
+        assert converged(fleet)["version"] == 30 and _values(fleet) == {30.0}
+        assert fleet.outcome("k30")["status"] == "committed"
+        assert fleet.outcome("k1")["status"] == "unknown"  # archived, not in the bounded log
+        assert len(fleet.history()) <= 21
+        assert fleet.refit(probe_weights(31.0)).version == 31
+    load.check()
+    assert fleet.rollback().version == 32 and _values(fleet) == {30.0}

@@ -772,3 +772,57 @@ def test_a_member_record_of_the_former_word_evict_is_read_as_exclude(tmp_path: P
     [record] = [r for r in log.records() if isinstance(r, MemberRecord)]
     assert record.event == "exclude"
     assert log.state().members == {"r3": "exclude"}
+
+
+# ----------------------------------------------------------------------------- compaction
+
+
+def _view_of_recent(state: LogState, txns: list[str]) -> tuple[object, ...]:
+    return (state.epoch, state.active_version, state.active_txn, state.last_version, state.members,
+            state.undecided, state.committed_not_activated, state.unpersisted,
+            {t: state.outcomes[t] for t in txns}, {v: state.versions[v] for v in state.versions})
+
+
+def test_compaction_keeps_what_the_state_needs_and_replays_to_it() -> None:
+    """Every kind of record (presumed aborts across epochs, rollbacks, out-of-order commits):
+    the compacted log replays to the same state for every transaction it keeps, and keeps every
+    transaction still needed whatever its age."""
+    records = _every_kind_log()
+    full = replay(records)
+    kept, dropped = full.compacted(keep_recent=2, keep_versions={1})
+    again = replay(kept)
+    recent = [h.txn for h in full.history][-2:]
+    needed = set(full.undecided) | set(full.committed_not_activated) | {full.versions[1].txn, full.active_txn}
+    assert {h.txn for h in again.history} == set(recent) | needed
+    assert again.transactions < full.transactions and dropped
+    for attr in ("epoch", "active_version", "active_txn", "last_version", "members", "undecided",
+                 "committed_not_activated", "unpersisted"):
+        assert getattr(again, attr) == getattr(full, attr), attr
+    for txn in {h.txn for h in again.history}:
+        assert again.outcomes[txn] == full.outcomes[txn], txn
+    assert set(again.versions) <= set(full.versions)
+    for v, info in again.versions.items():
+        assert info == full.versions[v]
+
+
+def test_a_rewritten_log_keeps_fencing_and_appends_where_it_should(tmp_path: Path) -> None:
+    log = TxnLog.open(tmp_path)
+    log.bump_epoch()
+    for i in range(1, 41):
+        log.append(begin(1, f"t{i}", i, key=f"k{i}"))
+        log.append(CommitRecord(epoch=1, txn=f"t{i}", version=i))
+        log.append(ActivatedRecord(epoch=1, txn=f"t{i}", version=i, duration_s=0.01))
+    log.bump_epoch()
+    kept, dropped = log.state().compacted(keep_recent=5, keep_versions=set())
+    log.rewrite(kept)
+    assert (tmp_path / "txn.log").read_bytes().count(b"\n") == len(kept) < 40
+    log.append(begin(2, "t41", 41))
+    state = TxnLog.open(tmp_path).state()
+    assert state.last_version == 41 and state.active_version == 40 and state.epoch == 2
+    assert "k36" in state.outcomes and "k35" not in state.outcomes
+    with pytest.raises(StaleEpoch):  # an append of the older epoch is still fenced
+        log.append(CommitRecord(epoch=1, txn="t41", version=41))
+    other = TxnLog.open(tmp_path)
+    other.bump_epoch()
+    with pytest.raises(StaleEpoch):  # and so is this object once a newer incarnation took over
+        log.append(CommitRecord(epoch=2, txn="t41", version=41))

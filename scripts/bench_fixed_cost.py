@@ -1,0 +1,137 @@
+"""The fixed cost of a refit and of a launch, on the default fleet (configs/local-cpu.yaml: 2 CPU
+replicas, a private local Ray), for the seed's conv (one 36-byte kernel) and a model of 200 small
+tensors (50 kB).
+
+Each model runs in its own fresh command (``--child``), timed from the moment the parent spawns it:
+interpreter start and imports, then ``Fleet.launch`` (Ray start included; its steps from
+``Fleet.launch_timings``), the first response, then ``--refits`` refits of new weights. Each refit's
+wall time (the ``Fleet.refit`` call) is split into the driver's steps (load and validate, checksum,
+``ray.put``), the coordinator's steps (``RefitResult.timings["coordinator.*"]``: BEGIN record,
+checkpoint write started, PREPARE round, tally, COMMIT record, COMMIT round, ACTIVATE round,
+ACTIVATED record) and the rest (the driver -> coordinator call and its reply). Medians are reported.
+
+    python scripts/bench_fixed_cost.py --json benchmarks/results/fixed-cost-2026-12-02.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def child(model: str, workdir: Path, refits: int, spawned: float) -> dict[str, Any]:
+    import_start = time.time()
+    sys.path.insert(0, str(REPO))
+    import numpy as np
+    import torch
+
+    from cluster import Fleet, FleetConfig
+
+    imported = time.time()
+    engine = workdir / f"{model}.engine"
+    cfg = FleetConfig.from_yaml(REPO / "configs" / "local-cpu.yaml")
+    cfg = cfg.model_copy(update={"name": f"fixed-{model}", "engine": str(engine),
+                                 "state_dir": str(workdir / f"state-{model}")})
+    fleet = Fleet.launch(cfg)
+    launched = time.time()
+    names = list(fleet.manifest())
+    shapes = {n: tuple(fleet.manifest()[n]["shape"]) for n in names}
+    example = np.ones((1, 1, 3, 3), np.float32) if model == "conv" else np.ones(64, np.float32)
+    fleet.infer(example)
+    served = time.time()
+    rows = []
+    for i in range(refits):
+        weights = {n: torch.full(shapes[n], float(i + 1)) for n in names}
+        res = fleet.refit(weights)
+        rows.append({"wall_s": res.duration_s, **res.timings})
+    fleet.shutdown()
+    return {"model": model, "tensors": len(names),
+            "bytes": int(sum(np.prod(s) for s in shapes.values()) * 4),
+            "launch": {"process_start_s": import_start - spawned, "imports_s": imported - import_start,
+                       "fleet_launch_s": launched - imported, "steps": fleet.launch_timings,
+                       "first_response_s": served - launched, "total_s": served - spawned},
+            "refits": rows}
+
+
+def summarise(result: dict[str, Any]) -> dict[str, Any]:
+    rows = result["refits"][3:] or result["refits"]  # the first few warm the paths up
+    keys = [k for k in rows[0] if isinstance(rows[0][k], float)]
+    med = {k: statistics.median(r.get(k, 0.0) for r in rows) for k in keys}
+    driver = sum(med.get(k, 0.0) for k in ("load_validate_s", "checksum_s", "put_s"))
+    coordinator = {k.split(".", 1)[1]: v for k, v in med.items() if k.startswith("coordinator.")}
+    return {"refit_median_s": med["wall_s"], "refits_measured": len(rows),
+            "driver_s": driver, "driver_steps": {k: med.get(k, 0.0) for k in ("load_validate_s", "checksum_s",
+                                                                              "put_s")},
+            "coordinator_s": med.get("coordinator_s", 0.0), "coordinator_steps": coordinator,
+            "call_and_reply_s": med["wall_s"] - driver - med.get("coordinator_s", 0.0)}
+
+
+def build_engines(workdir: Path) -> None:
+    sys.path.insert(0, str(REPO))
+    sys.path.insert(0, str(REPO / "scripts"))
+    import torch
+    from _conv import ConvModel
+    from bench_history import ManySmallTensors
+
+    from engines import BuilderConfig, build_engine
+
+    config = BuilderConfig(enable_refit=True)
+    build_engine(ConvModel(), [torch.ones(1, 1, 3, 3)], config).save(workdir / "conv.engine")
+    build_engine(ManySmallTensors(), [torch.ones(64)], config).save(workdir / "many.engine")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--refits", type=int, default=40)
+    p.add_argument("--json", type=Path)
+    p.add_argument("--child", nargs=3, metavar=("MODEL", "WORKDIR", "SPAWNED"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child:
+        model, workdir, spawned = args.child
+        print(json.dumps(child(model, Path(workdir), args.refits, float(spawned))))
+        return 0
+    results = []
+    with tempfile.TemporaryDirectory(prefix="bench-fixed-") as tmp:
+        build_engines(Path(tmp))
+        for model in ("conv", "many"):
+            cmd = [sys.executable, __file__, "--refits", str(args.refits), "--child", model, tmp,
+                   repr(time.time())]
+            out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)
+            if out.returncode != 0:
+                print(out.stderr[-3000:], file=sys.stderr)
+                return 1
+            res = json.loads(out.stdout.strip().splitlines()[-1])
+            res["summary"] = summarise(res)
+            results.append(res)
+            s, la = res["summary"], res["launch"]
+            print(f"{model}: {res['tensors']} tensors, {res['bytes']} bytes: refit median "
+                  f"{s['refit_median_s'] * 1e3:.1f} ms (driver {s['driver_s'] * 1e3:.1f}, coordinator "
+                  f"{s['coordinator_s'] * 1e3:.1f}, call {s['call_and_reply_s'] * 1e3:.1f}); launch "
+                  f"{la['total_s']:.2f} s from the command")
+            steps = s["coordinator_steps"].items()
+            print("   coordinator: " + ", ".join(f"{k} {v * 1e3:.2f}" for k, v in steps))
+            parts = [("process", la["process_start_s"]), ("imports", la["imports_s"]), *la["steps"].items(),
+                     ("first response", la["first_response_s"])]
+            print("   launch: " + ", ".join(f"{k} {v:.2f}" for k, v in parts))
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                            text=True).stdout.strip()
+    doc = {"benchmark": "fixed-cost", "date": time.strftime("%Y-%m-%d"), "commit": commit,
+           "machine": {"cpus": os.cpu_count(), "loadavg": os.getloadavg()}, "results": results}
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(doc, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
