@@ -2,9 +2,13 @@
 Ray only behind the persister and the ``export`` callable it is given).
 
 Under ``replicated``, COMMIT is logged once every member holds the verified staged set; the
-checkpoint write started at BEGIN goes on in the background. ``PersistTracker`` (contract):
-- ``track(txn, version, pending)`` hands it a write in flight; writes are seen through in commit
-  order, and each one that lands is logged as PERSISTED.
+checkpoint write follows in the background, started once COMMIT is logged (members that must
+catch up from the store wait for it).
+``PersistTracker`` (contract):
+- ``start(txn, version, job)`` hands it a committed version's write to start (on its own thread,
+  so the refit does not wait for the worker) and see through; ``track(txn, version, pending)`` a
+  write already in flight. Writes are seen through in commit order, and each one that lands is
+  logged as PERSISTED.
 - A write that fails (a full disk, a lost worker, a driver whose published object is gone) is
   redone from a live holder: ``export(version)`` asks the members for the set they hold and
   returns ``(job, nobody_holds)``: a job that writes it (verified against the version's
@@ -72,6 +76,7 @@ def newest_stored(ledger: Ledger, store: CheckpointStore, below: int) -> tuple[i
 
 
 class PersisterLike(Protocol):
+    def ensure(self) -> None: ...
     def start(self, job: PersistJob) -> Any: ...
     def wait(self, pending: Any, deadline: float) -> tuple[dict[str, float], str]: ...
 
@@ -80,8 +85,9 @@ class PersisterLike(Protocol):
 class _Write:
     txn: str
     version: int
-    pending: Any
+    pending: Any  # None: ``job`` is still to be started
     discard: bool = False
+    job: PersistJob | None = None
 
 
 class PersistTracker:
@@ -109,6 +115,11 @@ class PersistTracker:
         with self._cond:
             self._busy += 1
         self._queue.put(_Write(txn, version, pending))
+
+    def start(self, txn: str, version: int, job: PersistJob) -> None:
+        with self._cond:
+            self._busy += 1
+        self._queue.put(_Write(txn, version, None, job=job))
 
     def discard(self, version: int, pending: Any) -> None:
         with self._cond:
@@ -158,6 +169,9 @@ class PersistTracker:
                     self._cond.notify_all()
 
     def _see_through(self, item: _Write) -> None:
+        if item.pending is None and item.job is not None:
+            self._persister.ensure()
+            item.pending, item.job = self._persister.start(item.job), None  # the refs: the worker's now
         _, error = self._persister.wait(item.pending, time.monotonic() + self._persist_s)
         misses = 0  # answers, in a row, that nobody holds the version
         while error and not self._stop.is_set():

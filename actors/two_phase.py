@@ -90,6 +90,7 @@ class PersisterLike(Protocol):
 
 class PersistTrackerLike(Protocol):
     def track(self, txn: str, version: int, pending: Any) -> None: ...
+    def start(self, txn: str, version: int, job: PersistJob) -> None: ...
     def discard(self, version: int, pending: Any) -> None: ...
 
 
@@ -149,13 +150,14 @@ class TwoPhaseCommit:
                 lap("begin_log_s")
             except Exception as exc:  # noqa: BLE001  (nothing was logged or sent)
                 return self._refuse(txn, _why(exc), t0)
-            write: list[tuple[Any, float]] = []  # the checkpoint write, once started
+            write: list[tuple[Any, float]] = []  # the checkpoint write COMMIT waits for (disk)
             try:
-                write.append(self._start_persist(txn, req))
-                lap("persist_start_s")
+                if not self._replicated:  # under replicated it starts once COMMIT is logged
+                    write.append(self._start_persist(txn, req))
+                    lap("persist_start_s")
                 self._prepare(txn, req)
                 lap("prepare_s")
-                decision = self._decide(txn, write[0])
+                decision = self._decide(txn, write[0] if write else None)
                 lap("decide_s")
                 if not decision.commit:
                     return self._abort(txn, decision.reason, t0, write)
@@ -164,9 +166,9 @@ class TwoPhaseCommit:
             except Exception as exc:  # noqa: BLE001  (anything before the commit point aborts)
                 logger.exception("txn %s failed before its commit point", txn.txn)
                 return self._abort(txn, _why(exc), t0, write)
+            if self._replicated and self.tracker is not None:  # started and seen through off this thread
+                self.tracker.start(txn.txn, txn.version, self._persist_job(txn, req))
             replies = self.finish(txn, t0)
-            if self._replicated and self.tracker is not None:  # once the members serve it
-                self.tracker.track(txn.txn, txn.version, write[0][0])
             self._leases.wait_out(txn.excluded)
             lap("after_s")
             return self._committed(txn, replies, t0)
@@ -182,12 +184,14 @@ class TwoPhaseCommit:
         phase_log("coordinator", "begin", txn.txn, txn.version, 0.0, members=txn.members, key=txn.key)
         self._fp.hit("coordinator.after_begin")
 
+    def _persist_job(self, txn: CoordinatorTxn, req: RefitRequest) -> PersistJob:
+        return PersistJob(state_dir=self._s.state_dir, version=txn.version, refs=req.refs,
+                          specs=req.specs, checksums=req.checksums, base_version=req.base_version,
+                          from_version=req.from_version, fsync=self._s.persist_fsync)
+
     def _start_persist(self, txn: CoordinatorTxn, req: RefitRequest) -> tuple[Any, float]:
         self._persister.ensure()
-        job = PersistJob(state_dir=self._s.state_dir, version=txn.version, refs=req.refs,
-                         specs=req.specs, checksums=req.checksums, base_version=req.base_version,
-                         from_version=req.from_version, fsync=self._s.persist_fsync)
-        return self._persister.start(job), time.monotonic() + self._t.persist_s
+        return self._persister.start(self._persist_job(txn, req)), time.monotonic() + self._t.persist_s
 
     def _prepare(self, txn: CoordinatorTxn, req: RefitRequest) -> None:
         txn.move(Phase.PREPARING)
@@ -210,10 +214,10 @@ class TwoPhaseCommit:
                   yes=sorted(r for r, v in txn.votes.items() if v.yes),
                   no={r: v.reason for r, v in txn.votes.items() if not v.yes})
 
-    def _decide(self, txn: CoordinatorTxn, pending: tuple[Any, float]) -> Decision:
+    def _decide(self, txn: CoordinatorTxn, pending: tuple[Any, float] | None) -> Decision:
         """The tally; under ``disk`` durability the checkpoint write must have landed too."""
         decision = tally(txn.votes, policy=self._s.commit_policy, max_exclude=self._s.max_exclude)
-        if not self._replicated:
+        if pending is not None:
             persisted, persist_error = self._persister.wait(*pending)
             txn.timings.update({f"persist_{k}": v for k, v in persisted.items()})
             if persist_error:
@@ -263,6 +267,8 @@ class TwoPhaseCommit:
         txn.lap("activate_s")
         lost = [r for r in members if r not in txn.activated]
         if lost:
+            if self._replicated and self.tracker is not None:  # they catch up from the store
+                self.tracker.wait(txn.version, min(self._t.persist_s, self._t.launch_s))
             caught = self._client.catch_up(lost, txn.version, self._t.launch_s)
             for rid, reply in caught.items():
                 if isinstance(reply, Ack) and reply.version == txn.version:

@@ -68,11 +68,49 @@ _KNOWN = {torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int
           torch.int16, torch.int8, torch.uint8, torch.bool}
 
 
+_BATCHED_NUMEL = 1 << 16  # CPU tensors up to this size are checked for non-finite values together
+_CHUNK_NUMEL = 1 << 20  # elements per joined check (bounds its temporary)
+
+
+def non_finite_names(weights: Mapping[str, torch.Tensor]) -> list[str]:
+    """The floating-point weights holding a NaN or an infinity, in ``weights``' order.
+
+    Large tensors get one ``all_finite`` pass each; small CPU tensors are joined per dtype into
+    chunks checked with one call each, since a per-tensor call costs more than its few elements
+    (models of hundreds of small tensors). Only a chunk that fails is looked into tensor by tensor.
+    """
+    bad: set[str] = set()
+    small: dict[torch.dtype, list[tuple[str, torch.Tensor]]] = {}
+    for name, t in weights.items():
+        if not t.is_floating_point() or t.numel() == 0:
+            continue
+        if t.numel() <= _BATCHED_NUMEL and t.device.type == "cpu":
+            small.setdefault(t.dtype, []).append((name, t))
+        elif not all_finite(t):
+            bad.add(name)
+    for group in small.values():
+        chunk: list[tuple[str, torch.Tensor]] = []
+        size = 0
+        for i, (name, t) in enumerate(group):
+            chunk.append((name, t))
+            size += t.numel()
+            if size >= _CHUNK_NUMEL or i == len(group) - 1:
+                joined = torch.cat([c.detach().reshape(-1) for _, c in chunk])
+                if not bool(torch.isfinite(joined).all()):
+                    bad.update(n for n, c in chunk if not all_finite(c))
+                chunk, size = [], 0
+    return [n for n in weights if n in bad]
+
+
 def check_weights(weights: Mapping[str, torch.Tensor], manifest: Mapping[str, TensorSpec],
                   non_finite: NonFinitePolicy) -> None:
-    """Check every weight; unknown names are reported before shapes, dtypes and values."""
+    """Check every weight; unknown names are reported first, then shapes and dtypes, then values
+    (the first weight, in order, that holds a non-finite value under ``REJECT``)."""
     for name in weights:
         if name not in manifest:
-            check_weight(name, weights[name], manifest, non_finite)
+            check_known(name, manifest)
     for name, tensor in weights.items():
-        check_weight(name, tensor, manifest, non_finite)
+        check_spec(name, tuple(tensor.shape), spec_dtype(tensor.dtype), manifest)
+    if non_finite is NonFinitePolicy.REJECT and (bad := non_finite_names(weights)):
+        count = int((~torch.isfinite(weights[bad[0]])).sum())
+        raise NonFiniteWeightError(bad[0], f"{count} non-finite value(s) (NaN/Inf) refused by policy")

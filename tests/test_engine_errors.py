@@ -140,6 +140,23 @@ def test_non_finite_rejected_by_policy(engine, bad):
     _assert_unchanged(engine, before)
 
 
+def test_many_small_weights_checked_together_still_name_each_non_finite_one_in_order():
+    from engines.validation import non_finite_names
+
+    weights = {f"w{i}": torch.ones(64) for i in range(300)}  # joined into one check
+    weights["big"] = torch.ones(1 << 17)  # checked alone
+    weights["half"] = torch.ones(16, dtype=torch.bfloat16)
+    weights["ints"] = torch.full((4,), 7, dtype=torch.int32)
+    assert non_finite_names(weights) == []
+    weights["w250"][5] = math.inf
+    weights["w7"][63] = math.nan
+    weights["big"][-1] = -math.inf
+    weights["half"][0] = math.nan
+    assert non_finite_names(weights) == ["w7", "w250", "big", "half"]
+    huge = {"a": torch.full((8,), 3e38), "b": torch.full((8,), 3e38)}  # finite, but their sum is not
+    assert non_finite_names(huge) == []
+
+
 @pytest.mark.parametrize("bad", [math.nan, math.inf], ids=["nan", "inf"])
 def test_non_finite_allowed_by_policy_goes_through(bad):
     engine = _engine(non_finite="allow")

@@ -138,7 +138,8 @@ def disk_fleet(request: pytest.FixtureRequest, ray_session: None, many_engine_pa
                        state_dir=str(tmpfs_state), durability=durability)
     fleet = Fleet.launch(cfg)
     try:
-        fleet.refit(probe_weights(1.0, MANY, NARROW))
+        first = fleet.refit(probe_weights(1.0, MANY, NARROW))
+        assert fleet.wait_persisted(first.version, 60)  # the disk is filled after this
         yield fleet
     finally:
         fleet.shutdown()
@@ -151,7 +152,8 @@ def make_fleet(ray_session: None, probe_engine_path: Path, tmp_path: Path) -> It
     def make(**over: Any) -> Fleet:
         fleets.append(Fleet.launch(fleet_config(probe_engine_path, tmp_path, replicas=3, timeouts=TIMEOUTS,
                                                 **over)))
-        fleets[-1].refit(probe_weights(1.0))
+        first = fleets[-1].refit(probe_weights(1.0))
+        assert fleets[-1].wait_persisted(first.version, 60)
         return fleets[-1]
 
     yield make
@@ -268,6 +270,7 @@ def test_a_flipped_bit_in_a_stored_version_is_named_and_a_rollback_to_it_changes
     old = fleet.refit(probe_weights(2.0)).version
     fleet.refit(probe_weights(3.0))
     current = fleet.refit(probe_weights(4.0)).version
+    assert fleet.wait_persisted(old, 60)
     store = Path(fleet._cfg["state_dir"]) / "checkpoints"
     _flip_bit(store / f"v{old}.safetensors")
     with ClientLoad(fleet) as load:
@@ -284,6 +287,7 @@ def test_a_replica_restarting_onto_a_corrupted_checkpoint_serves_nothing_until_a
         make_fleet: Any) -> None:
     fleet = make_fleet()
     active = fleet.refit(probe_weights(2.0)).version
+    assert fleet.wait_persisted(active, 60)  # replicated: the checkpoint follows the refit
     _flip_bit(Path(fleet._cfg["state_dir"]) / "checkpoints" / f"v{active}.safetensors")
     r2 = _handles(fleet)["r2"]
     with ClientLoad(fleet) as load:

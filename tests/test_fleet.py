@@ -303,6 +303,9 @@ def test_committed_version_activates_early_for_a_client_that_saw_it(fleet: Fleet
 def test_store_keeps_only_the_retention_set(fleet: Fleet) -> None:
     results = [fleet.refit(probe_weights(40.0 + i)) for i in range(5)]
     versions = [r.version for r in results]
+    assert all(fleet.wait_persisted(v, 60) for v in versions)  # checkpoints follow the refits
+    fleet.refit(probe_weights(46.0))  # whose retention then sees every one of them
+    versions.append(fleet.status()["version"])
     held = ray.get(fleet._coord.versions.remote())  # waits for the background retention
     assert held["active"] == versions[-1]
     stored = set(held["stored"])
@@ -326,8 +329,19 @@ def test_a_lost_persistence_worker_is_replaced_before_the_next_refit(fleet: Flee
     assert replacement._actor_id != worker._actor_id
 
 
-def test_a_persistence_worker_lost_mid_write_is_replaced_and_the_refit_commits(fleet: Fleet) -> None:
-    """As when the worker's node is lost: the write is retried once on a new worker."""
+def test_a_persistence_worker_lost_mid_write_is_replaced_and_the_refit_commits(
+        ray_session: None, probe_engine_path: Path, tmp_path: Path) -> None:
+    """As when the worker's node is lost: the write COMMIT waits for (``durability: disk``) is
+    retried once on a new worker. (Under ``replicated`` the write follows the refit; a failed one is
+    redone from a replica: ``test_durability.py``.)"""
+    fleet = Fleet.launch(fleet_config(probe_engine_path, tmp_path, replicas=2, durability="disk"))
+    try:
+        _a_worker_lost_mid_write(fleet)
+    finally:
+        fleet.shutdown()
+
+
+def _a_worker_lost_mid_write(fleet: Fleet) -> None:
     worker = ray.get(fleet._coord.persist_worker.remote())
     ray.get(worker.arm_failpoint.remote("persist.before_save", "hang"))
     result: dict = {}
