@@ -107,6 +107,7 @@ class CoordinatorTxn:
     timings: dict[str, float] = field(default_factory=dict)  # prepare_s, and the checkpoint write's
     started: float = field(default_factory=time.monotonic)
     laps: dict[str, float] = field(default_factory=dict)  # seconds per step, in the order taken
+    persist_job: Any = None  # replicated: the checkpoint write, until it is handed to the tracker
     _lap_mark: float = field(default_factory=time.perf_counter, repr=False)
 
     def lap(self, step: str) -> None:

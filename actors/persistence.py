@@ -2,8 +2,8 @@
 Ray only behind the persister and the ``export`` callable it is given).
 
 Under ``replicated``, COMMIT is logged once every member holds the verified staged set; the
-checkpoint write follows in the background, started once COMMIT is logged (members that must
-catch up from the store wait for it).
+checkpoint write follows in the background, started once the members serve the version (or
+at once when some must catch up from the store: they wait for it).
 ``PersistTracker`` (contract):
 - ``start(txn, version, job)`` hands it a committed version's write to start (on its own thread,
   so the refit does not wait for the worker) and see through; ``track(txn, version, pending)`` a

@@ -152,7 +152,7 @@ class TwoPhaseCommit:
                 return self._refuse(txn, _why(exc), t0)
             write: list[tuple[Any, float]] = []  # the checkpoint write COMMIT waits for (disk)
             try:
-                if not self._replicated:  # under replicated it starts once COMMIT is logged
+                if not self._replicated:  # under replicated it follows the refit (_start_tracked_write)
                     write.append(self._start_persist(txn, req))
                     lap("persist_start_s")
                 self._prepare(txn, req)
@@ -166,9 +166,10 @@ class TwoPhaseCommit:
             except Exception as exc:  # noqa: BLE001  (anything before the commit point aborts)
                 logger.exception("txn %s failed before its commit point", txn.txn)
                 return self._abort(txn, _why(exc), t0, write)
-            if self._replicated and self.tracker is not None:  # started and seen through off this thread
-                self.tracker.start(txn.txn, txn.version, self._persist_job(txn, req))
+            if self._replicated and self.tracker is not None:
+                txn.persist_job = self._persist_job(txn, req)
             replies = self.finish(txn, t0)
+            self._start_tracked_write(txn)  # once the members serve it: off the refit's path
             self._leases.wait_out(txn.excluded)
             lap("after_s")
             return self._committed(txn, replies, t0)
@@ -267,7 +268,8 @@ class TwoPhaseCommit:
         txn.lap("activate_s")
         lost = [r for r in members if r not in txn.activated]
         if lost:
-            if self._replicated and self.tracker is not None:  # they catch up from the store
+            if self._start_tracked_write(txn):  # they catch up from the store: it must be there
+                assert self.tracker is not None
                 self.tracker.wait(txn.version, min(self._t.persist_s, self._t.launch_s))
             caught = self._client.catch_up(lost, txn.version, self._t.launch_s)
             for rid, reply in caught.items():
@@ -289,6 +291,14 @@ class TwoPhaseCommit:
             self._retention.later(lambda: self._ledger.compact(window, keep | {txn.version}))
         txn.lap("activated_log_s")
         return replies
+
+    def _start_tracked_write(self, txn: CoordinatorTxn) -> bool:
+        """Hand the version's checkpoint write to the tracker (replicated), once; True if it did."""
+        job, txn.persist_job = txn.persist_job, None
+        if job is None or self.tracker is None:
+            return False
+        self.tracker.start(txn.txn, txn.version, job)
+        return True
 
     def _send_twice(self, send: Callable[..., dict[str, Ack | Failed]], rids: list[str], timeout: float,
                     txn: str, **kw: Any) -> dict[str, Ack | Failed]:
