@@ -129,10 +129,14 @@ class PersistTracker:
     def persisted(self, version: int) -> bool:
         return self._ledger.state.is_persisted(version)
 
-    def wait(self, version: int, timeout: float) -> bool:
+    def wait(self, version: int, timeout: float, *, unless_failing: bool = False) -> bool:
+        """True once ``version`` is persisted; False at the timeout, when it was given up, or (with
+        ``unless_failing``) as soon as some write is failing (a full disk: no use waiting)."""
         deadline = time.monotonic() + timeout
         with self._cond:
             while not self.persisted(version) and version not in self.given_up:
+                if unless_failing and self.failing:
+                    return False
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return False
@@ -169,10 +173,16 @@ class PersistTracker:
                     self._cond.notify_all()
 
     def _see_through(self, item: _Write) -> None:
+        error = ""
         if item.pending is None and item.job is not None:
-            self._persister.ensure()
-            item.pending, item.job = self._persister.start(item.job), None  # the refs: the worker's now
-        _, error = self._persister.wait(item.pending, time.monotonic() + self._persist_s)
+            try:
+                self._persister.ensure()
+                item.pending = self._persister.start(item.job)
+            except Exception as exc:  # noqa: BLE001  (redone from a replica below)
+                error = f"the checkpoint write could not start: {type(exc).__name__}: {exc}"
+            item.job = None  # the refs: the worker's now, or released
+        if item.pending is not None:
+            _, error = self._persister.wait(item.pending, time.monotonic() + self._persist_s)
         misses = 0  # answers, in a row, that nobody holds the version
         while error and not self._stop.is_set():
             self.failing[item.version] = error

@@ -92,6 +92,7 @@ class PersistTrackerLike(Protocol):
     def track(self, txn: str, version: int, pending: Any) -> None: ...
     def start(self, txn: str, version: int, job: PersistJob) -> None: ...
     def discard(self, version: int, pending: Any) -> None: ...
+    def wait(self, version: int, timeout: float, *, unless_failing: bool = False) -> bool: ...
 
 
 class RetentionLike(Protocol):
@@ -270,7 +271,7 @@ class TwoPhaseCommit:
         if lost:
             if self._start_tracked_write(txn):  # they catch up from the store: it must be there
                 assert self.tracker is not None
-                self.tracker.wait(txn.version, min(self._t.persist_s, self._t.launch_s))
+                self.tracker.wait(txn.version, min(self._t.persist_s, self._t.launch_s), unless_failing=True)
             caught = self._client.catch_up(lost, txn.version, self._t.launch_s)
             for rid, reply in caught.items():
                 if isinstance(reply, Ack) and reply.version == txn.version:

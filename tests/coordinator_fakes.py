@@ -171,11 +171,14 @@ class FakePersister:
         self.written: list[int] = []
         self.raise_on_wait: BaseException | None = None
         self.hold: Any = None  # a threading.Event: writes wait until it is set
+        self.raise_on_start: list[BaseException] = []  # the next starts raise these
 
     def ensure(self) -> None:
         pass
 
     def start(self, job: PersistJob) -> PersistJob:
+        if self.raise_on_start:
+            raise self.raise_on_start.pop(0)
         self.jobs.append(job)
         return job
 

@@ -480,6 +480,15 @@ def test_a_checkpoint_write_that_fails_after_commit_is_redone_from_a_replica(tmp
     assert rig.ledger.state.is_persisted(1) and rig.tracker.summary()["failing"] == {}
 
 
+def test_a_checkpoint_write_that_cannot_even_start_after_commit_is_redone_from_a_replica(
+        tmp_path: Path) -> None:
+    rig = Rig(tmp_path, durability="replicated")
+    rig.persister.raise_on_start = [RuntimeError("no worker could be placed")]
+    assert rig.txns.run(rig.request()).status == "committed"  # the write is not on the refit's path
+    _settled(rig)
+    assert "export" in rig.client.methods() and rig.ledger.state.is_persisted(1)
+
+
 def test_the_newest_version_nobody_holds_any_more_is_reported_lost(tmp_path: Path) -> None:
     rig = Rig(tmp_path, durability="replicated")
     rig.persister.error = "the worker's node is gone"
