@@ -355,6 +355,8 @@ class DiskFaults:
             self.m.tally("disk", which, "aborted_disk_full")
         elif note.get("op") == "rollback" and note.get("target") is None:
             self.m.tally("disk", which, "rollback_without_target")
+        elif note.get("op") == "rollback" and "version held in the checkpoint store" in reason:
+            self.m.tally("disk", which, "rollback_target_pruned")  # refused as documented, full or not
         elif self.lenient:
             self.m.tally("disk", which, "aborted_other")
         else:
