@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -123,14 +122,11 @@ def main(argv: list[str] | None = None) -> int:
             parts = [("process", la["process_start_s"]), ("imports", la["imports_s"]), *la["steps"].items(),
                      ("first response", la["first_response_s"])]
             print("   launch: " + ", ".join(f"{k} {v:.2f}" for k, v in parts))
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                            text=True).stdout.strip()
-    doc = {"benchmark": "fixed-cost", "date": time.strftime("%Y-%m-%d"), "commit": commit,
-           "machine": {"cpus": os.cpu_count(), "loadavg": os.getloadavg()}, "results": results}
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(doc, indent=2))
-    return 0
+    sys.path.insert(0, str(REPO / "scripts"))
+    from bench_history import provenance, write_json
+
+    doc = {**provenance("fixed-cost"), "results": results}
+    return write_json(args.json, doc)
 
 
 if __name__ == "__main__":

@@ -195,6 +195,22 @@ def measure(versions: int, engine: Path, root: Path, refits: int, window: int) -
         fleet.shutdown()
 
 
+def provenance(benchmark: str) -> dict[str, Any]:
+    """What every result file starts with: the benchmark, the date, the commit, the machine."""
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                            text=True).stdout.strip()
+    return {"benchmark": benchmark, "date": time.strftime("%Y-%m-%d"), "commit": commit,
+            "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "loadavg": os.getloadavg()}}
+
+
+def write_json(path: Path | None, doc: dict[str, Any]) -> int:
+    """Write ``doc`` to ``path`` (if given), creating its folder; 0, the exit status."""
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(doc, indent=2))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--versions", type=int, nargs="+", default=[100, 1000, 10000])
@@ -220,11 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         r["refit_ratio_to_first"] = r["refit_median_s"] / base["refit_median_s"]
         r["restart_ratio_to_first"] = r["restart_s"] / base["restart_s"]
         r["catch_up_ratio_to_first"] = r["catch_up_s"] / base["catch_up_s"]
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                            text=True).stdout.strip()
-    out = {"benchmark": "history", "date": time.strftime("%Y-%m-%d"), "commit": commit,
-           "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                       "loadavg": os.getloadavg()},
+    out = {**provenance("history"),
            "model": {"tensors": TENSORS, "bytes": TENSORS * WIDTH * 4},
            "history_window": args.history_window, "rows": rows}
     print(f"{'versions':>9} {'refit ms':>9} {'x':>5} {'restart s':>9} {'x':>5} {'catch-up s':>10} {'x':>5} "
@@ -234,10 +246,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['restart_s']:>9.2f} {r['restart_ratio_to_first']:>5.2f} {r['catch_up_s']:>10.2f} "
               f"{r['catch_up_ratio_to_first']:>5.2f} {r['log_bytes_after'] / 1e6:>7.2f} "
               f"{r['coordinator_rss_bytes'] / 2**20:>9.0f}")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(out, indent=2))
-    return 0
+    return write_json(args.json, out)
 
 
 if __name__ == "__main__":

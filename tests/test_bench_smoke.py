@@ -20,19 +20,21 @@ REQUIRED = ("model_bytes", "replicas", "refit_s", "floor_s", "ratio_to_floor", "
             "reload_baseline_s", "byvalue_baseline_s", "p99_idle_ms", "p99_refit_ms", "failed", "torn")
 
 
+def _run_script(name: str, *args: str) -> None:
+    """Run ``scripts/<name>`` (it starts its own local Ray) and fail with its stderr if it fails."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / name), *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=580)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_bench_refit_tiny(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    env.pop("RAY_ADDRESS", None)
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "bench_refit.py"), "--sizes-mib", "4", "--replicas", "1",
-         "--refits", "2", "--warm", "3", "--idle-s", "0.5", "--json", str(out),
-         "--workdir", str(tmp_path / "work")],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=580,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    _run_script("bench_refit.py", "--sizes-mib", "4", "--replicas", "1", "--refits", "2", "--warm", "3",
+                "--idle-s", "0.5", "--json", str(out), "--workdir", str(tmp_path / "work"))
     result = json.loads(out.read_text())
     assert result["rows"], result.get("skipped")
     for row in result["rows"]:
@@ -51,14 +53,8 @@ def test_bench_refit_tiny(tmp_path: Path) -> None:
 @pytest.mark.timeout(600)
 def test_bench_history_synthesises_a_log_the_fleet_recovers_from_and_compacts(tmp_path: Path) -> None:
     out = tmp_path / "history.json"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    env.pop("RAY_ADDRESS", None)
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "bench_history.py"), "--versions", "15", "60",
-         "--refits", "3", "--history-window", "10", "--json", str(out)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=580,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    _run_script("bench_history.py", "--versions", "15", "60", "--refits", "3", "--history-window", "10",
+                "--json", str(out))
     rows = {r["versions"]: r for r in json.loads(out.read_text())["rows"]}
     assert set(rows) == {15, 60}
     for n, row in rows.items():
