@@ -22,7 +22,8 @@ class Timeouts(BaseModel):
     ``activate_s``: one ACTIVATE; ``request_s``: one inference request; ``lease_s``: a member's
     serving lease; ``launch_s``: starting the fleet (placement, actors, engine loads), and how long
     a refit waits for a restarting member to catch up; ``persist_s``: writing a version to the
-    checkpoint store (overlaps PREPARE; COMMIT waits for it).
+    checkpoint store (``disk``: overlaps PREPARE and COMMIT waits for it; ``replicated``: after the
+    refit, in the background).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
