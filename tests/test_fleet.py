@@ -304,8 +304,8 @@ def test_store_keeps_only_the_retention_set(fleet: Fleet) -> None:
     results = [fleet.refit(probe_weights(40.0 + i)) for i in range(5)]
     versions = [r.version for r in results]
     assert all(fleet.wait_persisted(v, 60) for v in versions)  # checkpoints follow the refits
-    fleet.refit(probe_weights(46.0))  # whose retention then sees every one of them
-    versions.append(fleet.status()["version"])
+    versions.append(fleet.refit(probe_weights(46.0)).version)  # its retention sees every one of them
+    assert fleet.wait_persisted(versions[-1], 60)
     held = ray.get(fleet._coord.versions.remote())  # waits for the background retention
     assert held["active"] == versions[-1]
     stored = set(held["stored"])

@@ -4,6 +4,7 @@ is cancelled instead of running later on the replica's control threads."""
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import pytest
@@ -92,9 +93,11 @@ def test_a_dead_or_unknown_replica_is_a_failure_not_an_exception(replica: Any) -
     actor, _ = replica
     client = RayReplicaClient(FLEET, NAMESPACE)
     client.attach("r0")
-    ray.kill(actor)
+    ray.kill(actor)  # asynchronous: a call sent at once may still run before it lands
+    deadline = time.monotonic() + 30
     with pytest.raises(RayActorError):  # the kill has taken effect
-        ray.get(actor.runs.remote(), timeout=30)
+        while time.monotonic() < deadline:
+            ray.get(actor.runs.remote(), timeout=30)
     out = client.status(["r0", "nobody"], timeout=30)
     assert isinstance(out["r0"], Failed) and out["r0"].kind in (FailureKind.DEAD, FailureKind.UNAVAILABLE)
     assert isinstance(out["nobody"], Failed) and out["nobody"].kind is FailureKind.UNKNOWN
