@@ -117,12 +117,16 @@ def demo(interval: float = typer.Option(0.2, help="seconds between refits (multi
         path = SCRIPTS / name
         if not path.exists():
             _fail(FAILED, f"sample {path} not found (the samples ship with the source tree)")
+        saved = sys.argv, list(sys.path)
         sys.argv = [str(path), *argv]
+        sys.path.insert(0, str(SCRIPTS))  # as `python scripts/<name>` has it: the samples share _conv
         try:
             runpy.run_path(str(path), run_name="__main__")
         except SystemExit as exc:
             if exc.code not in (0, None):
                 raise typer.Exit(FAILED) from None
+        finally:
+            sys.argv, sys.path[:] = saved
 
 
 def _start_head(cfg: Any, port: int) -> None:

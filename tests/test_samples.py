@@ -130,3 +130,17 @@ def test_scripts_have_help_and_default_to_out(tmp_path):
     assert "--interval" in flat["multi_thread"]
     assert "only when the result changes" in flat["multi_thread"]
     assert not (tmp_path / "out").exists()  # --help writes nothing
+
+
+def test_the_cli_demo_runs_the_samples_in_order(tmp_path):
+    """`weight-refit demo`, the README tour's first command: builds out/conv.engine, then 0 -> 9,
+    then 0 ... 81."""
+    import shutil
+
+    cli = shutil.which("weight-refit", path=str(Path(sys.executable).parent))
+    cmd = [cli] if cli else [sys.executable, "-m", "cluster.cli"]
+    proc = subprocess.run([*cmd, "demo", "--interval", "0.05"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "wrote" in proc.stdout and "result: 9" in proc.stdout and "81" in proc.stdout
+    assert "Traceback" not in proc.stderr
