@@ -186,16 +186,23 @@ class HeadRecord:
         except (OSError, ValueError, KeyError, TypeError):
             return None
 
+    def owns(self, cmdline: bytes) -> bool:
+        """Whether a process (its NUL-separated ``/proc/<pid>/cmdline``) belongs to this head: it
+        names the session dir, or it is the head's Ray client server (which names only the address)."""
+        if self.session_dir.encode() in cmdline:
+            return True
+        args = cmdline.split(b"\0")
+        return b"ray.util.client.server" in args and f"--address={self.address}".encode() in args
+
     def stop(self) -> int:
-        """Kill every process of this head's session; forget it (and Ray's record of it).
-        Returns how many processes were signalled."""
-        marker = self.session_dir.encode()
+        """Kill every process of this head; forget it (and Ray's record of it). Returns how many
+        processes were signalled."""
         killed = 0
         for proc in Path("/proc").iterdir():
             if not proc.name.isdigit() or int(proc.name) == os.getpid():
                 continue
             with contextlib.suppress(OSError):
-                if marker in (proc / "cmdline").read_bytes():
+                if self.owns((proc / "cmdline").read_bytes()):
                     os.kill(int(proc.name), signal.SIGKILL)
                     killed += 1
         with contextlib.suppress(OSError):

@@ -214,12 +214,16 @@ def test_a_config_error_names_the_field_on_the_cli_line(conv: Path, tmp_path: Pa
 # ----------------------------------------------------------------------------- the README's order
 
 
-def _head_processes(session_dir: str) -> list[int]:
+def _head_processes(head: dict[str, Any]) -> list[int]:
+    """The processes of a recorded head: its session's, and its Ray client server."""
+    from cluster.ray_session import HeadRecord
+
+    record = HeadRecord(address=head["address"], session_dir=head["session_dir"])
     found = []
     for proc in Path("/proc").iterdir():
         if proc.name.isdigit():
             with contextlib.suppress(OSError):
-                if session_dir.encode() in (proc / "cmdline").read_bytes():
+                if record.owns((proc / "cmdline").read_bytes()):
                     found.append(int(proc.name))
     return found
 
@@ -250,7 +254,7 @@ def test_the_readme_commands_in_any_order_with_a_live_a_dead_and_no_head(conv: P
     try:
         demo()  # no head
         head = tour_start()
-        assert _head_processes(head["session_dir"])
+        assert _head_processes(head)
         assert cli("status", "--fleet", "tour", env=env).returncode == 0
         demo()  # the main job while the tour's head runs: a private Ray of its own
         # the same state dir while its fleet runs: refused, not corrupted
@@ -259,14 +263,14 @@ def test_the_readme_commands_in_any_order_with_a_live_a_dead_and_no_head(conv: P
         p = cli("shutdown", "--fleet", "tour", "--stop-ray", env=env)
         assert p.returncode == 0, p.stderr[-2000:]
         deadline = time.monotonic() + 30
-        while _head_processes(head["session_dir"]) and time.monotonic() < deadline:
+        while _head_processes(head) and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert _head_processes(head["session_dir"]) == []
+        assert _head_processes(head) == []
         assert not (ray_tmp / "ray" / "ray_current_cluster").exists()
         demo()  # the main job again, after the tour
         # a head killed behind the CLI's back leaves a stale record: launch starts a new one
         head = tour_start()
-        for pid in _head_processes(head["session_dir"]):
+        for pid in _head_processes(head):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, 9)
         p = cli("status", "--fleet", "tour", env=env, timeout=2 * NO_HANG_S)
@@ -278,7 +282,7 @@ def test_the_readme_commands_in_any_order_with_a_live_a_dead_and_no_head(conv: P
         if record.exists():
             import json
 
-            for pid in _head_processes(json.loads(record.read_text())["session_dir"]):
+            for pid in _head_processes(json.loads(record.read_text())):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, 9)
         shutil.rmtree(ray_tmp, ignore_errors=True)
