@@ -24,7 +24,17 @@ from typing import Any
 
 from .durable import describe_os_error
 from .failpoints import Failpoints
-from .log import AbortRecord, EpochRecord, HistoryEntry, LogRecord, LogState, Outcome, TxnLog
+from .log import (
+    AbortRecord,
+    EpochRecord,
+    HistoryEntry,
+    LogRecord,
+    LogState,
+    Outcome,
+    TxnLog,
+    dump_record,
+    replay,
+)
 
 logger = logging.getLogger("weight_refit.coordinator")
 
@@ -103,8 +113,6 @@ class Ledger:
         needed stay: see ``LogState.compacted``); their records are appended to
         ``txn.archive.jsonl`` first. Returns how many records went to the archive (0: nothing to
         do, or records are waiting to be written)."""
-        from .log import dump_record, replay
-
         with self._lock:
             if self._deferred:
                 return 0

@@ -289,7 +289,7 @@ class TwoPhaseCommit:
         self._retention.schedule(keep, below=self._ledger.state.last_version + 1)
         window = self._s.history_window
         if self._ledger.state.transactions > window + max(10, window // 10):  # bounded: compact
-            self._retention.later(lambda: self._ledger.compact(window, keep | {txn.version}))
+            self._retention.later(lambda: self._ledger.compact(window, keep))  # keep: active included
         txn.lap("activated_log_s")
         return replies
 
