@@ -266,6 +266,7 @@ class Replica:
             "lease_left_s": round(self.lease.left_s(), 3), "inflight": self._inflight,
             "pending": [(r.txn, r.state.value) for r in core.participant.pending()],
             "staged_bytes": mem.staged_bytes, "previous_bytes": mem.previous_bytes,
+            "borrowed_bytes": mem.borrowed_bytes, "memory_mode": self.s.memory_mode,
             "retained": self.engine.retained_versions(),
             "epoch": core.participant.epoch, "last_refit_at": core.last_refit_at,
         }

@@ -9,6 +9,9 @@ Contract:
   transaction answers from its record and changes nothing (YES only while it is still PREPARED).
   A partial refit built on a version this replica does not serve is refused, and so is any
   PREPARE while the replica is ``failed`` (it could not load its weights).
+- A PREPARE's tensors must match the caller's checksums; their values are not scanned again for
+  NaN/Inf (the caller refused those before the put, and the checksums prove the bytes are the
+  ones it checked). In ``shared`` mode the staged set serves the fetched object-store copy itself.
 - Every staged set lives in its transaction's record; every move that ends a record's hold on it
   (ABORTED, SUPERSEDED, an epoch change, ACTIVE) frees or commits it right there.
 - ``sync`` serves exactly the given version (from the store, checksums verified), supersedes every
@@ -162,7 +165,8 @@ class ReplicaCore:
                     raise ChecksumMismatch(name, str(want), got, f"replica {self.replica_id}")
             timings["verify_s"] = time.perf_counter() - t
             t = time.perf_counter()
-            staged = self.engine.stage(tensors, version)
+            # the store's copy is immutable, and its checksums match what the caller checked
+            staged = self.engine.stage(tensors, version, borrow=True, values_checked=True)
             timings["stage_s"] = time.perf_counter() - t
             return staged
         finally:

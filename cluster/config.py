@@ -168,9 +168,11 @@ class FleetConfig(BaseModel):
                              validation_alias=AliasChoices("max_exclude", "max_evict"),
                              description="members the exclude policy may take out (< replicas; "
                                          "'max_evict' is read as this)")
-    memory_mode: Literal["swap", "copy"] = Field(
+    memory_mode: Literal["swap", "copy", "shared"] = Field(
         default="swap",
-        description="swap: stage beside the live set; copy: stage in host memory, copy at commit")
+        description="swap: stage beside the live set; copy: stage in host memory, copy at commit; "
+                    "shared (device cpu): serve straight from the object store's read-only copy, "
+                    "one copy per node for all its replicas")
     keep_previous: bool = Field(default=True,
         description="keep the previous set on the card for instant rollback")
     prefill_buffers: bool = Field(default=True,
@@ -268,6 +270,11 @@ class FleetConfig(BaseModel):
                 f"max_exclude ({self.max_exclude}) must be less than replicas ({self.replicas}): "
                 "a commit needs at least one surviving member"
             )
+        engine_device = self.engine_device or self.device
+        if self.memory_mode == "shared" and not engine_device.startswith("cpu"):
+            raise ValueError(
+                f"memory_mode 'shared' serves from the object store's host copy: it needs device "
+                f"'cpu', got {engine_device!r}; use 'swap' or 'copy' on {self.device} cards")
         cards = self.placement.cards_per_node
         if self.device != "cpu" and cards is not None and self.address is None:
             per_card = self.placement.replicas_per_card()

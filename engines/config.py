@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from enum import Enum
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 _DEVICE_RE = re.compile(r"^(cpu|cuda(:\d+)?|mlu(:\d+)?)$")
 
@@ -15,11 +15,15 @@ class MemoryMode(str, Enum):
 
     ``swap``: beside the live set on the device; commit is a reference swap and inference never
     waits. ``copy``: in (pinned) host memory; commit copies into the live buffers under a short
-    exclusive section, for models that do not fit on the device twice.
+    exclusive section, for models that do not fit on the device twice. ``shared`` (CPU, torch
+    backend): as ``swap``, but a set staged with ``borrow=True`` serves from the caller's tensors
+    without copying them; the fleet passes the object store's read-only copy, so the replicas of
+    one node serve one copy of each version.
     """
 
     SWAP = "swap"
     COPY = "copy"
+    SHARED = "shared"
 
 
 class NonFinitePolicy(str, Enum):
@@ -61,3 +65,10 @@ class BuilderConfig(BaseModel):
         if value not in ("torch", "magicmind"):
             raise ValueError(f"backend must be 'torch' or 'magicmind', got {value!r}")
         return value
+
+    @model_validator(mode="after")
+    def _check_shared_mode(self) -> BuilderConfig:
+        if self.memory_mode is MemoryMode.SHARED and (self.device != "cpu" or self.backend != "torch"):
+            raise ValueError(f"memory_mode 'shared' serves from host memory: it needs device 'cpu' and "
+                             f"backend 'torch', got device {self.device!r}, backend {self.backend!r}")
+        return self

@@ -7,6 +7,10 @@ Contract:
   copies the changed tensors into spare buffers invisible to inference. ``commit`` makes a staged
   set live: in ``swap`` mode one reference swap (microseconds, any model size; no reader waits,
   I6); in ``copy`` mode a copy into the live buffers while new readers wait and none is inside.
+- In ``shared`` mode (CPU) ``stage(..., borrow=True)`` copies nothing: the staged set holds the
+  caller's tensors, which must never change while the engine holds them (the fleet passes the
+  object store's immutable copy). Such a set is otherwise a swap set; no buffer is pooled in
+  shared mode, so a retired set's memory goes back as soon as its last reader leaves.
 - A buffer goes back to the pool only when every call that read it has returned (reader
   counts). On CUDA the outputs are copied to the host before the reader leaves, so the device
   work that read the buffer has finished too.
@@ -33,7 +37,7 @@ import numpy as np
 import torch
 
 from .backends.base import Backend
-from .config import BuilderConfig, MemoryMode
+from .config import BuilderConfig, MemoryMode, NonFinitePolicy
 from .devices import pinned_memory_available
 from .engine_file import MAX_VERSION, EngineFile, write_engine_file
 from .errors import (
@@ -62,12 +66,16 @@ class InferResult:
 
 @dataclass
 class MemoryReport:
-    """Bytes held by the engine's weight sets, beyond and including the live set."""
+    """Bytes held by the engine's weight sets, beyond and including the live set.
+
+    ``previous_bytes`` and ``staged_bytes`` count only buffers the engine allocated; borrowed
+    tensors (shared mode) are ``borrowed_bytes``, outside the memory budget."""
 
     live_bytes: int
     previous_bytes: int
     staged_bytes: int
     pool_bytes: int
+    borrowed_bytes: int = 0  # of the sets above, held but lent by the caller (shared mode)
 
     @property
     def extra_bytes(self) -> int:
@@ -184,15 +192,22 @@ class Engine:
             )
 
     def stage(self, weights: WeightsLike, version: int, *, strip_prefix: str | None = None,
-              add_prefix: str | None = None, mapping: Mapping[str, str] | None = None) -> StagedSet:
-        """Validate ``weights`` (a subset is fine) and copy them into spare buffers as ``version``."""
+              add_prefix: str | None = None, mapping: Mapping[str, str] | None = None,
+              borrow: bool = False, values_checked: bool = False) -> StagedSet:
+        """Validate ``weights`` (a subset is fine) and copy them into spare buffers as ``version``.
+
+        ``borrow=True`` says the tensors will never change: in ``shared`` mode the set then holds
+        them instead of copies (other modes copy regardless). ``values_checked=True`` says these
+        exact bytes were already refused if non-finite (the fleet's caller checks them, and the
+        replica has matched their checksums): names, shapes and dtypes are still checked here."""
         self._check_refittable()
         version = check_version_number(version)
         self._check_version(version, self._live)  # again under the lock; this one spares a read
         tensors = load_weights(weights, strip_prefix=strip_prefix, add_prefix=add_prefix, mapping=mapping,
                                expect=self._manifest)
-        check_weights(tensors, self._manifest, self.config.non_finite)
-        return self._stage_tensors(tensors, version)
+        policy = NonFinitePolicy.ALLOW if values_checked else self.config.non_finite
+        check_weights(tensors, self._manifest, policy)
+        return self._stage_tensors(tensors, version, borrow)
 
     def stage_retained(self, from_version: int, version: int) -> StagedSet:
         """Stage ``version`` as the weights of a set still held (live or previous): no copy."""
@@ -208,7 +223,8 @@ class Engine:
                 raise NotRetainedError(f"version {from_version} is not held by this engine "
                                        f"(live {self._live.version}, previous "
                                        f"{self._previous.version if self._previous else None})")
-            ws = WeightSet(next(self._ids), version, dict(source.tensors), source.program)
+            ws = WeightSet(next(self._ids), version, dict(source.tensors), source.program,
+                           source.borrowed)
             staged = StagedSet(version=version, names=(), nbytes=0, base_id=base.set_id, stage_s=0.0,
                                weight_set=ws, base_version=base.version, owner=self._token)
             with self._cond:
@@ -224,7 +240,8 @@ class Engine:
         if version <= base.version:
             raise VersionOrderError(f"version {version} is not newer than the live version {base.version}")
 
-    def _stage_tensors(self, tensors: Mapping[str, torch.Tensor], version: int) -> StagedSet:
+    def _stage_tensors(self, tensors: Mapping[str, torch.Tensor], version: int,
+                       borrow: bool = False) -> StagedSet:
         t0 = time.perf_counter()
         with self._refit_lock:
             base = self._live
@@ -232,6 +249,8 @@ class Engine:
             need = sum(_nbytes(t) for t in tensors.values())
             if self.config.memory_mode is MemoryMode.COPY:
                 staged = self._stage_copy(tensors, version, base, need)
+            elif borrow and self.config.memory_mode is MemoryMode.SHARED:
+                staged = self._stage_borrowed(tensors, version, base)
             else:
                 staged = self._stage_swap(tensors, version, base, need)
             staged.stage_s = time.perf_counter() - t0
@@ -257,8 +276,18 @@ class Engine:
                 if new_tensors[name] is not base.tensors[name]:
                     self._pool.put(new_tensors[name])
             raise
-        ws = WeightSet(next(self._ids), version, new_tensors, program)
+        ws = WeightSet(next(self._ids), version, new_tensors, program, base.borrowed - set(tensors))
         return StagedSet(version=version, names=tuple(tensors), nbytes=need, base_id=base.set_id,
+                         stage_s=0.0, weight_set=ws, base_version=base.version, owner=self._token)
+
+    def _stage_borrowed(self, tensors: Mapping[str, torch.Tensor], version: int,
+                        base: WeightSet) -> StagedSet:
+        new_tensors = dict(base.tensors)
+        for name, src in tensors.items():
+            new_tensors[name] = src if src.is_contiguous() else src.contiguous()
+        program = self.backend.bind(new_tensors)
+        ws = WeightSet(next(self._ids), version, new_tensors, program, base.borrowed | set(tensors))
+        return StagedSet(version=version, names=tuple(tensors), nbytes=0, base_id=base.set_id,
                          stage_s=0.0, weight_set=ws, base_version=base.version, owner=self._token)
 
     def _stage_copy(self, tensors: Mapping[str, torch.Tensor], version: int, base: WeightSet,
@@ -397,10 +426,11 @@ class Engine:
         held = [self._live, self._previous, *self._draining]
         held += [s.weight_set for s in self._staged.values()]
         others = [s for s in held if s is not None and s is not ws]
-        referenced = {id(t) for s in others for t in s.tensors.values()}
-        for t in ws.tensors.values():
-            if id(t) not in referenced:
-                self._pool.put(t)
+        if self.config.memory_mode is not MemoryMode.SHARED:
+            referenced = {id(t) for s in others for t in s.tensors.values()}
+            for t in ws.tensors.values():
+                if id(t) not in referenced:
+                    self._pool.put(t)
         ws.tensors = {}
         if all(s.program is not ws.program for s in others):  # stage_retained shares programs
             self.backend.recycle(ws.program)
@@ -475,10 +505,14 @@ class Engine:
             live_ids = {id(t) for t in self._live.tensors.values()}
             live = sum(_nbytes(t) for t in self._live.tensors.values())
             prev = 0
+            sets = [self._live, self._previous, *(s.weight_set for s in self._staged.values())]
+            borrowed = {id(t): _nbytes(t) for ws in sets if ws is not None
+                        for n, t in ws.tensors.items() if n in ws.borrowed}
             if self._previous is not None:
-                prev = sum(_nbytes(t) for t in self._previous.tensors.values() if id(t) not in live_ids)
+                prev = sum(_nbytes(t) for t in self._previous.tensors.values()
+                           if id(t) not in live_ids and id(t) not in borrowed)
             staged = sum(s.nbytes for s in self._staged.values())
-            return MemoryReport(live, prev, staged, self._pool.nbytes)
+            return MemoryReport(live, prev, staged, self._pool.nbytes, sum(borrowed.values()))
 
     def save(self, path: str | Path) -> None:
         """Write the program, manifest and live weights to one engine file (atomically).

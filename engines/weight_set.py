@@ -17,14 +17,17 @@ class WeightSet:
     """A complete name -> device tensor mapping, the program bound to it, and its reader count.
 
     A set is immutable once built (copy mode excepted, where commit writes the live set's buffers
-    while no reader holds it). ``readers`` and ``retired`` are guarded by the engine's lock; a
-    retired set's buffers go back to the pool only when its last reader leaves.
+    while no reader holds it). In shared mode some tensors are borrowed from the caller (the
+    object store's read-only copy): the set holds them, and nothing ever writes or pools them.
+    ``readers`` and ``retired`` are guarded by the engine's lock; a retired set's buffers go back
+    to the pool only when its last reader leaves.
     """
 
-    __slots__ = ("set_id", "version", "tensors", "program", "readers", "retired", "storage_ptrs")
+    __slots__ = ("set_id", "version", "tensors", "program", "readers", "retired", "storage_ptrs",
+                 "borrowed")
 
     def __init__(self, set_id: int, version: int, tensors: dict[str, torch.Tensor],
-                 program: BoundProgram) -> None:
+                 program: BoundProgram, borrowed: frozenset[str] = frozenset()) -> None:
         self.set_id = set_id
         self.version = version
         self.tensors = tensors
@@ -32,6 +35,7 @@ class WeightSet:
         self.readers = 0
         self.retired = False
         self.storage_ptrs = frozenset(t.untyped_storage().data_ptr() for t in tensors.values())
+        self.borrowed = borrowed  # names whose tensors the caller lent (shared mode): never pooled
 
 
 class StagedState(str, Enum):

@@ -692,7 +692,7 @@ def run_row(size_mib: float, n: int, engine_path: Path, weights: dict[str, torch
     gib = size_bytes / GiB
     cfg = FleetConfig(
         name=name, engine=str(engine_path), replicas=n, state_dir=str(state_dir), torch_threads=1,
-        persist_fsync=not args.no_fsync, keep_previous=True,
+        persist_fsync=not args.no_fsync, keep_previous=True, memory_mode=args.memory_mode,
         timeouts={"prepare_s": 120 + 120 * gib, "commit_s": 30, "activate_s": 30, "request_s": 60,
                   "launch_s": 300 + 60 * gib * n},
     )
@@ -940,6 +940,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gap-s", type=float, default=0.25, help="pause between refits under load (s)")
     p.add_argument("--tensors", type=int, default=8, help="weight tensors in the model (equal sizes)")
     p.add_argument("--no-fsync", action="store_true", help="fleet persist_fsync=False (default: fsync)")
+    p.add_argument("--memory-mode", choices=["swap", "shared"], default="swap",
+                   help="the fleet's memory_mode (shared: replicas serve the object store's copy)")
     p.add_argument("--no-baselines", action="store_true", help="skip the reload and by-value baselines")
     p.add_argument("--no-engine", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--mem-fraction", type=float, default=0.75, help="memory ceiling for a row (of MemTotal)")
@@ -1004,7 +1006,8 @@ def main(argv: list[str] | None = None) -> int:
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench-refit-"))
     workdir.mkdir(parents=True, exist_ok=True)
     max_bytes = max(model_shape(s, args.tensors)[1] for s in args.sizes)
-    store_bytes = int(max(2.25 * max_bytes, 256 * MiB))
+    # shared mode: the replicas serve the live and previous versions from the store, beside the next one
+    store_bytes = int(max((4.25 if args.memory_mode == "shared" else 2.25) * max_bytes, 256 * MiB))
     # address="local": always a fresh Ray of our own, never another process's cluster on this machine
     init: dict[str, Any] = {"address": "local", "num_cpus": max(4, 2 * max(args.replicas) + 2),
                             "object_store_memory": store_bytes,
@@ -1025,6 +1028,7 @@ def main(argv: list[str] | None = None) -> int:
                    "concurrency": args.concurrency,
                    "idle_s": args.idle_s, "gap_s": args.gap_s, "persist_fsync": not args.no_fsync,
                    "object_store_memory": store_bytes, "torch_threads": 1, "keep_previous": True,
+                   "memory_mode": args.memory_mode,
                    "ray_system_config": system_config, "quick": args.quick},
         "floors": {}, "engine": {}, "rows": [], "skipped": [],
     }

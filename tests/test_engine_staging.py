@@ -39,7 +39,7 @@ def _full(a: float, b: float) -> dict[str, torch.Tensor]:
     return {"a": torch.full((4,), a), "b": torch.full((64,), b / 64)}
 
 
-@pytest.fixture(params=["swap", "copy"])
+@pytest.fixture(params=["swap", "copy", "shared"])
 def mode(request):
     return request.param
 
@@ -291,3 +291,102 @@ def test_refits_reuse_the_modules_of_retired_sets():
     assert _values(engine) == (12.0, 12.0, 12)
     engine.commit(engine.stage(_full(13.0, 13.0), version=13))
     assert _values(engine) == (13.0, 13.0, 13)
+
+
+# ------------------------------------------------------------------------- shared mode (CPU)
+
+
+def _read_only(values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Tensors over read-only numpy arrays, as a replica gets them from Ray's object store."""
+    import warnings
+
+    out = {}
+    for name, t in values.items():
+        arr = t.numpy().copy()
+        arr.flags.writeable = False
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # torch: "the given NumPy array is not writable"
+            out[name] = torch.from_numpy(arr)
+    return out
+
+
+def test_shared_mode_serves_borrowed_tensors_without_copying_them():
+    engine = _engine(memory_mode="shared", keep_previous=False)
+    src = _full(2.0, 3.0)
+    engine.commit(engine.stage(src, version=1, borrow=True))
+    live = engine.weights()
+    assert all(live[n].data_ptr() == src[n].data_ptr() for n in src)
+    assert _values(engine) == (2.0, 3.0, 1)
+    mem = engine.memory()
+    assert (mem.borrowed_bytes, mem.previous_bytes, mem.staged_bytes, mem.pool_bytes) == \
+        (A_BYTES + B_BYTES, 0, 0, 0)
+
+
+def test_shared_mode_copies_what_it_is_not_allowed_to_borrow():
+    engine = _engine(memory_mode="shared")
+    src = _full(2.0, 3.0)
+    engine.commit(engine.stage(src, version=1))
+    assert all(engine.weights()[n].data_ptr() != src[n].data_ptr() for n in src)
+    src["a"].fill_(9.0)  # the caller's tensor is its own again
+    assert _values(engine) == (2.0, 3.0, 1)
+
+
+def test_other_modes_copy_even_when_borrowing_is_offered(mode):
+    engine = _engine(memory_mode=mode)
+    src = _full(2.0, 3.0)
+    engine.commit(engine.stage(src, version=1, borrow=True))
+    if mode != "shared":
+        assert all(engine.weights()[n].data_ptr() != src[n].data_ptr() for n in src)
+        src["a"].fill_(9.0)
+    assert _values(engine) == (2.0, 3.0, 1)
+
+
+def test_shared_mode_lets_go_of_a_retired_set_at_once():
+    """Nothing pools a borrowed tensor and no spare module keeps one: once a set is retired and
+    its readers are gone, the engine holds nothing of its memory (the object store can free it).
+    Version 0 is not kept either: the exported program's own copy of the weights is dropped."""
+    import gc
+    import weakref
+
+    engine = _engine(memory_mode="shared", keep_previous=False)
+    assert all(t.device.type == "meta" for t in engine.backend.program.state_dict.values())
+    arrays = {n: t.numpy().copy() for n, t in _full(2.0, 3.0).items()}
+    held = [weakref.ref(a) for a in arrays.values()]
+    engine.commit(engine.stage({n: torch.from_numpy(a) for n, a in arrays.items()}, version=1, borrow=True))
+    del arrays
+    gc.collect()
+    assert all(r() is not None for r in held), "the live set must hold what it serves"
+    engine.commit(engine.stage(_read_only(_full(4.0, 5.0)), version=2, borrow=True))
+    gc.collect()
+    assert [r() for r in held] == [None, None], "a retired borrowed set is still referenced"
+    assert _values(engine) == (4.0, 5.0, 2)
+    assert engine.memory().pool_bytes == 0
+
+
+def test_shared_mode_keeps_the_previous_set_for_instant_rollback():
+    engine = _engine(memory_mode="shared", keep_previous=True)
+    first = _read_only(_full(2.0, 3.0))
+    engine.commit(engine.stage(first, version=1, borrow=True))
+    engine.commit(engine.stage(_read_only(_full(4.0, 5.0)), version=2, borrow=True))
+    assert engine.retained_versions() == [2, 1]
+    engine.commit(engine.stage_retained(1, 3))
+    assert _values(engine) == (2.0, 3.0, 3)
+    assert engine.weights()["a"].data_ptr() == first["a"].data_ptr()
+
+
+def test_shared_mode_subset_refit_borrows_only_the_named_tensors():
+    engine = _engine(memory_mode="shared")
+    engine.commit(engine.stage(_full(2.0, 3.0), version=1))
+    owned_b = engine.weights()["b"]
+    a = _read_only({"a": torch.full((4,), 7.0)})
+    engine.commit(engine.stage(a, version=2, borrow=True))
+    assert engine.weights()["a"].data_ptr() == a["a"].data_ptr()
+    assert engine.weights()["b"] is owned_b
+    assert engine.memory().borrowed_bytes == A_BYTES
+    assert _values(engine) == (7.0, 3.0, 2)
+
+
+@pytest.mark.parametrize("field", [{"device": "cuda"}, {"backend": "magicmind"}])
+def test_shared_mode_needs_a_cpu_torch_engine(field):
+    with pytest.raises(ValueError, match="memory_mode 'shared'"):
+        BuilderConfig(enable_refit=True, memory_mode="shared", **field)
