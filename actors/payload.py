@@ -19,6 +19,11 @@ import torch
 
 from engines.manifest import dtype_name, torch_dtype
 
+# the fetched arrays are read-only shared memory, and nothing writes to them: staged as copies, or
+# served as they are in shared mode (a process-wide filter: catch_warnings is not thread-safe)
+warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning,
+                        module=__name__)
+
 _VIEW_AS = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.bool: torch.uint8}
 
 
@@ -38,13 +43,11 @@ def to_wire(tensors: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
 def from_wire(arrays: Mapping[str, np.ndarray], specs: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     """Tensors sharing memory with the (read-only) arrays, in the dtypes ``specs`` name."""
     out = {}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # read-only shared memory: we only copy from it
-        for name, arr in arrays.items():
-            spec = specs[name]
-            dtype = torch_dtype(spec["dtype"] if isinstance(spec, Mapping) else spec.dtype)
-            t = torch.from_numpy(arr)
-            out[name] = t.view(dtype) if t.dtype != dtype else t
+    for name, arr in arrays.items():
+        spec = specs[name]
+        dtype = torch_dtype(spec["dtype"] if isinstance(spec, Mapping) else spec.dtype)
+        t = torch.from_numpy(arr)
+        out[name] = t.view(dtype) if t.dtype != dtype else t
     return out
 
 

@@ -37,7 +37,7 @@ class BuilderConfig(BaseModel):
     """How an engine is built and run. Unknown keys are rejected.
 
     ``enable_refit`` defaults to False as in MagicMind: an engine built without it refuses every
-    refit. ``keep_previous`` keeps the set a commit replaced (swap mode only), for instant rollback.
+    refit. ``keep_previous`` keeps the set a commit replaced (swap and shared modes), for instant rollback.
     ``memory_budget_bytes`` bounds the extra memory staging may take (None: unbounded).
     """
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 import numbers
 import threading
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from itertools import count
@@ -54,6 +55,12 @@ from .manifest import Manifest, TensorSpec, manifest_of
 from .validation import check_weights
 from .weight_set import BufferPool, StagedSet, StagedState, WeightSet
 from .weights import WeightsLike, load_weights
+
+# Inputs that arrive through Ray, and shared-mode weights, are read-only arrays, and nothing here
+# writes to them. A process-wide filter, not catch_warnings (which is not thread-safe), limited to
+# the warnings this module triggers.
+warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning,
+                        module=__name__)
 
 
 @dataclass

@@ -2,14 +2,19 @@
 
 ``check_spec`` checks a name, shape and dtype alone, so a file reader can refuse a weight from
 its header before reading its data; ``check_weight`` adds the value check (non-finite policy).
+``checksums_and_non_finite`` checksums a set and finds its non-finite weights in one pass over
+the bytes of each large tensor, block by block while a block is in cache.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import torch
+import xxhash
 
+from .checksum import tensor_bytes, tensor_checksum
 from .config import NonFinitePolicy
 from .errors import (
     DtypeMismatchError,
@@ -50,18 +55,30 @@ def check_weight(name: str, tensor: torch.Tensor, manifest: Mapping[str, TensorS
     """Raise the error that names ``name`` if it does not fit the manifest; else return."""
     check_spec(name, tuple(tensor.shape), spec_dtype(tensor.dtype), manifest)
     if non_finite is NonFinitePolicy.REJECT and tensor.is_floating_point() and not all_finite(tensor):
-        bad = int((~torch.isfinite(tensor)).sum())
-        raise NonFiniteWeightError(name, f"{bad} non-finite value(s) (NaN/Inf) refused by policy")
+        raise non_finite_error(name, tensor)
+
+
+def non_finite_error(name: str, tensor: torch.Tensor) -> NonFiniteWeightError:
+    """The error refusing ``name`` for its non-finite values, with their count."""
+    count = int((~torch.isfinite(tensor)).sum())
+    return NonFiniteWeightError(name, f"{count} non-finite value(s) (NaN/Inf) refused by policy")
 
 
 def all_finite(tensor: torch.Tensor) -> bool:
     """True when no element is NaN or +-Inf. One vectorised pass, no temporary the size of the
-    tensor: min and max propagate NaN and expose infinities (about 15x faster than
-    ``isfinite().all()`` on a 256 MiB tensor here)."""
+    tensor: a NaN or an infinity makes any sum non-finite, so a finite sum proves every element
+    finite; only a sum that overflowed (or a dtype whose sum overflows easily) takes a second,
+    exact pass (min and max propagate NaN and expose infinities)."""
     if tensor.numel() == 0:
         return True
-    lo, hi = torch.aminmax(tensor.detach().reshape(-1))
+    flat = tensor.detach().reshape(-1)
+    if flat.dtype in _SUM_PROVES_FINITE and math.isfinite(torch.sum(flat).item()):
+        return True
+    lo, hi = torch.aminmax(flat)
     return bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))
+
+
+_SUM_PROVES_FINITE = {torch.float32, torch.float64, torch.bfloat16}  # float16 sums overflow at 65504
 
 
 _KNOWN = {torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32,
@@ -112,5 +129,44 @@ def check_weights(weights: Mapping[str, torch.Tensor], manifest: Mapping[str, Te
     for name, tensor in weights.items():
         check_spec(name, tuple(tensor.shape), spec_dtype(tensor.dtype), manifest)
     if non_finite is NonFinitePolicy.REJECT and (bad := non_finite_names(weights)):
-        count = int((~torch.isfinite(weights[bad[0]])).sum())
-        raise NonFiniteWeightError(bad[0], f"{count} non-finite value(s) (NaN/Inf) refused by policy")
+        raise non_finite_error(bad[0], weights[bad[0]])
+
+
+_FUSED_NUMEL = 1 << 20  # tensors from this size are checksummed and scanned block by block
+_BLOCK_BYTES = 1 << 20  # bytes per block of the fused pass (stays in a core's cache)
+
+
+def checksums_and_non_finite(weights: Mapping[str, torch.Tensor], *,
+                             scan_values: bool) -> tuple[dict[str, str], list[str]]:
+    """``(checksums, non-finite names)`` of ``weights``: the same values as ``checksum.checksums``
+    and (when ``scan_values``) ``non_finite_names``, with each large contiguous CPU tensor read
+    once for both."""
+    sums: dict[str, str] = {}
+    bad: set[str] = set()
+    rest: dict[str, torch.Tensor] = {}
+    for name, t in weights.items():
+        if t.numel() >= _FUSED_NUMEL and t.device.type == "cpu" and t.is_contiguous():
+            digest, finite = _fused_pass(t, scan_values and t.is_floating_point())
+            sums[name] = digest
+            if not finite:
+                bad.add(name)
+        else:
+            sums[name] = tensor_checksum(t)
+            rest[name] = t
+    if scan_values:
+        bad.update(non_finite_names(rest))
+    return {n: sums[n] for n in weights}, [n for n in weights if n in bad]
+
+
+def _fused_pass(t: torch.Tensor, scan_values: bool) -> tuple[str, bool]:
+    flat = t.detach().reshape(-1)
+    raw = tensor_bytes(t)
+    per_block = max(1, _BLOCK_BYTES // t.element_size())
+    h = xxhash.xxh3_64()
+    finite = True
+    for start in range(0, flat.numel(), per_block):
+        stop = min(start + per_block, flat.numel())
+        if scan_values and finite:
+            finite = all_finite(flat[start:stop])
+        h.update(raw[start * t.element_size():stop * t.element_size()])
+    return h.hexdigest(), finite

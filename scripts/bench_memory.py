@@ -102,14 +102,14 @@ def private(p: dict[str, int]) -> int:
     return p["pss_anon"] + p["pss_file"]
 
 
-def summarise(row: dict[str, Any], footprint: dict[str, int], model_bytes: int) -> dict[str, Any]:
+def summarise(row: dict[str, Any], footprint: dict[str, int], model_bytes: int, mode: str) -> dict[str, Any]:
     """Memory per replica = its private pages beyond the footprint + its share of the object store
     bytes in use (the versions the replicas hold there).
 
     The store's arena is one shared-memory file that Ray sizes at start; pages of objects it has
     freed stay resident for the next objects, so a process's ``Pss_Shmem`` also counts freed
     pages it once read. It is reported (``pss_median_bytes``) but the bytes the store holds are
-    what the versions cost."""
+    what the versions cost. The target applies to ``shared`` mode only (``met`` is None otherwise)."""
     per = list(row["per_replica"].values())
     n = row["replicas"]
     beyond = statistics.median(private(p) for p in per) - private(footprint)
@@ -120,7 +120,13 @@ def summarise(row: dict[str, Any], footprint: dict[str, int], model_bytes: int) 
     return {**row, "pss_median_bytes": statistics.median(p["pss"] for p in per),
             "private_beyond_footprint_bytes": beyond, "store_share_bytes": store_share,
             "per_replica_bytes": each, "per_replica_over_model": each / model_bytes,
-            "target_bytes": target, "met": each <= target}
+            "target_bytes": target, "met": each <= target if mode == "shared" else None}
+
+
+def verdict(row: dict[str, Any]) -> str:
+    if row["met"] is None:
+        return ""
+    return f"; target {row['target_bytes'] / MiB:.1f}: {'met' if row['met'] else 'NOT met'}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -157,12 +163,12 @@ def main(argv: list[str] | None = None) -> int:
         for mode, keep in (("swap", False), ("shared", False), ("swap", True), ("shared", True)):
             row = fleet_memory(f"mem-{mode}-{int(keep)}", engine, root, mode, args.replicas, keep,
                                args.refits, shapes, probe)
-            row = summarise(row, footprint, model_bytes)
+            row = summarise(row, footprint, model_bytes, mode)
             rows.append(row)
             log(f"{mode:6} keep_previous={keep!s:5}: {row['per_replica_bytes'] / MiB:6.1f} MiB per replica "
                 f"beyond the footprint ({row['private_beyond_footprint_bytes'] / MiB:.1f} private + "
                 f"{row['store_share_bytes'] / MiB:.1f} store share; {row['per_replica_over_model']:.2f} x "
-                f"model; target {row['target_bytes'] / MiB:.1f}: {'met' if row['met'] else 'NOT met'}); "
+                f"model{verdict(row)}); "
                 f"PSS {row['pss_median_bytes'] / MiB:.0f} MiB; refit "
                 f"{row['refit_median_s']:.3f} s; serves v{row['versions_served']} "
                 f"values {row['values_served']}")

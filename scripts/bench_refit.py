@@ -682,23 +682,23 @@ def refit_breakdown(res: Any, raw: dict[str, Any], wall: float) -> dict[str, Any
 
 def run_row(size_mib: float, n: int, engine_path: Path, weights: dict[str, torch.Tensor], size_bytes: int,
             floors: dict[str, Any], args: argparse.Namespace, workdir: Path, store: StoreProbe,
-            cores: int, budget_bytes: float) -> dict[str, Any]:
+            cores: int, budget_bytes: float, memory_mode: str) -> dict[str, Any]:
     import ray
 
     from cluster import Fleet, FleetConfig
 
-    name = f"bench-{int(size_mib)}m-{n}r-{uuid.uuid4().hex[:4]}"
+    name = f"bench-{int(size_mib)}m-{n}r-{memory_mode}-{uuid.uuid4().hex[:4]}"
     state_dir = workdir / "state" / name
     gib = size_bytes / GiB
     cfg = FleetConfig(
         name=name, engine=str(engine_path), replicas=n, state_dir=str(state_dir), torch_threads=1,
-        persist_fsync=not args.no_fsync, keep_previous=True, memory_mode=args.memory_mode,
+        persist_fsync=not args.no_fsync, keep_previous=True, memory_mode=memory_mode,
         timeouts={"prepare_s": 120 + 120 * gib, "commit_s": 30, "activate_s": 30, "request_s": 60,
                   "launch_s": 300 + 60 * gib * n},
     )
     row: dict[str, Any] = {"model_bytes": size_bytes, "model_mib": size_bytes / MiB, "replicas": n,
                            "tensors": len(weights), "persist_fsync": cfg.persist_fsync,
-                           "loadavg_1m_start": os.getloadavg()[0]}
+                           "memory_mode": memory_mode, "loadavg_1m_start": os.getloadavg()[0]}
     t = time.perf_counter()
     fleet = Fleet.launch(cfg)
     row["launch_s"] = time.perf_counter() - t
@@ -940,8 +940,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gap-s", type=float, default=0.25, help="pause between refits under load (s)")
     p.add_argument("--tensors", type=int, default=8, help="weight tensors in the model (equal sizes)")
     p.add_argument("--no-fsync", action="store_true", help="fleet persist_fsync=False (default: fsync)")
-    p.add_argument("--memory-mode", choices=["swap", "shared"], default="swap",
-                   help="the fleet's memory_mode (shared: replicas serve the object store's copy)")
+    p.add_argument("--memory-mode", choices=["swap", "shared"], nargs="+", default=["swap"],
+                   help="the fleets' memory_mode, one row each per size and N (shared: replicas serve "
+                        "the object store's copy)")
     p.add_argument("--no-baselines", action="store_true", help="skip the reload and by-value baselines")
     p.add_argument("--no-engine", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--mem-fraction", type=float, default=0.75, help="memory ceiling for a row (of MemTotal)")
@@ -977,7 +978,8 @@ def fits(size_bytes: int, n: int, frac: float) -> tuple[bool, str]:
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
-    hdr = (f"{'MiB':>6} {'N':>2} {'refit_s':>8} {'cold_s':>7} {'floor_s':>8} {'ratio':>6} {'+extra':>7} "
+    hdr = (f"{'MiB':>6} {'N':>2} {'mode':>6} {'refit_s':>8} {'cold_s':>7} {'floor_s':>8} {'ratio':>6} "
+           f"{'+extra':>7} "
            f"{'reload_s':>8} {'byval_s':>8} {'p99i':>6} {'p99r':>7} {'swap_us':>7} fail torn mix")
     print(hdr)
     def fmt_of(r: dict[str, Any], k: str, fmt: str) -> str:
@@ -987,7 +989,8 @@ def print_table(rows: list[dict[str, Any]]) -> None:
     for r in rows:
         def f(k: str, fmt: str, r: dict[str, Any] = r) -> str:
             return fmt_of(r, k, fmt)
-        print(f"{r['model_mib']:6.0f} {r['replicas']:2d} {f('refit_s', '8.3f')} {f('cold_refit_s', '7.3f')} "
+        print(f"{r['model_mib']:6.0f} {r['replicas']:2d} {r['memory_mode']:>6} {f('refit_s', '8.3f')} "
+              f"{f('cold_refit_s', '7.3f')} "
               f"{f('floor_s', '8.4f')} {f('ratio_to_floor', '6.1f')} {f('floor_plus_extra_s', '7.3f')} "
               f"{f('reload_baseline_s', '8.3f')} {f('byvalue_baseline_s', '8.3f')} "
               f"{f('p99_idle_ms', '6.2f')} "
@@ -1007,7 +1010,7 @@ def main(argv: list[str] | None = None) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     max_bytes = max(model_shape(s, args.tensors)[1] for s in args.sizes)
     # shared mode: the replicas serve the live and previous versions from the store, beside the next one
-    store_bytes = int(max((4.25 if args.memory_mode == "shared" else 2.25) * max_bytes, 256 * MiB))
+    store_bytes = int(max((4.25 if "shared" in args.memory_mode else 2.25) * max_bytes, 256 * MiB))
     # address="local": always a fresh Ray of our own, never another process's cluster on this machine
     init: dict[str, Any] = {"address": "local", "num_cpus": max(4, 2 * max(args.replicas) + 2),
                             "object_store_memory": store_bytes,
@@ -1063,30 +1066,37 @@ def main(argv: list[str] | None = None) -> int:
                     log(f"-- skip {size_bytes / MiB:.0f} MiB x {n}: {why}")
                     result["skipped"].append({"model_bytes": size_bytes, "replicas": n, "reason": why})
                     continue
-                log(f"-- row {size_bytes / MiB:.0f} MiB x {n} replica(s)")
-                try:
-                    row = run_row(size_mib, n, engine_path, weights, size_bytes, floors, args, workdir, store,
-                                  cores, args.mem_fraction * meminfo()["MemTotal"])
-                except Exception as exc:  # noqa: BLE001
-                    log(f"   row failed: {type(exc).__name__}: {exc}")
-                    result["skipped"].append({"model_bytes": size_bytes, "replicas": n,
-                                              "reason": f"failed: {type(exc).__name__}: {exc}"})
+                mode_rows = []
+                for mode in args.memory_mode:
+                    log(f"-- row {size_bytes / MiB:.0f} MiB x {n} replica(s), memory_mode {mode}")
+                    try:
+                        mode_rows.append(run_row(size_mib, n, engine_path, weights, size_bytes, floors, args,
+                                                 workdir, store, cores,
+                                                 args.mem_fraction * meminfo()["MemTotal"], mode))
+                    except Exception as exc:  # noqa: BLE001
+                        log(f"   row failed: {type(exc).__name__}: {exc}")
+                        result["skipped"].append({"model_bytes": size_bytes, "replicas": n,
+                                                  "memory_mode": mode,
+                                                  "reason": f"failed: {type(exc).__name__}: {exc}"})
+                if not mode_rows:
                     continue
-                if not args.no_baselines:
+                baselines: dict[str, Any] = {"reload_baseline_s": None, "byvalue_baseline_s": None}
+                if not args.no_baselines:  # once per size and N: they do not depend on the fleet's mode
                     mi = meminfo()
                     budget = args.mem_fraction * mi["MemTotal"] - (mi["MemTotal"] - mi["MemAvailable"])
-                    row.update(run_baselines(engine_path, weights, n, size_bytes, workdir, args.quick,
-                                             5000.0, budget))
+                    baselines = run_baselines(engine_path, weights, n, size_bytes, workdir, args.quick,
+                                              5000.0, budget)
+                for row in mode_rows:
+                    row.update(baselines)
                     for key in ("reload_baseline_s", "byvalue_baseline_s"):
                         if row.get(key):
                             row[key.replace("_baseline_s", "_speedup")] = row[key] / row["refit_s"]
-                else:
-                    row.update({"reload_baseline_s": None, "byvalue_baseline_s": None})
-                log(f"   => refit {row['refit_s']:.3f}s (cold {row['cold_refit_s']:.3f}s) floor "
-                    f"{row['floor_s']:.4f}s ratio {row['ratio_to_floor']:.1f}x; reload "
-                    f"{row.get('reload_baseline_s') or float('nan'):.3f}s by-value "
-                    f"{row.get('byvalue_baseline_s') or float('nan'):.3f}s")
-                rows.append(row)
+                    log(f"   => {row['memory_mode']}: refit {row['refit_s']:.3f}s "
+                        f"(cold {row['cold_refit_s']:.3f}s) "
+                        f"floor {row['floor_s']:.4f}s ratio {row['ratio_to_floor']:.1f}x; reload "
+                        f"{row.get('reload_baseline_s') or float('nan'):.3f}s by-value "
+                        f"{row.get('byvalue_baseline_s') or float('nan'):.3f}s")
+                    rows.append(row)
             del weights
             gc.collect()
             engine_path.unlink(missing_ok=True)

@@ -7,8 +7,9 @@ import argparse
 import inspect
 import json
 import sys
+from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args, get_origin
 
 from pydantic import BaseModel
 
@@ -20,6 +21,10 @@ OUT = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"
 
 def _type(field: Any) -> str:
     ann = field.annotation
+    if get_origin(ann) is Literal:
+        return "one of " + ", ".join(f"`{v}`" for v in get_args(ann))
+    if isinstance(ann, type) and issubclass(ann, Enum):
+        return "one of " + ", ".join(f"`{m.value}`" for m in ann)
     text = getattr(ann, "__name__", None) or str(ann)
     return text.replace("typing.", "").replace("Literal", "one of ").replace("|", "or")
 

@@ -157,6 +157,31 @@ def test_many_small_weights_checked_together_still_name_each_non_finite_one_in_o
     assert non_finite_names(huge) == []
 
 
+def test_the_fused_pass_gives_the_checksums_and_the_non_finite_names_of_separate_passes():
+    from engines.checksum import checksums
+    from engines.validation import checksums_and_non_finite, non_finite_names
+
+    g = torch.Generator().manual_seed(0)
+    weights = {
+        "large": torch.randn(3 << 19, generator=g),  # 1.5 blocks: the last block is partial
+        "large_bf16": torch.randn(1 << 21, generator=g).to(torch.bfloat16),
+        "large_ints": torch.arange(1 << 20, dtype=torch.int32),
+        "transposed": torch.randn(1024, 1024, generator=g).t(),  # not contiguous: the plain path
+        "small": torch.randn(7, generator=g),
+        "overflowing": torch.full((1 << 20,), 3e38),  # finite, but any sum of it is not
+        "large_f16": torch.ones(1 << 20, dtype=torch.float16),  # its sums overflow at 65504
+    }
+    weights["large"][-1] = math.nan  # in the partial block
+    weights["large_bf16"][1 << 20] = math.inf  # the first element of a block
+    weights["small"][0] = -math.inf
+    weights["large_f16"][-1] = math.inf
+    sums, bad = checksums_and_non_finite(weights, scan_values=True)
+    assert sums == checksums(weights)
+    assert list(sums) == list(weights)
+    assert bad == non_finite_names(weights) == ["large", "large_bf16", "small", "large_f16"]
+    assert checksums_and_non_finite(weights, scan_values=False) == (sums, [])
+
+
 @pytest.mark.parametrize("bad", [math.nan, math.inf], ids=["nan", "inf"])
 def test_non_finite_allowed_by_policy_goes_through(bad):
     engine = _engine(non_finite="allow")
