@@ -9,9 +9,10 @@ Contract:
   transaction answers from its record and changes nothing (YES only while it is still PREPARED).
   A partial refit built on a version this replica does not serve is refused, and so is any
   PREPARE while the replica is ``failed`` (it could not load its weights).
-- A PREPARE's tensors must match the caller's checksums; their values are not scanned again for
-  NaN/Inf (the caller refused those before the put, and the checksums prove the bytes are the
-  ones it checked). In ``shared`` mode the staged set serves the fetched object-store copy itself.
+- A PREPARE's tensors must match the caller's checksums, verified by the engine as it copies
+  them (a mismatch stages nothing); their values are not scanned again for NaN/Inf (the caller
+  refused those before the put, and the checksums prove the bytes are the ones it checked). In
+  ``shared`` mode the staged set serves the fetched object-store copy itself.
 - Every staged set lives in its transaction's record; every move that ends a record's hold on it
   (ABORTED, SUPERSEDED, an epoch change, ACTIVE) frees or commits it right there.
 - ``sync`` serves exactly the given version (from the store, checksums verified), supersedes every
@@ -27,7 +28,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from engines import Engine, StagedSet
-from engines.checksum import ChecksumMismatch, tensor_checksum
+from engines.checksum import ChecksumMismatch, ChecksumMissing
 from engines.errors import NotRetainedError
 
 from .failpoints import Failpoints
@@ -158,15 +159,13 @@ class ReplicaCore:
         try:
             tensors = from_wire(arrays, specs)
             t = time.perf_counter()
-            for name, tensor in tensors.items():
-                want = checksums.get(name)
-                got = tensor_checksum(tensor)
-                if want != got:
-                    raise ChecksumMismatch(name, str(want), got, f"replica {self.replica_id}")
-            timings["verify_s"] = time.perf_counter() - t
-            t = time.perf_counter()
-            # the store's copy is immutable, and its checksums match what the caller checked
-            staged = self.engine.stage(tensors, version, borrow=True, values_checked=True)
+            try:  # verified as staged: one pass over the bytes; the store's copy is immutable
+                staged = self.engine.stage(tensors, version, borrow=True, values_checked=True,
+                                           checksums=checksums)
+            except (ChecksumMismatch, ChecksumMissing) as exc:
+                raise ChecksumMismatch(exc.name, str(checksums.get(exc.name)),
+                                       getattr(exc, "actual", "no checksum"),
+                                       f"replica {self.replica_id}") from None
             timings["stage_s"] = time.perf_counter() - t
             return staged
         finally:

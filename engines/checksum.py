@@ -18,6 +18,7 @@ __all__ = [
     "ChecksumMissing",
     "bytes_checksum",
     "checksums",
+    "copy_and_checksum",
     "set_digest",
     "tensor_bytes",
     "tensor_checksum",
@@ -54,6 +55,29 @@ def bytes_checksum(data: bytes | bytearray | memoryview) -> str:
 def tensor_checksum(t: torch.Tensor) -> str:
     """xxh3_64 hex digest (16 lowercase hex digits) of the tensor's raw bytes."""
     return xxhash.xxh3_64_hexdigest(tensor_bytes(t))
+
+
+_BLOCK_BYTES = 1 << 20  # bytes copied and hashed at a time: the block is still in cache when hashed
+
+
+def copy_and_checksum(dst: torch.Tensor, src: torch.Tensor) -> str:
+    """Copy ``src`` into ``dst`` (same shape and dtype) and return the checksum of what ``dst``
+    now holds. A contiguous CPU pair is copied block by block, each block hashed from ``dst``
+    while it is in cache (one pass over the bytes instead of two); any other pair is copied, then
+    hashed."""
+    if not (dst.device.type == src.device.type == "cpu" and dst.is_contiguous() and src.is_contiguous()
+            and dst.dtype == src.dtype and dst.shape == src.shape and dst.numel() > 0):
+        dst.copy_(src)
+        return tensor_checksum(dst)
+    d = dst.detach().reshape(-1).view(torch.uint8)
+    s = src.detach().reshape(-1).view(torch.uint8)
+    raw = memoryview(d.numpy())
+    h = xxhash.xxh3_64()
+    for start in range(0, d.numel(), _BLOCK_BYTES):
+        stop = min(start + _BLOCK_BYTES, d.numel())
+        d[start:stop].copy_(s[start:stop])
+        h.update(raw[start:stop])
+    return h.hexdigest()
 
 
 def checksums(tensors: Mapping[str, torch.Tensor]) -> dict[str, str]:

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from .backends.base import Backend
+from .checksum import ChecksumMismatch, ChecksumMissing, copy_and_checksum, tensor_checksum
 from .config import BuilderConfig, MemoryMode, NonFinitePolicy
 from .devices import pinned_memory_available
 from .engine_file import MAX_VERSION, EngineFile, write_engine_file
@@ -200,13 +201,17 @@ class Engine:
 
     def stage(self, weights: WeightsLike, version: int, *, strip_prefix: str | None = None,
               add_prefix: str | None = None, mapping: Mapping[str, str] | None = None,
-              borrow: bool = False, values_checked: bool = False) -> StagedSet:
+              borrow: bool = False, values_checked: bool = False,
+              checksums: Mapping[str, str] | None = None) -> StagedSet:
         """Validate ``weights`` (a subset is fine) and copy them into spare buffers as ``version``.
 
         ``borrow=True`` says the tensors will never change: in ``shared`` mode the set then holds
         them instead of copies (other modes copy regardless). ``values_checked=True`` says these
-        exact bytes were already refused if non-finite (the fleet's caller checks them, and the
-        replica has matched their checksums): names, shapes and dtypes are still checked here."""
+        exact bytes were already refused if non-finite (the fleet's caller checks them, and
+        ``checksums`` proves they are the bytes it checked): names, shapes and dtypes are still
+        checked here. With ``checksums`` every staged tensor must match its entry (xxh3,
+        ``engines.checksum``), checked as it is copied (one pass over the bytes); a tensor without
+        one raises ``ChecksumMissing`` and a mismatch ``ChecksumMismatch``, and nothing is staged."""
         self._check_refittable()
         version = check_version_number(version)
         self._check_version(version, self._live)  # again under the lock; this one spares a read
@@ -214,7 +219,9 @@ class Engine:
                                expect=self._manifest)
         policy = NonFinitePolicy.ALLOW if values_checked else self.config.non_finite
         check_weights(tensors, self._manifest, policy)
-        return self._stage_tensors(tensors, version, borrow)
+        if checksums is not None and (missing := [n for n in tensors if n not in checksums]):
+            raise ChecksumMissing(missing[0], f"staging version {version}")
+        return self._stage_tensors(tensors, version, borrow, checksums)
 
     def stage_retained(self, from_version: int, version: int) -> StagedSet:
         """Stage ``version`` as the weights of a set still held (live or previous): no copy."""
@@ -248,25 +255,25 @@ class Engine:
             raise VersionOrderError(f"version {version} is not newer than the live version {base.version}")
 
     def _stage_tensors(self, tensors: Mapping[str, torch.Tensor], version: int,
-                       borrow: bool = False) -> StagedSet:
+                       borrow: bool = False, checksums: Mapping[str, str] | None = None) -> StagedSet:
         t0 = time.perf_counter()
         with self._refit_lock:
             base = self._live
             self._check_version(version, base)
             need = sum(_nbytes(t) for t in tensors.values())
             if self.config.memory_mode is MemoryMode.COPY:
-                staged = self._stage_copy(tensors, version, base, need)
+                staged = self._stage_copy(tensors, version, base, need, checksums)
             elif borrow and self.config.memory_mode is MemoryMode.SHARED:
-                staged = self._stage_borrowed(tensors, version, base)
+                staged = self._stage_borrowed(tensors, version, base, checksums)
             else:
-                staged = self._stage_swap(tensors, version, base, need)
+                staged = self._stage_swap(tensors, version, base, need, checksums)
             staged.stage_s = time.perf_counter() - t0
             with self._cond:
                 self._staged[id(staged)] = staged
             return staged
 
     def _stage_swap(self, tensors: Mapping[str, torch.Tensor], version: int, base: WeightSet,
-                    need: int) -> StagedSet:
+                    need: int, checksums: Mapping[str, str] | None) -> StagedSet:
         self._make_room(lambda: need - self._pool.reusable_bytes(tensors.values(), self.device))
         new_tensors = dict(base.tensors)
         try:
@@ -274,8 +281,14 @@ class Engine:
                 buf = self._pool.take(tuple(src.shape), src.dtype, self.device)
                 if buf is None:
                     buf = torch.empty(src.shape, dtype=src.dtype, device=self.device)
-                buf.copy_(src, non_blocking=src.is_pinned())
                 new_tensors[name] = buf
+                if checksums is None:
+                    buf.copy_(src, non_blocking=src.is_pinned())
+                elif buf.device.type == "cpu":
+                    _check(name, checksums, copy_and_checksum(buf, src), version)
+                else:  # hash the host copy, then copy it to the card
+                    _check(name, checksums, tensor_checksum(src), version)
+                    buf.copy_(src, non_blocking=src.is_pinned())
             self.backend.synchronize()
             program = self.backend.bind(new_tensors)
         except BaseException:
@@ -288,9 +301,11 @@ class Engine:
                          stage_s=0.0, weight_set=ws, base_version=base.version, owner=self._token)
 
     def _stage_borrowed(self, tensors: Mapping[str, torch.Tensor], version: int,
-                        base: WeightSet) -> StagedSet:
+                        base: WeightSet, checksums: Mapping[str, str] | None) -> StagedSet:
         new_tensors = dict(base.tensors)
         for name, src in tensors.items():
+            if checksums is not None:
+                _check(name, checksums, tensor_checksum(src), version)
             new_tensors[name] = src if src.is_contiguous() else src.contiguous()
         program = self.backend.bind(new_tensors)
         ws = WeightSet(next(self._ids), version, new_tensors, program, base.borrowed | set(tensors))
@@ -298,13 +313,16 @@ class Engine:
                          stage_s=0.0, weight_set=ws, base_version=base.version, owner=self._token)
 
     def _stage_copy(self, tensors: Mapping[str, torch.Tensor], version: int, base: WeightSet,
-                    need: int) -> StagedSet:
+                    need: int, checksums: Mapping[str, str] | None) -> StagedSet:
         self._make_room(lambda: need)
         pin = pinned_memory_available(self.device)
         host = {}
         for name, src in tensors.items():
             buf = torch.empty(src.shape, dtype=src.dtype, device="cpu", pin_memory=pin)
-            buf.copy_(src)
+            if checksums is None:
+                buf.copy_(src)
+            else:
+                _check(name, checksums, copy_and_checksum(buf, src), version)
             host[name] = buf
         return StagedSet(version=version, names=tuple(tensors), nbytes=need, base_id=base.set_id,
                          stage_s=0.0, host=host, base_version=base.version, owner=self._token)
@@ -575,3 +593,8 @@ class Refitter:
         version = self._engine.refit_now(self._pending)
         self._pending = {}
         return version
+
+
+def _check(name: str, checksums: Mapping[str, str], got: str, version: int) -> None:
+    if got != checksums[name]:
+        raise ChecksumMismatch(name, checksums[name], got, f"staging version {version}")

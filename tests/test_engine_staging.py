@@ -390,3 +390,54 @@ def test_shared_mode_subset_refit_borrows_only_the_named_tensors():
 def test_shared_mode_needs_a_cpu_torch_engine(field):
     with pytest.raises(ValueError, match="memory_mode 'shared'"):
         BuilderConfig(enable_refit=True, memory_mode="shared", **field)
+
+
+# ------------------------------------------------------------------------- verified as staged
+
+
+def _big_engine(mode: str):
+    """One weight of 3 MiB and a bit: the fused copy-and-hash works in 1 MiB blocks."""
+
+    class Big(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros((1 << 18) * 3 + 5))
+
+        def forward(self, x: torch.Tensor):
+            return x * self.w[-1]
+
+    return build_engine(Big(), [torch.ones(1)], BuilderConfig(enable_refit=True, memory_mode=mode))
+
+
+def test_staging_with_checksums_verifies_every_block_as_it_copies(mode):
+    from engines.checksum import ChecksumMismatch, ChecksumMissing, tensor_checksum
+
+    engine = _big_engine(mode)
+    good = torch.full(((1 << 18) * 3 + 5,), 2.0)
+    want = {"w": tensor_checksum(good)}
+    for at in (0, (1 << 18) + 7, good.numel() - 1):  # the first, a middle and the last block
+        bad = good.clone()
+        bad[at] = 2.5
+        with pytest.raises(ChecksumMismatch, match="'w'") as err:
+            engine.stage({"w": bad}, version=1, borrow=True, checksums=want)
+        assert err.value.where == "staging version 1"
+        assert engine.memory().staged_bytes == 0
+        assert float(engine.infer(torch.ones(1)).outputs[0][0]) == 0.0
+    with pytest.raises(ChecksumMissing, match="'w'"):
+        engine.stage({"w": good}, version=1, checksums={})
+    staged = engine.stage({"w": good}, version=1, borrow=True, checksums=want)
+    engine.commit(staged)
+    assert float(engine.infer(torch.ones(1)).outputs[0][0]) == 2.0
+    assert tensor_checksum(engine.weights()["w"]) == want["w"]
+
+
+def test_a_failed_verification_returns_its_buffers_to_the_pool():
+    from engines.checksum import ChecksumMismatch, tensor_checksum
+
+    engine = _big_engine("swap")
+    engine.prefill_pool(1)
+    pooled = engine.memory()
+    good = torch.full(((1 << 18) * 3 + 5,), 2.0)
+    with pytest.raises(ChecksumMismatch):
+        engine.stage({"w": good + 1}, version=1, checksums={"w": tensor_checksum(good)})
+    assert engine.memory() == pooled
