@@ -14,7 +14,8 @@ Guarantees, stated the way Ray Serve's controller states its own:
   call's outcome; COMMIT/ABORT/ACTIVATE to replicas may be repeated.
 - Refits and rollbacks from any number of drivers are serialised by one lock; status, outcome and
   membership calls run on other threads and never queue behind a refit.
-- The coordinator handles object refs, manifests and checksums, never the weight bytes.
+- The coordinator handles object refs, manifests and checksums, never fetches weight bytes (a
+  version of at most 64 KiB travels inside its calls, ``actors.payload``).
 
 This class wires the parts together and answers calls; the parts do the work: ``Ledger`` (log and
 state), ``TwoPhaseCommit``, ``Recovery``, ``LeaseKeeper``/``Repairer``, ``Membership``,

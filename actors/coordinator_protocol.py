@@ -33,8 +33,8 @@ class Phase(str, Enum):
 
     BEGUN = "begun"            # BEGIN being logged, the checkpoint write starting
     PREPARING = "preparing"    # PREPARE sent; votes (and the checkpoint write) coming in
-    COMMITTING = "committing"  # COMMIT logged (the commit point); COMMIT acks coming in
-    ACTIVATING = "activating"  # every member acked COMMIT (or was caught up); ACTIVATE sent
+    COMMITTING = "committing"  # COMMIT logged (the commit point)
+    ACTIVATING = "activating"  # COMMIT+ACTIVATE sent to every member; acks coming in
     DONE = "done"              # every member serves the version; ACTIVATED logged
     ABORTED = "aborted"        # the transaction will not commit; ABORT logged (or presumed)
 

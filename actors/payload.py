@@ -1,21 +1,32 @@
-"""How a weight version travels through Ray's object store.
+"""How a weight version travels: as buckets, through Ray's object store or inside the calls.
 
-The caller puts one object holding ``name -> numpy array`` (numpy has no bf16, so 16-bit floats
-travel as int16 views and are viewed back by dtype name). Numpy arrays are stored out of band, so
-every replica on a node maps the same shared-memory copy without copying it (zero-copy reads).
-The refs travel nested in a list so that the coordinator forwards them without fetching the
-bytes, and each replica fetches under its own timeout.
+A version is a list of buckets (``Publication.refs``). A bucket is a ``Wire``:
+``(packed, offsets, arrays)``:
+- ``arrays``: ``name -> numpy array`` for tensors above ``PACK_BYTES``. Numpy arrays are stored out
+  of band, so every replica on a node maps the same shared-memory copy without copying it.
+- ``packed``: one uint8 array holding every smaller tensor back to back (each at a 64-byte aligned
+  offset), ``offsets``: ``name -> (offset, nbytes)``. One buffer instead of hundreds of small
+  arrays: serialising a model of many small tensors costs one buffer, not one per tensor.
+A plain ``{name: array}`` mapping is a bucket too (everything in ``arrays``).
+
+numpy has no bf16, so 16-bit floats travel as int16 views and are viewed back by the dtype names
+in the specs. Each bucket travels as an ``ObjectRef`` (put once; the refs sit in a list, so the
+coordinator forwards them without fetching the bytes and each replica fetches under its own
+timeout) or, for a version of at most ``INLINE_BYTES``, as the bucket itself inside the calls:
+a small version then costs no object-store round trip at all.
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from functools import cache
 from typing import Any
 
 import numpy as np
 import torch
+import xxhash
 
 from engines.manifest import dtype_name, torch_dtype
 
@@ -24,31 +35,141 @@ from engines.manifest import dtype_name, torch_dtype
 warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning,
                         module=__name__)
 
+__all__ = ["INLINE_BYTES", "PACK_BYTES", "Publication", "Wire", "fetch", "from_wire", "iter_fetch",
+           "packed_checksums", "spec_dict", "tensors_from_wire", "to_wire", "wire_nbytes"]
+
+PACK_BYTES = 64 << 10  # tensors up to this size travel packed together in one buffer per bucket
+INLINE_BYTES = 64 << 10  # a version up to this size travels inside the calls (Ray inlines args < 100 KiB)
+_ALIGN = 64
+
 _VIEW_AS = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.bool: torch.uint8}
+_NUMPY_OF = {torch.float64: np.float64, torch.float32: np.float32, torch.float16: np.float16,
+             torch.int64: np.int64, torch.int32: np.int32, torch.int16: np.int16, torch.int8: np.int8,
+             torch.uint8: np.uint8, torch.bool: np.bool_}
+
+Wire = tuple[np.ndarray | None, dict[str, tuple[int, int]], dict[str, np.ndarray]]
 
 
-def to_wire(tensors: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
-    """Numpy views of CPU tensors (no copy for contiguous CPU tensors)."""
-    out = {}
+def _host_view(t: torch.Tensor) -> torch.Tensor:
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    t = t.contiguous()
+    view = _VIEW_AS.get(t.dtype)
+    return t.view(view) if view is not None else t
+
+
+def to_wire(tensors: Mapping[str, torch.Tensor], *, pack_bytes: int = PACK_BYTES) -> Wire:
+    """One bucket of ``tensors``: large ones as numpy views (no copy for contiguous CPU tensors),
+    the small ones copied into one packed buffer (one ``torch.cat``, with zero padding)."""
+    arrays: dict[str, np.ndarray] = {}
+    offsets: dict[str, tuple[int, int]] = {}
+    parts: list[torch.Tensor] = []
+    pads = _zeros(_ALIGN)
+    end = 0
     for name, t in tensors.items():
-        t = t.detach()
-        if t.device.type != "cpu":
-            t = t.cpu()
-        t = t.contiguous()
-        view = _VIEW_AS.get(t.dtype)
-        out[name] = (t.view(view) if view is not None else t).numpy()
-    return out
+        if t.device.type == "cpu" and t.is_contiguous() and t.dtype not in _VIEW_AS \
+                and not t.requires_grad and t.numel() * t.element_size() > pack_bytes:
+            arrays[name] = t.numpy()  # the common large tensor: a view, no further checks
+            continue
+        host = _host_view(t)
+        nbytes = host.numel() * host.element_size()
+        if nbytes > pack_bytes:
+            arrays[name] = host.numpy()
+            continue
+        offsets[name] = (end, nbytes)
+        parts.append(host.reshape(-1).view(torch.uint8))
+        pad = -nbytes % _ALIGN
+        if pad:
+            parts.append(pads[:pad])
+        end += nbytes + pad
+    if not parts:
+        return None, offsets, arrays
+    return torch.cat(parts).numpy(), offsets, arrays
 
 
-def from_wire(arrays: Mapping[str, np.ndarray], specs: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-    """Tensors sharing memory with the (read-only) arrays, in the dtypes ``specs`` name."""
-    out = {}
+@cache
+def _zeros(n: int) -> torch.Tensor:
+    return torch.zeros(n, dtype=torch.uint8)
+
+
+def _spec_dtype(spec: Any) -> torch.dtype:
+    return torch_dtype(spec["dtype"] if isinstance(spec, Mapping) else spec.dtype)
+
+
+def _spec_shape(spec: Any) -> tuple[int, ...]:
+    return tuple(spec["shape"] if isinstance(spec, Mapping) else spec.shape)
+
+
+def from_wire(wire: Wire | Mapping[str, np.ndarray], specs: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """Tensors sharing memory with the (read-only) bucket, in the dtypes and shapes ``specs`` name."""
+    if isinstance(wire, Mapping):
+        packed, offsets, arrays = None, {}, wire
+    else:
+        packed, offsets, arrays = wire
+    out: dict[str, torch.Tensor] = {}
     for name, arr in arrays.items():
-        spec = specs[name]
-        dtype = torch_dtype(spec["dtype"] if isinstance(spec, Mapping) else spec.dtype)
+        dtype = _spec_dtype(specs[name])
         t = torch.from_numpy(arr)
         out[name] = t.view(dtype) if t.dtype != dtype else t
+    if offsets:
+        assert packed is not None
+        for name, (start, nbytes) in offsets.items():
+            spec = specs[name]
+            dtype = _spec_dtype(spec)
+            wire_dtype = _NUMPY_OF.get(dtype)
+            if wire_dtype is None:  # no numpy twin (bf16 travels as int16): view it in torch
+                t = torch.from_numpy(packed[start:start + nbytes]).view(dtype).reshape(_spec_shape(spec))
+            else:
+                t = torch.from_numpy(packed[start:start + nbytes].view(wire_dtype).reshape(_spec_shape(spec)))
+            out[name] = t
     return out
+
+
+def packed_checksums(wire: Wire | Mapping[str, np.ndarray]) -> dict[str, str]:
+    """xxh3 checksums (``engines.checksum``'s) of the bucket's packed tensors, each hashed where
+    it lies in the packed buffer: the same digests as of the tensors, without a call per tensor
+    into torch."""
+    if isinstance(wire, Mapping) or not wire[1]:
+        return {}
+    packed, offsets, _ = wire
+    raw = memoryview(packed)
+    return {name: xxhash.xxh3_64_hexdigest(raw[start:start + nbytes])
+            for name, (start, nbytes) in offsets.items()}
+
+
+def tensors_from_wire(wires: list[Wire], specs: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """Every bucket's tensors in one mapping."""
+    out: dict[str, torch.Tensor] = {}
+    for wire in wires:
+        out.update(from_wire(wire, specs))
+    return out
+
+
+def wire_nbytes(wire: Wire) -> int:
+    packed, _, arrays = wire
+    return (0 if packed is None else packed.nbytes) + sum(a.nbytes for a in arrays.values())
+
+
+def _is_bucket(item: Any) -> bool:
+    return isinstance(item, (tuple, Mapping))
+
+
+def iter_fetch(refs: list[Any], timeout: float | None) -> Iterator[Wire | Mapping[str, np.ndarray]]:
+    """The buckets of ``refs`` in order, each as soon as it is here (inline ones at once)."""
+    import ray
+
+    for item in refs:
+        yield item if _is_bucket(item) else ray.get(item, timeout=timeout)
+
+
+def fetch(refs: list[Any], timeout: float | None) -> list[Wire | Mapping[str, np.ndarray]]:
+    """Every bucket of ``refs``: inline buckets as they are, the others from the object store."""
+    import ray
+
+    remote = [item for item in refs if not _is_bucket(item)]
+    got = iter(ray.get(remote, timeout=timeout)) if remote else iter(())
+    return [item if _is_bucket(item) else next(got) for item in refs]
 
 
 def spec_dict(tensors: Mapping[str, torch.Tensor]) -> dict[str, dict[str, Any]]:
@@ -58,7 +179,7 @@ def spec_dict(tensors: Mapping[str, torch.Tensor]) -> dict[str, dict[str, Any]]:
 
 @dataclass
 class Publication:
-    """A version put into the object store once: refs (nested), specs, checksums, size."""
+    """A version published once: its buckets (refs, or inline), specs, checksums, size."""
 
     refs: list[Any]
     specs: dict[str, dict[str, Any]]

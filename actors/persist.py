@@ -1,6 +1,6 @@
 """Writing a version to the checkpoint store, in a long-lived Ray actor beside the coordinator.
 
-The coordinator never touches weight bytes: it hands the ``PersistWorker`` the same nested refs the
+The coordinator never fetches weight bytes: it hands the ``PersistWorker`` the same buckets the
 replicas get, and waits for it before logging COMMIT. Subset refits are materialised: the worker
 overlays the changed tensors on the base version read back (verified) from the store. A rollback
 re-saves the target version's set under the new version number.
@@ -31,7 +31,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from .durable import describe_os_error
 from .failpoints import Failpoints
-from .payload import from_wire
+from .payload import fetch, tensors_from_wire
 from .store import CheckpointStore
 
 logger = logging.getLogger("weight_refit.coordinator")
@@ -62,8 +62,7 @@ def persist(job: PersistJob, fp: Failpoints | None = None) -> dict[str, float]:
         sums = store.manifest(job.from_version).checksums
     else:
         assert job.refs is not None
-        arrays = ray.get(job.refs[0])
-        tensors = from_wire(arrays, job.specs)
+        tensors = tensors_from_wire(fetch(job.refs, None), job.specs)
         sums = dict(job.checksums)
         if job.base_version is not None and set(tensors) != set(store.manifest(job.base_version).checksums):
             base = store.load(job.base_version)

@@ -175,8 +175,7 @@ class PersistTracker:
     def _see_through(self, item: _Write) -> None:
         error = ""
         if item.pending is None and item.job is not None:
-            try:
-                self._persister.ensure()
+            try:  # a worker that died meanwhile is replaced by ``wait`` (and the write retried)
                 item.pending = self._persister.start(item.job)
             except Exception as exc:  # noqa: BLE001  (redone from a replica below)
                 error = f"the checkpoint write could not start: {type(exc).__name__}: {exc}"

@@ -34,6 +34,7 @@ from engines.checksum import tensor_checksum
 
 from .failpoints import Failpoints
 from .log import LOG_NAME, TxnLog
+from .payload import fetch
 from .replica_client import coordinator_actor_name
 from .replica_core import ReplicaCore, reason_of
 from .replica_protocol import Lifecycle, TxnState
@@ -82,8 +83,8 @@ class Replica:
                            keep_previous=self.s.keep_previous,
                            memory_budget_bytes=self.s.memory_budget_bytes)
 
-    def _fetch(self, refs: list[Any]) -> Any:
-        return ray.get(refs[0], timeout=self.s.fetch_timeout_s)
+    def _fetch(self, refs: list[Any]) -> list[Any]:
+        return fetch(refs, self.s.fetch_timeout_s)
 
     def _start_serving(self) -> None:
         try:
@@ -204,17 +205,23 @@ class Replica:
         return vote
 
     @ray.method(concurrency_group="control")
-    def commit(self, epoch: int, txn: str) -> Ack:
-        """Pin the staged set as committed; keep serving the old version. Idempotent."""
+    def commit(self, epoch: int, txn: str, activate: bool = False) -> Ack:
+        """Pin the staged set as committed; with ``activate``, then make it live at once (the
+        coordinator's one message after its COMMIT record). Idempotent."""
         self.fp.hit("message.commit", txn)
         self.fp.hit("replica.before_commit")
         ack = self.core.commit(epoch, txn)
+        if activate:
+            ack = self._activate(epoch, txn)
         self.fp.hit("reply.commit", txn)
         return ack
 
     @ray.method(concurrency_group="control")
     def activate(self, epoch: int, txn: str) -> Ack:
         """Make the committed set live (the swap). Idempotent."""
+        return self._activate(epoch, txn)
+
+    def _activate(self, epoch: int, txn: str) -> Ack:
         self.fp.hit("message.activate", txn)
         self.fp.hit("replica.before_activate")
         ack = self.core.activate(epoch, txn)
@@ -242,11 +249,10 @@ class Replica:
     def export(self, version: int) -> tuple[list[Any], dict[str, Any]] | None:
         """Put the weights of ``version`` into the object store, if this replica holds them
         (the coordinator re-persists a version nobody has written yet): ``([ref], specs)``."""
-        wire = self.core.export(version)
-        if wire is None:
+        exported = self.core.export(version)
+        if exported is None:
             return None
-        manifest = self.engine.manifest()
-        specs = {n: {"shape": list(a.shape), "dtype": manifest[n].dtype} for n, a in wire.items()}
+        wire, specs = exported
         return [ray.put(wire)], specs
 
     # ------------------------------------------------------------------ inspection

@@ -67,11 +67,9 @@ class ReplicaClient(ABC):
 
     @abstractmethod
     def commit(self, rids: list[str], timeout: float, epoch: int, txn: str,
-               on_reply: OnReply | None = None) -> dict[str, Ack | Failed]: ...
-
-    @abstractmethod
-    def activate(self, rids: list[str], timeout: float, epoch: int, txn: str,
-                 on_reply: OnReply | None = None) -> dict[str, Ack | Failed]: ...
+               on_reply: OnReply | None = None, *, activate: bool = True) -> dict[str, Ack | Failed]:
+        """COMMIT and (``activate``) ACTIVATE in one message: each replica pins its staged set as
+        committed, then makes it live; the ``Ack`` names the version it then serves."""
 
     @abstractmethod
     def abort(self, rids: list[str], timeout: float, epoch: int, txn: str, reason: str,
@@ -228,12 +226,8 @@ class RayReplicaClient(ReplicaClient):
                              source, base_version, on_reply=on_reply)
 
     def commit(self, rids: list[str], timeout: float, epoch: int, txn: str,
-               on_reply: OnReply | None = None) -> dict[str, Ack | Failed]:
-        return self._fan_out("commit", rids, timeout, epoch, txn, on_reply=on_reply)
-
-    def activate(self, rids: list[str], timeout: float, epoch: int, txn: str,
-                 on_reply: OnReply | None = None) -> dict[str, Ack | Failed]:
-        return self._fan_out("activate", rids, timeout, epoch, txn, on_reply=on_reply)
+               on_reply: OnReply | None = None, *, activate: bool = True) -> dict[str, Ack | Failed]:
+        return self._fan_out("commit", rids, timeout, epoch, txn, activate, on_reply=on_reply)
 
     def abort(self, rids: list[str], timeout: float, epoch: int, txn: str, reason: str,
               on_reply: OnReply | None = None) -> dict[str, Ack | Failed]:

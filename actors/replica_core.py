@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 from engines import Engine, StagedSet
@@ -32,7 +32,7 @@ from engines.checksum import ChecksumMismatch, ChecksumMissing
 from engines.errors import NotRetainedError
 
 from .failpoints import Failpoints
-from .payload import from_wire, to_wire
+from .payload import Wire, packed_checksums, spec_dict, tensors_from_wire, to_wire
 from .replica_protocol import (
     Lifecycle,
     ProtocolViolation,
@@ -47,7 +47,7 @@ from .telemetry import phase_log
 
 __all__ = ["ReplicaCore"]
 
-Fetch = Callable[[list[Any]], Mapping[str, Any]]
+Fetch = Callable[[list[Any]], list[Any]]  # refs -> buckets (``actors.payload``)
 
 
 def reason_of(exc: BaseException) -> str:
@@ -154,14 +154,17 @@ class ReplicaCore:
                 return self.engine.stage(self.store.load(from_version), version)
         assert refs is not None
         t = time.perf_counter()
-        arrays = self._fetch(refs)
+        wires = self._fetch(refs)
         timings["fetch_s"] = time.perf_counter() - t
         try:
-            tensors = from_wire(arrays, specs)
+            tensors = tensors_from_wire(wires, specs)
             t = time.perf_counter()
-            try:  # verified as staged: one pass over the bytes; the store's copy is immutable
+            # packed tensors are hashed where they lie in their bucket, the others as they are
+            # copied (one pass over the bytes); the store's copy is immutable
+            try:
+                verified = self._verify_packed(wires, checksums)
                 staged = self.engine.stage(tensors, version, borrow=True, values_checked=True,
-                                           checksums=checksums)
+                                           checksums=checksums, verified=verified)
             except (ChecksumMismatch, ChecksumMissing) as exc:
                 raise ChecksumMismatch(exc.name, str(checksums.get(exc.name)),
                                        getattr(exc, "actual", "no checksum"),
@@ -169,7 +172,20 @@ class ReplicaCore:
             timings["stage_s"] = time.perf_counter() - t
             return staged
         finally:
-            del arrays
+            del wires
+
+    @staticmethod
+    def _verify_packed(wires: list[Any], checksums: dict[str, str]) -> set[str]:
+        verified = set()
+        for wire in wires:
+            for name, got in packed_checksums(wire).items():
+                want = checksums.get(name)
+                if want is None:
+                    raise ChecksumMissing(name)
+                if got != want:
+                    raise ChecksumMismatch(name, want, got)
+                verified.add(name)
+        return verified
 
     def _vote(self, txn: str, yes: bool, reason: str, timings: dict[str, float], t0: float) -> PrepareReply:
         timings["prepare_s"] = time.perf_counter() - t0
@@ -244,14 +260,15 @@ class ReplicaCore:
                       replica=self.replica_id, reason=reason)
             return Ack(self.replica_id, txn, self.engine.version, rec.state.value)
 
-    def export(self, version: int) -> dict[str, Any] | None:
-        """The weights of ``version`` as they travel (numpy arrays, bf16 as int16 views), if this
-        replica holds it (live or retained); None if it does not. Under the lock, so no commit
-        retires the set while it is being copied out."""
+    def export(self, version: int) -> tuple[Wire, dict[str, Any]] | None:
+        """The weights of ``version`` as they travel (one bucket, ``actors.payload``) and their
+        specs, if this replica holds it (live or retained); None if it does not. Under the lock,
+        so no commit retires the set while it is being copied out."""
         with self.ctl:
             if version not in self.engine.retained_versions():
                 return None
-            return to_wire(self.engine.weights(version))
+            weights = self.engine.weights(version)
+            return to_wire(weights), spec_dict(weights)
 
     def fence(self, epoch: int, keep: str | None = None) -> None:
         """Refuse an older epoch (StaleEpoch); free what a newer one drops."""

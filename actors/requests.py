@@ -39,11 +39,16 @@ class Requests:
         return {v: (i.origin_version if i.origin_version is not None else v)
                 for v, i in self._ledger.state.versions.items()}
 
+    def _origin(self, version: int) -> int:
+        info = self._ledger.state.versions.get(version)
+        return info.origin_version if info is not None and info.origin_version is not None else version
+
     def retained(self, in_flight: int | None) -> set[int]:
         s = self._ledger.state
         committed = self._committed()
-        newest_persisted = max((v for v in committed if s.is_persisted(v)), default=0)
-        keep = retained_versions(active=s.active_version, committed=committed, origins=self.origins(),
+        newest_persisted = next((v for v in reversed(committed) if s.is_persisted(v)), 0)
+        keep = retained_versions(active=s.active_version, committed=committed,
+                                 origins={s.active_version: self._origin(s.active_version)},
                                  retain=self._retain, in_flight=in_flight, last_assigned=s.last_version)
         return keep | {newest_persisted}
 

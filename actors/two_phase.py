@@ -10,11 +10,13 @@
 4. ``_log_commit``: the COMMIT record, fsync'd: the commit point.
    Any failure before this point (a NO, a timeout, a failed write, an exception of our own) aborts:
    ABORT is logged, every member is told to discard its staged set, the version's files go.
-5. ``finish`` (also used by recovery for logged-committed transactions): COMMIT to every member,
-   then ACTIVATE; a lost message is retried once (both are idempotent); members still without the
-   version are caught up from the store in parallel, and those that cannot be are excluded; then
-   ACTIVATED is logged and retention scheduled. Under ``replicated`` the checkpoint write is then
-   handed to the ``PersistTracker``.
+5. ``finish`` (also used by recovery for logged-committed transactions): one message to every
+   member that COMMITs and ACTIVATEs (each member swaps as soon as it gets it: no member can
+   serve the version before its COMMIT record, and every member already holds it verified); a
+   lost message is retried once (it is idempotent); members still without the version are caught
+   up from the store in parallel, and those that cannot be are excluded; then ACTIVATED is logged
+   and retention scheduled. Under ``replicated`` the checkpoint write is then handed to the
+   ``PersistTracker``.
 
 The transaction's phase moves when each phase's work starts, so ``progress()`` and ``outcome()``
 (which read ``current`` once) always describe what is really happening.
@@ -248,25 +250,27 @@ class TwoPhaseCommit:
             self.current = None
 
     def finish(self, txn: CoordinatorTxn, t0: float) -> dict[str, Ack | Failed]:
-        """COMMIT then ACTIVATE a transaction whose COMMIT is logged (see the module docstring)."""
+        """COMMIT and ACTIVATE a transaction whose COMMIT is logged, in one message per member
+        (see the module docstring)."""
         members = [r for r in txn.members if self._membership.is_member(r)]
-        acks = self._send_twice(self._client.commit, members, self._t.commit_s, txn.txn)
-        txn.commit_acks.update(r for r, a in acks.items() if isinstance(a, Ack))
-        txn.lap("commit_s")
         txn.move(Phase.ACTIVATING)
-        ready = sorted(txn.commit_acks)
         first: list[str] = []
 
         def on_reply(rid: str, reply: Ack | Failed) -> None:
+            if isinstance(reply, Ack):
+                txn.commit_acks.add(rid)
+                if reply.version == txn.version:
+                    txn.activated.add(rid)
             if not first:
                 first.append(rid)
                 self._fp.hit("coordinator.mid_activate")
 
         replies: dict[str, Ack | Failed] = dict(self._send_twice(
-            self._client.activate, ready, self._t.activate_s, txn.txn, on_reply=on_reply))
+            self._client.commit, members, self._t.commit_s + self._t.activate_s, txn.txn,
+            on_reply=on_reply, activate=True))
         txn.activated.update(r for r, a in replies.items()
                              if isinstance(a, Ack) and a.version == txn.version)
-        txn.lap("activate_s")
+        txn.lap("commit_activate_s")
         lost = [r for r in members if r not in txn.activated]
         if lost:
             if self._start_tracked_write(txn):  # they catch up from the store: it must be there

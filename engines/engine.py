@@ -28,7 +28,7 @@ import numbers
 import threading
 import time
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from itertools import count
 from pathlib import Path
@@ -202,7 +202,7 @@ class Engine:
     def stage(self, weights: WeightsLike, version: int, *, strip_prefix: str | None = None,
               add_prefix: str | None = None, mapping: Mapping[str, str] | None = None,
               borrow: bool = False, values_checked: bool = False,
-              checksums: Mapping[str, str] | None = None) -> StagedSet:
+              checksums: Mapping[str, str] | None = None, verified: Collection[str] = ()) -> StagedSet:
         """Validate ``weights`` (a subset is fine) and copy them into spare buffers as ``version``.
 
         ``borrow=True`` says the tensors will never change: in ``shared`` mode the set then holds
@@ -211,7 +211,9 @@ class Engine:
         ``checksums`` proves they are the bytes it checked): names, shapes and dtypes are still
         checked here. With ``checksums`` every staged tensor must match its entry (xxh3,
         ``engines.checksum``), checked as it is copied (one pass over the bytes); a tensor without
-        one raises ``ChecksumMissing`` and a mismatch ``ChecksumMismatch``, and nothing is staged."""
+        one raises ``ChecksumMissing`` and a mismatch ``ChecksumMismatch``, and nothing is staged.
+        ``verified`` names tensors the caller has already matched to their ``checksums`` entries
+        (hashed where it holds them): they are copied without hashing again."""
         self._check_refittable()
         version = check_version_number(version)
         self._check_version(version, self._live)  # again under the lock; this one spares a read
@@ -219,8 +221,10 @@ class Engine:
                                expect=self._manifest)
         policy = NonFinitePolicy.ALLOW if values_checked else self.config.non_finite
         check_weights(tensors, self._manifest, policy)
-        if checksums is not None and (missing := [n for n in tensors if n not in checksums]):
-            raise ChecksumMissing(missing[0], f"staging version {version}")
+        if checksums is not None:
+            if missing := [n for n in tensors if n not in checksums]:
+                raise ChecksumMissing(missing[0], f"staging version {version}")
+            checksums = {n: c for n, c in checksums.items() if n in tensors and n not in verified}
         return self._stage_tensors(tensors, version, borrow, checksums)
 
     def stage_retained(self, from_version: int, version: int) -> StagedSet:
@@ -282,7 +286,7 @@ class Engine:
                 if buf is None:
                     buf = torch.empty(src.shape, dtype=src.dtype, device=self.device)
                 new_tensors[name] = buf
-                if checksums is None:
+                if checksums is None or name not in checksums:
                     buf.copy_(src, non_blocking=src.is_pinned())
                 elif buf.device.type == "cpu":
                     _check(name, checksums, copy_and_checksum(buf, src), version)
@@ -304,7 +308,7 @@ class Engine:
                         base: WeightSet, checksums: Mapping[str, str] | None) -> StagedSet:
         new_tensors = dict(base.tensors)
         for name, src in tensors.items():
-            if checksums is not None:
+            if checksums is not None and name in checksums:
                 _check(name, checksums, tensor_checksum(src), version)
             new_tensors[name] = src if src.is_contiguous() else src.contiguous()
         program = self.backend.bind(new_tensors)
@@ -319,7 +323,7 @@ class Engine:
         host = {}
         for name, src in tensors.items():
             buf = torch.empty(src.shape, dtype=src.dtype, device="cpu", pin_memory=pin)
-            if checksums is None:
+            if checksums is None or name not in checksums:
                 buf.copy_(src)
             else:
                 _check(name, checksums, copy_and_checksum(buf, src), version)

@@ -2,9 +2,9 @@
 
 ``FakeReplicas`` implements ``ReplicaClient`` over in-memory replicas that follow the protocol's
 rules closely enough for the coordinator's logic: a YES vote remembers the transaction's version,
-ACTIVATE serves it, a catch-up serves the version asked for. Scripted failures (``fail``) make a
-given call to a given replica come back as ``Failed``; ``on_call`` hooks observe the coordinator
-while a call is "in flight".
+COMMIT (with its ACTIVATE) serves it, a catch-up serves the version asked for. Scripted failures
+(``fail``) make a given call to a given replica come back as ``Failed``; ``on_call`` hooks observe
+the coordinator while a call is "in flight".
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ class FakeReplica:
     state: str = "serving"
     error: str = ""
     staged: dict[str, int] = field(default_factory=dict)  # txn -> version
+    active: set[str] = field(default_factory=set)  # txns activated here
     vote_no: str = ""  # a NO reason for every PREPARE
     catch_up_fails: str = ""
     lease: tuple[int, int] = (0, 0)  # (epoch, generation) of the newest renewal accepted
@@ -91,21 +92,18 @@ class FakeReplicas(ReplicaClient):
         return self._each("prepare", rids, vote, on_reply)
 
     def commit(self, rids: list[str], timeout: float, epoch: int, txn: str,
-               on_reply: OnReply | None = None) -> dict[str, Ack | Failed]:
+               on_reply: OnReply | None = None, *, activate: bool = True) -> dict[str, Ack | Failed]:
         def ack(r: FakeReplica) -> Ack | Failed:
+            if txn in r.active:
+                return Ack(r.rid, txn, r.version, "active")
             if txn not in r.staged:
                 return Failed(FailureKind.ERROR, f"replica {r.rid}: ProtocolViolation: never prepared")
-            return Ack(r.rid, txn, r.version, "committed")
-        return self._each("commit", rids, ack, on_reply)
-
-    def activate(self, rids: list[str], timeout: float, epoch: int, txn: str,
-                 on_reply: OnReply | None = None) -> dict[str, Ack | Failed]:
-        def ack(r: FakeReplica) -> Ack | Failed:
-            if txn not in r.staged:
-                return Failed(FailureKind.ERROR, f"replica {r.rid}: ProtocolViolation: not committed")
+            if not activate:
+                return Ack(r.rid, txn, r.version, "committed")
             r.version = r.staged.pop(txn)
+            r.active.add(txn)
             return Ack(r.rid, txn, r.version, "active")
-        return self._each("activate", rids, ack, on_reply)
+        return self._each("commit", rids, ack, on_reply)
 
     def abort(self, rids: list[str], timeout: float, epoch: int, txn: str, reason: str,
               on_reply: OnReply | None = None) -> dict[str, Ack | Failed]:

@@ -91,10 +91,14 @@ def test_non_finite_values(fleet: Fleet, unchanged: None, bad: float) -> None:
 def test_bytes_flipped_after_checksumming_are_refused_by_every_replica(fleet: Fleet, unchanged: None) -> None:
     tensors = {n: torch.from_numpy(a) for n, a in probe_weights(4.0).items()}
     sums = checksums(tensors)
-    wire = to_wire(tensors)
-    wire["w.1"] = wire["w.1"].copy()
-    wire["w.1"].view(np.uint8)[5] ^= 0x40  # one bit flipped "in transit"
-    ref = ray.put(wire)
+    packed, offsets, arrays = to_wire(tensors)
+    if "w.1" in arrays:
+        arrays = {**arrays, "w.1": arrays["w.1"].copy()}
+        arrays["w.1"].view(np.uint8)[5] ^= 0x40  # one bit flipped "in transit"
+    else:
+        packed = packed.copy()
+        packed[offsets["w.1"][0] + 5] ^= 0x40
+    ref = ray.put((packed, offsets, arrays))
     out = ray.get(fleet._coord.refit.remote([ref], spec_dict(tensors), sums, None))
     assert out.status == "aborted"
     assert all("ChecksumMismatch" in v and "w.1" in v for v in out.votes.values()), out.votes

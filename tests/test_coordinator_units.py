@@ -96,7 +96,7 @@ def test_a_refit_logs_begin_commit_activated_and_every_member_serves_it(rig: Rig
     assert res.status == "committed" and res.version == 1 and res.activated
     assert rig.kinds() == ["EPOCH", "BEGIN", "COMMIT", "ACTIVATED"]
     assert {r.version for r in rig.client.replicas.values()} == {1}
-    assert rig.client.methods() == ["prepare", "commit", "activate"]
+    assert rig.client.methods() == ["prepare", "commit"]  # COMMIT carries ACTIVATE: two rounds
     assert rig.ledger.state.active_version == 1 and rig.txns.current is None
     assert rig.txns.outcome("k1").status == "committed"
     assert rig.retention.scheduled  # retention runs after every activation
@@ -161,22 +161,38 @@ def test_an_abort_record_that_cannot_be_written_yet_is_written_with_the_next_rec
     assert rig.ledger.deferred == 0
 
 
-def test_progress_says_committing_until_every_commit_ack_arrived_then_activating(rig: Rig) -> None:
-    """Today ``progress()`` said "activating" while COMMIT acks were still pending."""
-    seen: dict[str, str] = {}
-    rig.client.on_call["commit"] = lambda rids: seen.setdefault("commit", rig.txns.current.phase.value)
-    rig.client.on_call["activate"] = lambda rids: seen.setdefault("activate", rig.txns.current.phase.value)
+def test_progress_follows_the_phases_and_counts_each_activation_as_it_arrives(rig: Rig) -> None:
+    """``progress()`` says "preparing" during PREPARE, "activating" once COMMIT is logged and
+    COMMIT+ACTIVATE are out, and lists each member as activated when its answer arrives."""
+    seen: dict[str, Any] = {}
     rig.client.on_call["prepare"] = lambda rids: seen.setdefault("prepare", rig.txns.current.phase.value)
+    rig.client.on_call["commit"] = lambda rids: seen.setdefault("commit", rig.txns.current.progress())
     rig.txns.run(rig.request())
-    assert seen == {"prepare": "preparing", "commit": "committing", "activate": "activating"}
+    assert seen["prepare"] == "preparing"
+    assert seen["commit"]["phase"] == "activating" and seen["commit"]["activated"] == []
+    replies: list[list[str]] = []
+    rig.client.on_call["commit"] = lambda rids: None
+    real = rig.client.commit
+
+    def watch(*args: Any, **kw: Any) -> Any:
+        inner = kw.pop("on_reply")
+
+        def on_reply(rid: str, reply: Any) -> None:
+            inner(rid, reply)
+            replies.append(list(rig.txns.current.progress()["activated"]))
+        return real(*args, on_reply=on_reply, **kw)
+
+    rig.client.commit = watch
+    rig.txns.run(rig.request())
+    assert replies == [["r0"], ["r0", "r1"], ["r0", "r1", "r2"]]
 
 
-def test_lost_commit_and_activate_messages_are_retried_once(rig: Rig) -> None:
+def test_lost_commit_messages_are_retried_once(rig: Rig) -> None:
     rig.client.lose("commit", "r1")
-    rig.client.lose("activate", "r2")
+    rig.client.lose("commit", "r2", kind=FailureKind.TIMEOUT)
     res = rig.txns.run(rig.request())
     assert res.status == "committed" and res.excluded == []
-    assert ("commit", ("r1",)) in rig.client.calls and ("activate", ("r2",)) in rig.client.calls
+    assert ("commit", ("r1", "r2")) in rig.client.calls
     assert "catch_up" not in rig.client.methods()  # the retry sufficed
     assert {r.version for r in rig.client.replicas.values()} == {1}
 
@@ -184,7 +200,7 @@ def test_lost_commit_and_activate_messages_are_retried_once(rig: Rig) -> None:
 def test_members_lost_during_activate_are_caught_up_together_and_excluded_if_they_cannot(rig: Rig) -> None:
     """Loose end 9: lost members used to be caught up one at a time, each for up to launch_s."""
     for rid in ("r1", "r2"):
-        rig.client.lose("activate", rid, times=2, kind=FailureKind.TIMEOUT)
+        rig.client.lose("commit", rid, times=2, kind=FailureKind.TIMEOUT)
     rig.client.replicas["r2"].catch_up_fails = "ChecksumMismatch: v1 is corrupted"
     res = rig.txns.run(rig.request())
     assert res.status == "committed" and res.excluded == ["r2"]
@@ -255,7 +271,7 @@ def test_recovery_finishes_a_logged_commit_visibly_and_presumes_the_rest_aborted
     for rid in RIDS:  # they voted YES before the crash
         rig.client.replicas[rid].staged["t-logged"] = 1
     seen: list[Any] = []
-    rig.client.on_call["activate"] = lambda rids: seen.append(
+    rig.client.on_call["commit"] = lambda rids: seen.append(
         (rig.txns.current.phase, rig.txns.outcome("k-logged")))
     finish_the_log(rig.ledger, rig.txns)
     phase, outcome = seen[0]

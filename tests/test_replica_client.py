@@ -49,7 +49,7 @@ class OneThreadReplica:
         return {"id": self.rid, "version": 0}
 
     @ray.method(concurrency_group="control")
-    def commit(self, epoch: int, txn: str) -> Ack:
+    def commit(self, epoch: int, txn: str, activate: bool = False) -> Ack:
         raise RuntimeError(f"no staged set for {txn}")
 
     @ray.method(concurrency_group="inspect")

@@ -4,11 +4,9 @@ the transaction records that hold the staged sets, and the replica's lifecycle."
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 import torch
 from fleet_models import build_probe_engine, probe_input, probe_value, probe_weights
@@ -23,7 +21,7 @@ from engines.checksum import checksums
 
 
 class Published:
-    """What a refit hands a replica: the wire arrays (as the "refs"), specs and checksums."""
+    """What a refit hands a replica: one inline bucket (as the "refs"), specs and checksums."""
 
     def __init__(self, value: float, names: list[str] | None = None) -> None:
         tensors = {n: torch.from_numpy(a) for n, a in probe_weights(value).items()
@@ -43,7 +41,7 @@ def engine_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def make_core(engine_path: Path, store_dir: Path, fetch: Any = None) -> ReplicaCore:
     store = CheckpointStore(store_dir)
     return ReplicaCore("r0", lambda: load_engine(engine_path, device="cpu"), store,
-                       fetch or (lambda refs: refs[0]), Failpoints(owner="r0"))
+                       fetch or (lambda refs: refs), Failpoints(owner="r0"))
 
 
 def prepare(core: ReplicaCore, txn: str, version: int, pub: Published, *, epoch: int = 1,
@@ -70,10 +68,10 @@ def test_a_repeated_prepare_while_the_first_is_staging_leaves_the_first_alone(en
     REFUSED, and the original's staged set leaked."""
     entered, release = threading.Event(), threading.Event()
 
-    def slow_fetch(refs: list[Any]) -> Mapping[str, np.ndarray]:
+    def slow_fetch(refs: list[Any]) -> list[Any]:
         entered.set()
         release.wait(10)
-        return refs[0]
+        return refs
 
     core = make_core(engine_path, tmp_path, slow_fetch)
     pub = Published(2.0)

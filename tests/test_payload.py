@@ -1,0 +1,67 @@
+"""How a version travels (``actors.payload``): buckets packing small tensors, inline or put."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from actors.payload import PACK_BYTES, fetch, from_wire, spec_dict, tensors_from_wire, to_wire
+from engines.checksum import tensor_checksum
+
+
+def _mixed() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(7)
+    return {
+        "big": torch.randn(PACK_BYTES // 4 + 3, generator=g),  # above PACK_BYTES: its own array
+        "odd": torch.randn(3, 5, generator=g),  # 60 bytes: packed, the next one starts aligned
+        "half": torch.randn(7, generator=g).to(torch.bfloat16),
+        "fp16": torch.randn(2, 2, generator=g).half(),
+        "mask": torch.tensor([True, False, True]),
+        "scalar": torch.tensor(3.5),
+        "empty": torch.zeros(0, 4),
+        "ints": torch.arange(11, dtype=torch.int64),
+    }
+
+
+def test_a_bucket_carries_every_tensor_bit_for_bit_with_small_ones_packed_in_one_buffer() -> None:
+    tensors = _mixed()
+    packed, offsets, arrays = to_wire(tensors)
+    assert set(arrays) == {"big"} and set(offsets) == set(tensors) - {"big"}
+    assert packed is not None and packed.dtype == np.uint8
+    assert all(start % 64 == 0 for start, _ in offsets.values())
+    back = from_wire((packed, offsets, arrays), spec_dict(tensors))
+    for name, t in tensors.items():
+        assert back[name].dtype == t.dtype and back[name].shape == t.shape, name
+        assert tensor_checksum(back[name]) == tensor_checksum(t), name
+
+
+def test_large_contiguous_tensors_travel_without_a_copy() -> None:
+    big = torch.ones(PACK_BYTES)
+    _, _, arrays = to_wire({"big": big})
+    assert arrays["big"].ctypes.data == big.data_ptr()
+
+
+def test_a_plain_mapping_of_arrays_is_a_bucket_too() -> None:
+    tensors = {"a": torch.full((4,), 2.0), "b": torch.ones(2, 2).to(torch.bfloat16)}
+    plain = {"a": tensors["a"].numpy(), "b": tensors["b"].view(torch.int16).numpy()}
+    back = from_wire(plain, spec_dict(tensors))
+    assert torch.equal(back["a"], tensors["a"]) and torch.equal(back["b"], tensors["b"])
+
+
+def test_buckets_merge_in_order() -> None:
+    first = {"a": torch.full((4,), 1.0)}
+    second = {"b": torch.full((4,), 2.0)}
+    specs = {**spec_dict(first), **spec_dict(second)}
+    back = tensors_from_wire([to_wire(first), to_wire(second)], specs)
+    assert list(back) == ["a", "b"] and float(back["b"][0]) == 2.0
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_fetch_takes_inline_buckets_as_they_are_and_gets_the_others_from_the_object_store() -> None:
+    import ray
+
+    one, two = to_wire({"a": torch.full((4,), 1.0)}), to_wire({"b": torch.full((4,), 2.0)})
+    got = fetch([one, ray.put(two), one], timeout=30)
+    assert got[0] is one and got[2] is one
+    assert got[1][1] == two[1] and np.array_equal(got[1][0], two[0])
