@@ -102,7 +102,8 @@ class Coordinator:
                                       export=functools.partial(export_job, ledger=ledger, client=self.client,
                                                                membership=self.membership,
                                                                settings=self.settings, timeouts=self.t),
-                                      drop=self.retention.drop, on_lost=self._on_lost, stop=self._stop)
+                                      drop=self.retention.drop, on_lost=self._on_lost, stop=self._stop,
+                                      on_persisted=lambda: self.txns.compact_if_due() if self.txns else None)
         self.txns.tracker = self.tracker
         self.repairer = Repairer(self.client, self.membership, self.leases,
                                  active_version=lambda: ledger.state.active_version,
@@ -122,7 +123,8 @@ class Coordinator:
                             export=self.tracker.export, newest_stored=self._newest_stored)
             sync_members(ledger, txns, self.client, self.membership, request_s=self.t.request_s,
                          catch_up_s=self.t.launch_s)
-        self.persister.ready()
+        if self.membership.members():  # a restart: the fleet serves already
+            self.persister.warm()
         run_loop("leases", lambda: self.t.lease_s / 3, self.leases.renew_all, self._stop)
         run_loop("repair", lambda: min(1.0, self.t.lease_s / 3), self.repairer.repair, self._stop)
 
@@ -192,7 +194,8 @@ class Coordinator:
                 self.leases.grant(rid, self.membership.admit(rid))
             else:
                 self._readmit(rid, version)
-            return {"replica": rid, "version": version}
+        self.persister.warm()
+        return {"replica": rid, "version": version}
 
     def leave(self, rid: str, drain_s: float = 30.0) -> dict[str, Any]:
         """Remove a replica: no new refit includes it, it drains its in-flight requests (routers
@@ -256,6 +259,11 @@ class Coordinator:
 
         def make() -> Any:
             self.retention.wait()
+            target = self.requests.rollback_target(to)
+            state = self.ledger.state if self.ledger is not None else None
+            if target is not None and state is not None and target in state.versions \
+                    and not state.is_persisted(target):  # committed, its checkpoint still being written
+                self.tracker.wait(target, self.t.persist_s, unless_failing=True)
             return self.requests.rollback(to, key)
 
         return self._run(make, key, sums)

@@ -22,13 +22,15 @@ import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 import xxhash
 
 from engines.manifest import dtype_name, torch_dtype
+
+if TYPE_CHECKING:
+    import torch
 
 # the fetched arrays are read-only shared memory, and nothing writes to them: staged as copies, or
 # served as they are in shared mode (a process-wide filter: catch_warnings is not thread-safe)
@@ -42,10 +44,23 @@ PACK_BYTES = 64 << 10  # tensors up to this size travel packed together in one b
 INLINE_BYTES = 64 << 10  # a version up to this size travels inside the calls (Ray inlines args < 100 KiB)
 _ALIGN = 64
 
-_VIEW_AS = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.bool: torch.uint8}
-_NUMPY_OF = {torch.float64: np.float64, torch.float32: np.float32, torch.float16: np.float16,
-             torch.int64: np.int64, torch.int32: np.int32, torch.int16: np.int16, torch.int8: np.int8,
-             torch.uint8: np.uint8, torch.bool: np.bool_}
+
+
+@cache
+def _view_as() -> dict[torch.dtype, torch.dtype]:
+    """dtypes numpy lacks (or stores otherwise) -> the dtype they travel as."""
+    import torch  # on first use: the coordinator forwards buckets without importing torch
+
+    return {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.bool: torch.uint8}
+
+
+@cache
+def _numpy_of() -> dict[torch.dtype, type]:
+    import torch
+
+    return {torch.float64: np.float64, torch.float32: np.float32, torch.float16: np.float16,
+            torch.int64: np.int64, torch.int32: np.int32, torch.int16: np.int16, torch.int8: np.int8,
+            torch.uint8: np.uint8, torch.bool: np.bool_}
 
 Wire = tuple[np.ndarray | None, dict[str, tuple[int, int]], dict[str, np.ndarray]]
 
@@ -55,20 +70,23 @@ def _host_view(t: torch.Tensor) -> torch.Tensor:
     if t.device.type != "cpu":
         t = t.cpu()
     t = t.contiguous()
-    view = _VIEW_AS.get(t.dtype)
+    view = _view_as().get(t.dtype)
     return t.view(view) if view is not None else t
 
 
 def to_wire(tensors: Mapping[str, torch.Tensor], *, pack_bytes: int = PACK_BYTES) -> Wire:
     """One bucket of ``tensors``: large ones as numpy views (no copy for contiguous CPU tensors),
     the small ones copied into one packed buffer (one ``torch.cat``, with zero padding)."""
+    import torch
+
+    view_as = _view_as()
     arrays: dict[str, np.ndarray] = {}
     offsets: dict[str, tuple[int, int]] = {}
     parts: list[torch.Tensor] = []
     pads = _zeros(_ALIGN)
     end = 0
     for name, t in tensors.items():
-        if t.device.type == "cpu" and t.is_contiguous() and t.dtype not in _VIEW_AS \
+        if t.device.type == "cpu" and t.is_contiguous() and t.dtype not in view_as \
                 and not t.requires_grad and t.numel() * t.element_size() > pack_bytes:
             arrays[name] = t.numpy()  # the common large tensor: a view, no further checks
             continue
@@ -90,6 +108,8 @@ def to_wire(tensors: Mapping[str, torch.Tensor], *, pack_bytes: int = PACK_BYTES
 
 @cache
 def _zeros(n: int) -> torch.Tensor:
+    import torch
+
     return torch.zeros(n, dtype=torch.uint8)
 
 
@@ -103,6 +123,8 @@ def _spec_shape(spec: Any) -> tuple[int, ...]:
 
 def from_wire(wire: Wire | Mapping[str, np.ndarray], specs: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     """Tensors sharing memory with the (read-only) bucket, in the dtypes and shapes ``specs`` name."""
+    import torch
+
     if isinstance(wire, Mapping):
         packed, offsets, arrays = None, {}, wire
     else:
@@ -117,7 +139,7 @@ def from_wire(wire: Wire | Mapping[str, np.ndarray], specs: Mapping[str, Any]) -
         for name, (start, nbytes) in offsets.items():
             spec = specs[name]
             dtype = _spec_dtype(spec)
-            wire_dtype = _NUMPY_OF.get(dtype)
+            wire_dtype = _numpy_of().get(dtype)
             if wire_dtype is None:  # no numpy twin (bf16 travels as int16): view it in torch
                 t = torch.from_numpy(packed[start:start + nbytes]).view(dtype).reshape(_spec_shape(spec))
             else:

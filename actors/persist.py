@@ -1,17 +1,22 @@
 """Writing a version to the checkpoint store, in a long-lived Ray actor beside the coordinator.
 
 The coordinator never fetches weight bytes: it hands the ``PersistWorker`` the same buckets the
-replicas get, and waits for it before logging COMMIT. Subset refits are materialised: the worker
-overlays the changed tensors on the base version read back (verified) from the store. A rollback
+replicas get (under ``durability: disk`` it waits for the write before logging COMMIT). Subset
+refits are materialised: the worker overlays the changed tensors on the base version read back
+(verified) from the store. A rollback
 re-saves the target version's set under the new version number.
 
 The worker is an actor, not a task, so that the first refit after a launch or a coordinator restart
-does not pay for starting a worker process and importing torch: the coordinator creates it at start
-and ``Persister.ready`` waits for it during recovery. The coordinator owns it, so it dies with the
-coordinator and is created afresh by the next incarnation.
+does not pay for starting a worker process and importing torch: the coordinator starts it, and has
+it import torch, once the fleet serves (``Persister.warm``: at the first replica's join, or at the
+end of a restarted coordinator's recovery), not while the replicas start on the same cores; any
+other first use starts it too.
+The coordinator owns it, so it dies with the coordinator and is created afresh by the next
+incarnation.
 
 ``Persister`` supervises the worker (contract):
-- ``ensure()`` replaces a worker that died between refits (OOM, node loss) before it is needed.
+- ``ensure()`` replaces a worker that died between refits (OOM, node loss) before it is needed
+  (the checkpoint writes of ``durability: replicated`` do without: ``wait`` replaces it).
 - ``wait(pending, deadline)`` returns the write's timings and "" once the version is stored, or {}
   and a one-line reason. A worker that died mid-write is replaced and the write retried once within
   the same deadline. A failed write (a bad payload, a full disk) is not retried; a timed-out
@@ -31,7 +36,6 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from .durable import describe_os_error
 from .failpoints import Failpoints
-from .payload import fetch, tensors_from_wire
 from .store import CheckpointStore
 
 logger = logging.getLogger("weight_refit.coordinator")
@@ -55,6 +59,8 @@ class PersistJob:
 
 def persist(job: PersistJob, fp: Failpoints | None = None) -> dict[str, float]:
     """Save ``job.version`` as a full set; returns timings. Raises on any mismatch or I/O error."""
+    from .payload import fetch, tensors_from_wire  # torch: only in the worker, on its first write
+
     t0 = time.perf_counter()
     store = CheckpointStore.in_state_dir(job.state_dir, cleanup=False, fp=fp)
     if job.from_version is not None:
@@ -89,6 +95,12 @@ class PersistWorker:
     def ping(self) -> bool:
         return True
 
+    def warm(self) -> None:
+        """Import what a write needs (torch) now, so that the first write does not wait for it."""
+        from . import payload  # noqa: F401
+
+        payload.to_wire({})
+
     def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id()
 
@@ -117,10 +129,13 @@ class Persister:
     def __init__(self, ready_s: float, failpoints: dict[str, str] | None = None) -> None:
         self._ready_s = ready_s
         self._failpoints = dict(failpoints or {})
-        self._worker = self._new_worker()
+        self._warmed = False
+        self._worker: Any = None  # started on first use (not while the replicas start)
 
     @property
     def worker(self) -> Any:
+        if self._worker is None:
+            self._worker = self._new_worker()
         return self._worker
 
     def _new_worker(self) -> Any:
@@ -131,20 +146,27 @@ class Persister:
     def ready(self) -> None:
         """Wait until the worker runs, so the first refit does not start it."""
         try:
-            ray.get(self._worker.ping.remote(), timeout=self._ready_s)
+            ray.get(self.worker.ping.remote(), timeout=self._ready_s)
         except Exception as exc:  # noqa: BLE001  (the next persist reports it as the abort reason)
             logger.warning("persistence worker not ready: %s", _reason(exc))
 
+    def warm(self) -> None:
+        """Have the worker import what a write needs, without waiting (once the fleet serves:
+        not while the replicas start on the same cores)."""
+        if not self._warmed:
+            self._warmed = True
+            self.worker.warm.remote()
+
     def ensure(self) -> None:
         try:
-            ray.get(self._worker.ping.remote(), timeout=5.0)
+            ray.get(self.worker.ping.remote(), timeout=5.0)
         except Exception as exc:  # noqa: BLE001
             logger.warning("persistence worker lost (%s): starting a new one", _reason(exc))
             self.replace()
             self.ready()
 
     def start(self, job: PersistJob) -> PendingPersist:
-        return PendingPersist(job, self._worker.persist.remote(job))
+        return PendingPersist(job, self.worker.persist.remote(job))
 
     def done(self, pending: PendingPersist) -> bool:
         """Whether the write has ended (successfully or not), without waiting."""
@@ -164,7 +186,7 @@ class Persister:
                 logger.warning("persistence worker lost during v%s (%s): retrying on a new one",
                                version, _reason(exc))
                 self.ready()
-                ref = self._worker.persist.remote(pending.job)
+                ref = self.worker.persist.remote(pending.job)
             except RayTaskError as exc:  # the write failed; the worker itself is fine
                 return {}, f"persisting version {version} failed: {_reason(exc)}"
             except GetTimeoutError:
@@ -176,13 +198,17 @@ class Persister:
         raise AssertionError("unreachable")
 
     def replace(self) -> None:
-        try:
-            ray.kill(self._worker, no_restart=True)
-        except Exception:  # noqa: BLE001
-            logger.exception("killing the persistence worker failed")
+        if self._worker is not None:
+            try:
+                ray.kill(self._worker, no_restart=True)
+            except Exception:  # noqa: BLE001
+                logger.exception("killing the persistence worker failed")
         self._worker = self._new_worker()
+        self._warmed = False
 
     def stop(self) -> None:
+        if self._worker is None:
+            return
         try:
             ray.kill(self._worker, no_restart=True)
         except Exception:  # noqa: BLE001  (already gone)

@@ -19,6 +19,8 @@ at once when some must catch up from the store: they wait for it).
   (the coordinator then moves the fleet to a new version re-installing the newest persisted
   weights).
 - ``wait(version, timeout)`` returns once the version is persisted (True) or at the timeout.
+- ``on_persisted()`` runs after each PERSISTED record (the coordinator compacts a log that could
+  not drop versions while they were unpersisted).
 - ``discard(version, pending)``: an aborted transaction's write; its files are dropped once the
   write ended, so that a late write cannot leave a version behind.
 """
@@ -95,8 +97,10 @@ class PersistTracker:
 
     def __init__(self, persister: PersisterLike, ledger: Ledger, *, persist_s: float, retry_s: float,
                  export: Callable[[int], tuple[PersistJob | None, bool]], drop: Callable[[int], None],
-                 on_lost: Callable[[str, int, str], None], stop: threading.Event) -> None:
+                 on_lost: Callable[[str, int, str], None], stop: threading.Event,
+                 on_persisted: Callable[[], None] = lambda: None) -> None:
         self._persister = persister
+        self._on_persisted = on_persisted
         self._ledger = ledger
         self._persist_s = persist_s
         self._retry_s = retry_s
@@ -207,3 +211,4 @@ class PersistTracker:
         self.failing.pop(item.version, None)
         self._ledger.append(PersistedRecord(epoch=self._ledger.epoch, txn=item.txn, version=item.version),
                             deferrable=True)
+        self._on_persisted()

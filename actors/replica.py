@@ -25,11 +25,10 @@ import socket
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ray
 
-from engines import Engine, load_engine
 from engines.checksum import tensor_checksum
 
 from .failpoints import Failpoints
@@ -43,6 +42,9 @@ from .serving_lease import LeaseVerdict, ServingLease
 from .settings import ReplicaSettings
 from .store import CheckpointStore
 from .telemetry import observe_request, set_version
+
+if TYPE_CHECKING:
+    from engines import Engine
 
 
 @ray.remote(concurrency_groups={"serve": 32, "control": 4}, max_restarts=-1, max_task_retries=0)
@@ -79,6 +81,8 @@ class Replica:
     def _load_engine(self) -> Engine:
         """The engine file on this replica's device. ``enable_refit`` is the file's own: an engine
         built without it refuses every PREPARE (a NO vote naming RefitDisabledError)."""
+        from engines import load_engine
+
         return load_engine(self.s.engine, device=self.s.device, memory_mode=self.s.memory_mode,
                            keep_previous=self.s.keep_previous,
                            memory_budget_bytes=self.s.memory_budget_bytes)

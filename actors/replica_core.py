@@ -25,9 +25,8 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from engines import Engine, StagedSet
 from engines.checksum import ChecksumMismatch, ChecksumMissing
 from engines.errors import NotRetainedError
 
@@ -44,6 +43,9 @@ from .replica_protocol import (
 from .replies import Ack, PrepareReply
 from .store import CheckpointStore
 from .telemetry import phase_log
+
+if TYPE_CHECKING:
+    from engines import Engine, StagedSet
 
 __all__ = ["ReplicaCore"]
 

@@ -81,11 +81,17 @@ class Requests:
                              reason="identical to the active version")
         return RefitRequest(refs, specs, checksums, full, key, base_version=state.active_version)
 
+    def rollback_target(self, to: int | None) -> int | None:
+        """``to``, or the default target (walking back through origins); None if there is none."""
+        if to is not None:
+            return to
+        return default_rollback_target(self._ledger.state.active_version, self.origins(), self._committed())
+
     def rollback(self, to: int | None, key: str | None) -> RefitRequest | TxnResult:
         state = self._ledger.state
         committed = self._committed()
         if to is None:
-            to = default_rollback_target(state.active_version, self.origins(), committed)
+            to = self.rollback_target(None)
             if to is None:
                 return TxnResult(status="aborted", txn=None, version=None, key=key,
                                  reason="no earlier version to roll back to")

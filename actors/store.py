@@ -20,17 +20,21 @@ import struct
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
+from functools import cache
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
-import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from actors.direct_io import DirectIOUnsupported, open_direct, write_views
 from actors.durable import fsync_dir
 from actors.failpoints import Failpoints
 from engines.checksum import ChecksumMismatch, bytes_checksum, set_digest, tensor_bytes, tensor_checksum
-from engines.manifest import dtype_name
+from engines.engine_file import RawTensor
+from engines.manifest import ITEMSIZE, SAFETENSORS_CODE, dtype_name
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "CheckpointCorrupted",
@@ -46,28 +50,15 @@ MANIFEST_FORMAT = "weight-refit/checkpoint/1"
 _TMP_SUFFIX = ".tmp"
 _VERSION_FILE = re.compile(r"^v(0|[1-9][0-9]*)\.(safetensors|json)$")
 
-# safetensors dtype codes (the file format's names), for the dtypes torch has.
-_ST_DTYPES: dict[torch.dtype, str] = {
-    torch.float64: "F64",
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.int16: "I16",
-    torch.int8: "I8",
-    torch.uint8: "U8",
-    torch.bool: "BOOL",
-}
-for _name, _code in (
-    ("float8_e4m3fn", "F8_E4M3"),
-    ("float8_e5m2", "F8_E5M2"),
-    ("uint16", "U16"),
-    ("uint32", "U32"),
-    ("uint64", "U64"),
-):
-    if hasattr(torch, _name):
-        _ST_DTYPES[getattr(torch, _name)] = _code
+
+
+@cache
+def _st_dtypes() -> dict[torch.dtype, str]:
+    """torch dtype -> safetensors code (torch imported on first use: the coordinator reads
+    manifests and deletes versions without it)."""
+    import torch
+
+    return {getattr(torch, name): code for name, code in SAFETENSORS_CODE.items()}
 
 _LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
@@ -270,36 +261,50 @@ class CheckpointStore:
         vouches for bytes it does not describe. Overwrites an existing copy of the same version.
         """
         self._check_version(version)
-        names = set(tensors)
+        if set(tensors) != set(checksums):
+            self._check_names(set(tensors), checksums)
+        for name, t in tensors.items():
+            if t.dtype not in _st_dtypes():
+                raise ValueError(f"tensor {name!r}: dtype {t.dtype} cannot be stored in a checkpoint")
+        raw = {name: RawTensor(tuple(t.shape), dtype_name(t.dtype), tensor_bytes(t))
+               for name, t in tensors.items()}
+        return self.save_raw(version, raw, checksums, fsync=fsync, verify=verify)
+
+    @staticmethod
+    def _check_names(names: set[str], checksums: Mapping[str, str]) -> None:
         if names != set(checksums):
             missing = sorted(names - set(checksums))
             extra = sorted(set(checksums) - names)
             raise ValueError(f"checksums do not match tensors: missing {missing}, extra {extra}")
+
+    def save_raw(self, version: int, tensors: Mapping[str, RawTensor], checksums: Mapping[str, str], *,
+                 fsync: bool = True, verify: bool = True) -> Path:
+        """``save`` of tensors given as their bytes (``RawTensor``: e.g. copied from an engine
+        file as they lie in it, without torch)."""
+        self._check_version(version)
+        self._check_names(set(tensors), checksums)
         for name, t in tensors.items():
-            if t.dtype not in _ST_DTYPES:
+            if t.dtype not in SAFETENSORS_CODE:
                 raise ValueError(f"tensor {name!r}: dtype {t.dtype} cannot be stored in a checkpoint")
         entries: dict[str, TensorEntry] = {
-            name: TensorEntry(shape=list(t.shape), dtype=dtype_name(t.dtype), checksum=checksums[name])
+            name: TensorEntry(shape=list(t.shape), dtype=t.dtype, checksum=checksums[name])
             for name, t in tensors.items()
         }
         header: dict[str, object] = {"__metadata__": {"format": MANIFEST_FORMAT, "version": str(version)}}
         # Largest item size first: with the header padded to 8 bytes every tensor is aligned.
-        order = sorted(tensors, key=lambda n: (-tensors[n].element_size(), n))
+        order = sorted(tensors, key=lambda n: (-ITEMSIZE[tensors[n].dtype], n))
         views: list[memoryview] = []
         offset = 0
         for name in order:
             t = tensors[name]
-            code = _ST_DTYPES.get(t.dtype)
-            if code is None:
-                raise ValueError(f"tensor {name!r}: dtype {t.dtype} cannot be stored in a checkpoint")
-            data = tensor_bytes(t)
+            data = t.data
             if verify:
                 got = bytes_checksum(data)
                 if got != checksums[name]:
                     raise ChecksumMismatch(name, checksums[name], got, f"save of checkpoint v{version}")
             views.append(data)
             header[name] = {
-                "dtype": code,
+                "dtype": SAFETENSORS_CODE[t.dtype],
                 "shape": list(t.shape),
                 "data_offsets": [offset, offset + data.nbytes],
             }
@@ -423,6 +428,8 @@ class CheckpointStore:
             got = tensor_checksum(t)
             if got != entry.checksum:
                 raise ChecksumMismatch(name, entry.checksum, got, where)
+        import torch
+
         dev = torch.device(device)
         return {name: tensors[name].to(dev) for name in m.tensors}
 

@@ -291,11 +291,17 @@ class TwoPhaseCommit:
         txn.move(Phase.DONE)
         keep = self._retained(None)
         self._retention.schedule(keep, below=self._ledger.state.last_version + 1)
-        window = self._s.history_window
-        if self._ledger.state.transactions > window + max(10, window // 10):  # bounded: compact
-            self._retention.later(lambda: self._ledger.compact(window, keep))  # keep: active included
+        self.compact_if_due(keep)
         txn.lap("activated_log_s")
         return replies
+
+    def compact_if_due(self, keep: set[int] | None = None) -> None:
+        """Compact the log in the background once it holds more than the history window (plus
+        10%): after each refit, and after each checkpoint lands (unpersisted versions are kept)."""
+        window = self._s.history_window
+        if self._ledger.state.transactions > window + max(10, window // 10):
+            keep = self._retained(None) if keep is None else keep  # the active version included
+            self._retention.later(lambda: self._ledger.compact(window, keep))
 
     def _start_tracked_write(self, txn: CoordinatorTxn) -> bool:
         """Hand the version's checkpoint write to the tracker (replicated), once; True if it did."""

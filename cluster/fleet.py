@@ -9,7 +9,7 @@ import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError
@@ -18,7 +18,6 @@ from actors.replica_client import coordinator_actor_name
 from actors.settings import Timeouts
 from actors.store import validate_label
 from actors.two_phase import TxnResult
-from engines.weights import WeightsLike
 
 from .config import FleetConfig
 from .errors import FleetNotFound, RefitAborted
@@ -30,10 +29,12 @@ from .placement import (
     create_placement_group,
     plan_placement,
 )
-from .publish import load_and_check, publish
 from .ray_session import ensure_ray
 from .remote import readable_errors
 from .router import InferResponse, Router
+
+if TYPE_CHECKING:
+    from engines.weights import WeightsLike
 
 
 @dataclass
@@ -212,6 +213,8 @@ class Fleet:
         t0 = time.perf_counter()
         from engines.config import NonFinitePolicy
 
+        from .publish import publish  # torch: imported by the first refit, not by every driver
+
         key = key or f"auto-{uuid.uuid4().hex}"
         pub = publish(weights, self.manifest(), non_finite=NonFinitePolicy.REJECT,
                       strip_prefix=strip_prefix, add_prefix=add_prefix, mapping=mapping,
@@ -228,6 +231,8 @@ class Fleet:
         """Dry run of ``refit``: read and validate against the fleet manifest, checksum; nothing
         is put or staged. Returns names, bytes, checksums and what is missing."""
         from engines.checksum import checksums
+
+        from .publish import load_and_check
 
         manifest = self.manifest()
         tensors = load_and_check(weights, manifest, strip_prefix=strip_prefix, add_prefix=add_prefix,

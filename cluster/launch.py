@@ -9,6 +9,10 @@ Contract of ``Launch.run``:
   started are killed (replicas that had already joined a running coordinator leave it), and the
   placement groups it created are removed. What ran before the call keeps running.
 - The errors it raises are readable (``cluster.remote``): a replica that could not start says why.
+- Its steps overlap where they can (``timings`` says where the seconds go): the base version is
+  written to the checkpoint store (importing torch, on a thread) while Ray starts, and the
+  replicas (the longest step: a process each, torch, the engine) are created before the
+  coordinator, which is created once the base version is on disk.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -29,8 +34,8 @@ from actors.replica import Replica
 from actors.replica_client import coordinator_actor_name, replica_actor_name
 from actors.settings import CoordinatorSettings, ReplicaSettings
 from actors.store import CheckpointStore
-from engines.checksum import checksums as checksum_all
-from engines.engine_file import read_engine_file
+from engines.checksum import bytes_checksum
+from engines.engine_file import read_engine_metadata, read_engine_weight_bytes
 from engines.errors import EngineFileError
 from engines.paths import check_regular_file
 
@@ -92,7 +97,7 @@ def check_engine(cfg: FleetConfig) -> None:
         check_regular_file(cfg.engine, "engine file", EngineFileError)
     except EngineFileError as exc:
         raise EngineFileError(f"{exc} (build one with scripts/gen_model.py)") from None
-    builder_config = read_engine_file(cfg.engine).builder_config
+    builder_config = read_engine_metadata(cfg.engine).builder_config
     if not builder_config.get("enable_refit", False):
         raise EngineNotRefittable(
             f"engine file {cfg.engine!r} was built without enable_refit=True: its weights cannot be "
@@ -116,13 +121,35 @@ def check_state_dir(path: str) -> None:
                          "filesystem every node shares)") from None
 
 
-def _ensure_base_version(cfg: FleetConfig) -> None:
-    """Write the engine file's weights as version 0 of the checkpoint store (once per fleet)."""
-    store = CheckpointStore.in_state_dir(cfg.state_dir)
-    if store.has(0):
-        return
-    ef = read_engine_file(cfg.engine)
-    store.save(0, ef.weights, checksum_all(ef.weights), fsync=cfg.persist_fsync)
+class BaseVersion:
+    """Writes the engine file's weights as version 0 of the checkpoint store (once per fleet),
+    on a thread of its own: ``wait`` returns once it is there, or raises why it is not."""
+
+    def __init__(self, cfg: FleetConfig) -> None:
+        self._cfg = cfg
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._write, name="base-version", daemon=True)
+        self._thread.start()
+
+    def _write(self) -> None:
+        try:
+            store = CheckpointStore.in_state_dir(self._cfg.state_dir, cleanup=False)
+            if store.has(0):
+                return
+            weights = read_engine_weight_bytes(self._cfg.engine)  # byte for byte: no torch here
+            sums = {name: bytes_checksum(t.data) for name, t in weights.items()}
+            store.save_raw(0, weights, sums, fsync=self._cfg.persist_fsync)
+        except BaseException as exc:  # noqa: BLE001  (raised by wait, in the launching thread)
+            self._error = exc
+
+    def wait(self) -> None:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+    def wait_quietly(self) -> None:
+        """Wait for the write to end, whatever its outcome (a failed launch cleans up after it)."""
+        self._thread.join()
 
 
 def _head_node_strategy() -> Any:
@@ -158,6 +185,7 @@ class Launch:
         self.cfg = cfg
         self.address = address
         self._actors: list[Any] = []  # created by this launch, newest last
+        self._coordinator: Any = None  # the coordinator this launch created, if it did
         self._joined: list[str] = []  # replicas this launch had a running coordinator admit
         self._groups: list[Any] = []
         self._coordinator_was_running = False
@@ -174,18 +202,21 @@ class Launch:
         cfg = self.cfg
         check_engine(cfg)
         check_state_dir(cfg.state_dir)
+        base = BaseVersion(cfg)  # a new fleet's version 0, written while Ray starts
         self._lap("checks_s")
-        ensure_ray(self.address or cfg.address, local_ray_init_kwargs(cfg))
-        self._lap("ray_s")
+        try:
+            ensure_ray(self.address or cfg.address, local_ray_init_kwargs(cfg))
+        finally:
+            self._lap("ray_s")
         running = _named(coordinator_actor_name(cfg.name), cfg.namespace)
         if running is not None:
             self._check_same_config(running)
         else:
             StateDirLock(cfg.state_dir).check_free()
         try:
-            _ensure_base_version(cfg)
-            return self._start(running)
+            return self._start(running, base)
         except BaseException:
+            base.wait_quietly()
             self.undo(running)
             raise
 
@@ -201,7 +232,7 @@ class Launch:
                 [d.split(" ", 1)[0] for d in differ])
         self._coordinator_was_running = True
 
-    def _start(self, running: Any) -> Any:
+    def _start(self, running: Any, base: BaseVersion) -> Any:
         cfg = self.cfg
         plan = plan_placement(cfg)
         group_name = f"{cfg.name}.replicas"
@@ -211,6 +242,10 @@ class Launch:
             if pg is not None:
                 self._groups.append(pg)
         cards = resolve_card_indexes(plan, pg)
+        self._lap("placement_s")
+        handles = self.create_replicas(plan, pg, cards)
+        base.wait()  # the coordinator's store must find version 0 complete
+        self._lap("base_version_s")
         coord = running
         if coord is None:
             coord = Coordinator.options(
@@ -219,13 +254,17 @@ class Launch:
                 runtime_env={"env_vars": dict(cfg.coordinator_env)} if cfg.coordinator_env else None,
             ).remote(coordinator_settings(cfg))
             self._actors.append(coord)
-        self._lap("placement_s")
-        self.start_replicas(plan, pg, cards, coord)
+            self._coordinator = coord
+        self.admit_replicas(handles, coord)
         return coord
 
     def start_replicas(self, plan: Any, pg: Any, cards: Mapping[str, int], coord: Any) -> None:
         """Create the plan's replicas (detached, named) that are not running, wait until each
         answers, and have the coordinator admit each one (it catches it up first)."""
+        self.admit_replicas(self.create_replicas(plan, pg, cards), coord)
+
+    def create_replicas(self, plan: Any, pg: Any, cards: Mapping[str, int]) -> dict[str, Any]:
+        """Create the plan's replicas that are not running (detached, named); their handles."""
         cfg = self.cfg
         handles = {}
         for rp in plan.replicas:
@@ -240,6 +279,12 @@ class Launch:
                 **actor_options(rp, placement_group=pg, card_index=card),
             ).remote(rp.replica_id, replica_settings(cfg, card))
             self._actors.append(handles[rp.replica_id])
+        return handles
+
+    def admit_replicas(self, handles: Mapping[str, Any], coord: Any) -> None:
+        """Wait until each replica answers, then have the coordinator admit each one (it catches
+        it up first)."""
+        cfg = self.cfg
         deadline = time.monotonic() + cfg.timeouts.launch_s
         for rid, handle in handles.items():
             with readable_errors(RemoteError, where=f"replica {rid}"):  # "replica r1 could not start"
@@ -263,9 +308,9 @@ class Launch:
             for rid in self._joined:
                 with contextlib.suppress(Exception):
                     ray.get(coord.leave.remote(rid, 0.0), timeout=self.cfg.timeouts.request_s)
-        if running is None and self._actors:  # our coordinator: let it release the state dir first
+        if running is None and self._coordinator is not None:  # let it release the state dir first
             with contextlib.suppress(Exception):
-                ray.get(self._actors[0].shutdown.remote(), timeout=10)
+                ray.get(self._coordinator.shutdown.remote(), timeout=10)
         for handle in reversed(self._actors):
             with contextlib.suppress(Exception):
                 ray.kill(handle, no_restart=True)

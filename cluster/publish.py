@@ -52,10 +52,10 @@ def _checksums_and_non_finite(tensors: Mapping[str, torch.Tensor], wire: Wire, *
 def publish(weights: WeightsLike, manifest: Mapping[str, Any], *,
             non_finite: NonFinitePolicy = NonFinitePolicy.REJECT, strip_prefix: str | None = None,
             add_prefix: str | None = None, mapping: Mapping[str, str] | None = None,
-            complete: bool = False) -> Publication:
+            complete: bool = False, inline_bytes: int = INLINE_BYTES) -> Publication:
     """Validate ``weights`` against the fleet manifest (I4: before any transfer), checksum them
     (xxh3 per tensor, in one pass with the non-finite scan) and ``ray.put`` them once (a version of
-    at most ``INLINE_BYTES`` is not put: it travels inside the calls, ``actors.payload``). Raises the
+    at most ``inline_bytes`` is not put: it travels inside the calls, ``actors.payload``). Raises the
     engine's errors naming the tensor, ``MissingWeightsError`` when ``complete`` and names are
     missing, ``ObjectStoreTooSmall`` with the numbers when the version cannot fit the object store.
     ``timings["checksum_s"]`` is that one pass."""
@@ -75,7 +75,7 @@ def publish(weights: WeightsLike, manifest: Mapping[str, Any], *,
     if bad:
         raise non_finite_error(bad[0], tensors[bad[0]])
     t2 = time.perf_counter()
-    refs = [wire] if nbytes <= INLINE_BYTES else [ray.put(wire)]
+    refs = [wire] if nbytes <= inline_bytes else [ray.put(wire)]
     t3 = time.perf_counter()
     return Publication(refs=refs, specs=spec_dict(tensors), checksums=sums, nbytes=nbytes,
                        timings={"load_validate_s": t1 - t0, "checksum_s": t2 - t1, "put_s": t3 - t2})

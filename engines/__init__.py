@@ -1,39 +1,77 @@
-"""The engine layer: a refittable inference engine on one device (no Ray here)."""
+"""The engine layer: a refittable inference engine on one device (no Ray here).
 
-from .builder import build_engine, load_engine
-from .config import BuilderConfig, MemoryMode, NonFinitePolicy
-from .engine import Engine, InferResult, MemoryReport, Refitter
-from .errors import (
-    BackendUnavailableError,
-    DtypeMismatchError,
-    EngineError,
-    EngineFileError,
-    InvalidVersionError,
-    MemoryBudgetError,
-    MissingWeightsError,
-    NonFiniteWeightError,
-    NotRetainedError,
-    RefitDisabledError,
-    RefitError,
-    ShapeMismatchError,
-    StagedSetDiscardedError,
-    StagedSetError,
-    StagedSetSupersededError,
-    UnknownWeightError,
-    VersionOrderError,
-    WeightError,
-    WeightFileError,
-)
-from .manifest import TensorSpec
-from .weight_set import StagedSet, StagedState
-from .weights import load_weights
+Names are imported on first use (PEP 562), so that a process that needs only the errors, the
+checksums of an engine-free part or the manifest's dtype names (the coordinator) does not pay for
+importing torch.
+"""
 
-__all__ = [
-    "BackendUnavailableError", "BuilderConfig", "DtypeMismatchError", "Engine", "EngineError",
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_WHERE = {
+    "build_engine": "builder", "load_engine": "builder",
+    "BuilderConfig": "config", "MemoryMode": "config", "NonFinitePolicy": "config",
+    "Engine": "engine", "InferResult": "engine", "MemoryReport": "engine", "Refitter": "engine",
+    "TensorSpec": "manifest",
+    "StagedSet": "weight_set", "StagedState": "weight_set",
+    "load_weights": "weights",
+    **{name: "errors" for name in (
+        "BackendUnavailableError", "DtypeMismatchError", "EngineError", "EngineFileError",
+        "InvalidVersionError", "MemoryBudgetError", "MissingWeightsError", "NonFiniteWeightError",
+        "NotRetainedError", "RefitDisabledError", "RefitError", "ShapeMismatchError",
+        "StagedSetDiscardedError", "StagedSetError", "StagedSetSupersededError", "UnknownWeightError",
+        "VersionOrderError", "WeightError", "WeightFileError")},
+}
+
+__all__ = ["BackendUnavailableError", "BuilderConfig", "DtypeMismatchError", "Engine", "EngineError",
     "EngineFileError", "InferResult", "InvalidVersionError", "MemoryBudgetError", "MemoryMode",
-    "MemoryReport", "MissingWeightsError",
-    "NonFinitePolicy", "NonFiniteWeightError", "NotRetainedError", "RefitDisabledError", "RefitError",
-    "Refitter", "ShapeMismatchError", "StagedSet", "StagedSetDiscardedError", "StagedSetError",
-    "StagedSetSupersededError", "StagedState", "TensorSpec", "UnknownWeightError", "VersionOrderError",
-    "WeightError", "WeightFileError", "build_engine", "load_engine", "load_weights",
-]
+    "MemoryReport", "MissingWeightsError", "NonFiniteWeightError", "NonFinitePolicy",
+    "NotRetainedError", "RefitDisabledError", "RefitError", "Refitter", "ShapeMismatchError",
+    "StagedSet", "StagedSetDiscardedError", "StagedSetError", "StagedSetSupersededError",
+    "StagedState", "TensorSpec", "UnknownWeightError", "VersionOrderError", "WeightError",
+    "WeightFileError", "build_engine", "load_engine", "load_weights"]
+
+
+def __getattr__(name: str) -> Any:
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module 'engines' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_WHERE))
+
+
+if TYPE_CHECKING:
+    from .builder import build_engine, load_engine
+    from .config import BuilderConfig, MemoryMode, NonFinitePolicy
+    from .engine import Engine, InferResult, MemoryReport, Refitter
+    from .errors import (
+        BackendUnavailableError,
+        DtypeMismatchError,
+        EngineError,
+        EngineFileError,
+        InvalidVersionError,
+        MemoryBudgetError,
+        MissingWeightsError,
+        NonFiniteWeightError,
+        NotRetainedError,
+        RefitDisabledError,
+        RefitError,
+        ShapeMismatchError,
+        StagedSetDiscardedError,
+        StagedSetError,
+        StagedSetSupersededError,
+        UnknownWeightError,
+        VersionOrderError,
+        WeightError,
+        WeightFileError,
+    )
+    from .manifest import TensorSpec
+    from .weight_set import StagedSet, StagedState
+    from .weights import load_weights

@@ -9,9 +9,12 @@ carries those and is checked separately.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
-import torch
 import xxhash
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "ChecksumMismatch",
@@ -32,6 +35,7 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
     For a contiguous, dense CPU tensor this is a zero-copy view of its storage; the view keeps the
     storage alive. Raises TypeError for sparse/quantized layouts and tensors without data (meta).
     """
+    import torch
     if t.layout != torch.strided:
         raise TypeError(f"cannot take the bytes of a tensor with layout {t.layout}")
     if t.is_quantized:
@@ -65,6 +69,7 @@ def copy_and_checksum(dst: torch.Tensor, src: torch.Tensor) -> str:
     now holds. A contiguous CPU pair is copied block by block, each block hashed from ``dst``
     while it is in cache (one pass over the bytes instead of two); any other pair is copied, then
     hashed."""
+    import torch
     if not (dst.device.type == src.device.type == "cpu" and dst.is_contiguous() and src.is_contiguous()
             and dst.dtype == src.dtype and dst.shape == src.shape and dst.numel() > 0):
         dst.copy_(src)

@@ -23,12 +23,13 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from .errors import EngineError, EngineFileError
 from .paths import check_regular_file
+
+if TYPE_CHECKING:
+    import torch
 
 FORMAT = "weight-refit-engine"
 FORMAT_VERSION = "1"
@@ -67,6 +68,7 @@ def deserialize_program(program_json: bytes, weights: dict[str, torch.Tensor],
     EngineFileError naming ``source`` (the engine file) when the JSON is not a program, or when
     ``weights``/``constants`` are not exactly the tensors its graph takes (names, shapes, dtypes).
     """
+    import torch
     from torch._export.serde.serialize import SerializedArtifact, deserialize
 
     where = f"engine file {source!r}"
@@ -96,6 +98,8 @@ def _parameter_targets(program: Any) -> list[str]:
 
 def _check_program_tensors(program: torch.export.ExportedProgram, weights: dict[str, torch.Tensor],
                            constants: dict[str, torch.Tensor], where: str) -> None:
+    import torch
+
     sig = program.graph_signature
     targets = {**sig.inputs_to_parameters, **sig.inputs_to_buffers,
                **sig.inputs_to_lifted_tensor_constants}
@@ -151,6 +155,107 @@ def write_engine_file(path: str | os.PathLike, ef: EngineFile) -> None:
             tmp.unlink()
 
 
+@dataclass
+class EngineMetadata:
+    """An engine file's header: what ``read_engine_metadata`` checked, without reading tensors."""
+
+    refittable: list[str]
+    version: int
+    builder_config: dict
+    backend: str
+
+
+def read_engine_metadata(path: str | os.PathLike) -> EngineMetadata:
+    """The header of an engine file (format, names, version, build configuration), checked as
+    ``read_engine_file`` checks it, without reading any tensor (nor importing torch)."""
+    from safetensors import safe_open
+
+    p = Path(path)
+    where = f"engine file {str(p)!r}"
+    check_regular_file(p, "engine file", EngineFileError)
+    try:
+        with safe_open(str(p), framework="numpy") as fh:
+            meta = _checked_metadata(fh.metadata() or {}, where)
+            _check_keys(list(fh.keys()), meta.refittable, where)
+    except EngineError:
+        raise
+    except Exception as exc:
+        raise EngineFileError(f"{where} is truncated or malformed: {exc}") from exc
+    return meta
+
+
+@dataclass(frozen=True)
+class RawTensor:
+    """A tensor as its bytes: shape, the manifest's dtype name, and the raw little-endian data."""
+
+    shape: tuple[int, ...]
+    dtype: str
+    data: memoryview
+
+
+def read_engine_weight_bytes(path: str | os.PathLike) -> dict[str, RawTensor]:
+    """The refittable weights of an engine file as they lie in it (the file mapped read-only; no
+    tensor library), after the checks of ``read_engine_metadata``; EngineFileError naming the
+    file when its header does not describe them."""
+    import mmap
+    import struct
+
+    from .manifest import ITEMSIZE, SAFETENSORS_CODE
+
+    meta = read_engine_metadata(path)
+    where = f"engine file {str(path)!r}"
+    name_of = {code: name for name, code in SAFETENSORS_CODE.items()}
+    with open(path, "rb") as fh:
+        mapped = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+    raw = memoryview(mapped)
+    try:
+        (hlen,) = struct.unpack_from("<Q", raw, 0)
+        header = json.loads(bytes(raw[8:8 + hlen]))
+        base = 8 + hlen
+        out = {}
+        for name in meta.refittable:
+            info = header[name]
+            dtype = name_of[info["dtype"]]
+            shape = tuple(int(d) for d in info["shape"])
+            start, stop = (int(x) for x in info["data_offsets"])
+            numel = 1
+            for d in shape:
+                numel *= d
+            if stop - start != numel * ITEMSIZE[dtype] or base + stop > len(raw):
+                raise ValueError(f"tensor {name!r}: its offsets do not fit its shape and dtype")
+            out[name] = RawTensor(shape, dtype, raw[base + start:base + stop])
+    except (KeyError, ValueError, TypeError, struct.error) as exc:
+        raise EngineFileError(f"{where}: the weights do not match its header: {exc}") from None
+    return out
+
+
+def _checked_metadata(meta: dict[str, str], where: str) -> EngineMetadata:
+    if meta.get("format") != FORMAT:
+        raise EngineFileError(f"{where} is not a weight-refit engine (no format tag)")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise EngineFileError(
+            f"{where}: format version {meta.get('format_version')!r} "
+            f"is not supported (expected {FORMAT_VERSION})"
+        )
+    missing = [k for k in _KEYS if k not in meta]
+    if missing:
+        raise EngineFileError(f"{where}: metadata lacks {missing}")
+    names = _refittable(meta["refittable"], where)
+    version = _version(meta["version"], where)
+    builder_config = _builder_config(meta["builder_config"], where)
+    _program_object(meta["program"], where)
+    return EngineMetadata(names, version, builder_config, meta["backend"])
+
+
+def _check_keys(keys: list[str], names: list[str], where: str) -> None:
+    unlisted = sorted(k for k in keys if not k.startswith(_CONST_PREFIX) and k not in names)
+    if unlisted:
+        raise EngineFileError(f"{where} holds tensors its refittable list does not name: {unlisted}")
+    lacking = sorted(set(names) - set(keys))
+    if lacking:
+        raise EngineFileError(f"{where} lacks weights {lacking}")
+
+
 def read_engine_file(path: str | os.PathLike) -> EngineFile:
     """Read an engine file; EngineFileError naming the file for anything wrong with it."""
     from safetensors import safe_open
@@ -161,27 +266,10 @@ def read_engine_file(path: str | os.PathLike) -> EngineFile:
     try:
         with safe_open(str(p), framework="pt", device="cpu") as fh:
             meta = fh.metadata() or {}
-            if meta.get("format") != FORMAT:
-                raise EngineFileError(f"{where} is not a weight-refit engine (no format tag)")
-            if meta.get("format_version") != FORMAT_VERSION:
-                raise EngineFileError(
-                    f"{where}: format version {meta.get('format_version')!r} "
-                    f"is not supported (expected {FORMAT_VERSION})"
-                )
-            missing = [k for k in _KEYS if k not in meta]
-            if missing:
-                raise EngineFileError(f"{where}: metadata lacks {missing}")
-            names = _refittable(meta["refittable"], where)
-            version = _version(meta["version"], where)
-            builder_config = _builder_config(meta["builder_config"], where)
-            _program_object(meta["program"], where)
+            header = _checked_metadata(meta, where)
+            version, builder_config = header.version, header.builder_config
             keys = list(fh.keys())
-            unlisted = sorted(k for k in keys if not k.startswith(_CONST_PREFIX) and k not in names)
-            if unlisted:
-                raise EngineFileError(f"{where} holds tensors its refittable list does not name: {unlisted}")
-            lacking = sorted(set(names) - set(keys))
-            if lacking:
-                raise EngineFileError(f"{where} lacks weights {lacking}")
+            _check_keys(keys, header.refittable, where)
             weights: dict[str, torch.Tensor] = {}
             constants: dict[str, torch.Tensor] = {}
             for key in keys:

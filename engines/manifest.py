@@ -3,29 +3,39 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from functools import cache
+from typing import TYPE_CHECKING
 
-import torch
 from pydantic import BaseModel, ConfigDict
 
-_DTYPES: dict[str, torch.dtype] = {
-    "float64": torch.float64,
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "int64": torch.int64,
-    "int32": torch.int32,
-    "int16": torch.int16,
-    "int8": torch.int8,
-    "uint8": torch.uint8,
-    "bool": torch.bool,
-}
-_NAMES = {v: k for k, v in _DTYPES.items()}
+if TYPE_CHECKING:
+    import torch
+
+DTYPE_NAMES = ("float64", "float32", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8",
+               "bool")
+ITEMSIZE = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4,
+            "int16": 2, "int8": 1, "uint8": 1, "bool": 1}
+# the safetensors file format's name of each dtype
+SAFETENSORS_CODE = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16", "int64": "I64",
+                    "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL"}
+
+
+@cache
+def _dtypes() -> dict[str, torch.dtype]:
+    import torch  # on first use: a process that only reads manifests need not import torch
+
+    return {name: getattr(torch, name) for name in DTYPE_NAMES}
+
+
+@cache
+def _names() -> dict[torch.dtype, str]:
+    return {v: k for k, v in _dtypes().items()}
 
 
 def dtype_name(dtype: torch.dtype) -> str:
     """The manifest's name of a torch dtype (``torch.bfloat16`` -> ``"bfloat16"``)."""
     try:
-        return _NAMES[dtype]
+        return _names()[dtype]
     except KeyError:
         raise ValueError(f"unsupported dtype {dtype}") from None
 
@@ -33,9 +43,9 @@ def dtype_name(dtype: torch.dtype) -> str:
 def torch_dtype(name: str) -> torch.dtype:
     """The torch dtype of a manifest dtype name; ValueError for an unknown one."""
     try:
-        return _DTYPES[name]
+        return _dtypes()[name]
     except KeyError:
-        raise ValueError(f"unknown dtype name {name!r}; known: {sorted(_DTYPES)}") from None
+        raise ValueError(f"unknown dtype name {name!r}; known: {sorted(DTYPE_NAMES)}") from None
 
 
 class TensorSpec(BaseModel):
@@ -55,7 +65,8 @@ class TensorSpec(BaseModel):
 
     @property
     def nbytes(self) -> int:
-        return self.numel * torch.empty((), dtype=torch_dtype(self.dtype)).element_size()
+        torch_dtype(self.dtype)  # the same error for an unknown name
+        return self.numel * ITEMSIZE[self.dtype]
 
     @classmethod
     def of(cls, t: torch.Tensor) -> TensorSpec:

@@ -31,10 +31,7 @@ REPO = Path(__file__).resolve().parent.parent
 def child(model: str, workdir: Path, refits: int, spawned: float) -> dict[str, Any]:
     import_start = time.time()
     sys.path.insert(0, str(REPO))
-    import numpy as np
-    import torch
-
-    from cluster import Fleet, FleetConfig
+    from cluster import Fleet, FleetConfig  # what `weight-refit launch` imports: no torch
 
     imported = time.time()
     engine = workdir / f"{model}.engine"
@@ -43,11 +40,15 @@ def child(model: str, workdir: Path, refits: int, spawned: float) -> dict[str, A
                                  "state_dir": str(workdir / f"state-{model}")})
     fleet = Fleet.launch(cfg)
     launched = time.time()
-    names = list(fleet.manifest())
-    shapes = {n: tuple(fleet.manifest()[n]["shape"]) for n in names}
+    import numpy as np
+
     example = np.ones((1, 1, 3, 3), np.float32) if model == "conv" else np.ones(64, np.float32)
     fleet.infer(example)
     served = time.time()
+    import torch
+
+    names = list(fleet.manifest())
+    shapes = {n: tuple(fleet.manifest()[n]["shape"]) for n in names}
     rows = []
     for i in range(refits):
         weights = {n: torch.full(shapes[n], float(i + 1)) for n in names}

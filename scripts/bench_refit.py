@@ -467,7 +467,6 @@ def run_baselines(engine_path: Path, weights: dict[str, torch.Tensor], n: int, s
                   workdir: Path, quick: bool, value0: float, budget_bytes: float) -> dict[str, Any]:
     import ray
 
-    from actors.payload import to_wire
     from engines.engine_file import read_engine_file, write_engine_file
 
     out: dict[str, Any] = {}
@@ -515,7 +514,7 @@ def run_baselines(engine_path: Path, weights: dict[str, torch.Tensor], n: int, s
         for r in range(reps_bv + 1):
             for t in weights.values():
                 t.fill_(value0 + 10 + r)
-            wire = to_wire(weights)
+            wire = {n: t.numpy() for n, t in weights.items()}  # what a user would pass
             t0 = time.perf_counter()
             inside = ray.get([a.set_weights.remote(wire, 100 + r) for a in actors])
             times.append((time.perf_counter() - t0, max(inside)))

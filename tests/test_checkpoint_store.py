@@ -63,6 +63,57 @@ def test_round_trip_including_bf16(tmp_path: Path) -> None:
     assert torch.equal(plain["embed.weight"], w["embed.weight"])
 
 
+def test_the_base_version_copied_from_an_engine_file_byte_for_byte_equals_one_saved_from_tensors(
+        tmp_path: Path) -> None:
+    """``Launch`` writes version 0 from the engine file's bytes (no torch in the driver)."""
+    from engines import BuilderConfig, build_engine
+    from engines.checksum import bytes_checksum
+    from engines.engine_file import read_engine_file, read_engine_weight_bytes
+
+    class Mixed(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = torch.nn.Parameter(torch.randn(8, 4).to(torch.bfloat16))
+            self.b = torch.nn.Parameter(torch.randn(3))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * self.b.sum() + self.a.float().sum()
+
+    engine_path = tmp_path / "mixed.engine"
+    build_engine(Mixed(), [torch.ones(3)], BuilderConfig(enable_refit=True)).save(engine_path)
+    raw = read_engine_weight_bytes(engine_path)
+    tensors = read_engine_file(engine_path).weights
+    assert set(raw) == set(tensors)
+    from_bytes = CheckpointStore(tmp_path / "raw")
+    from_bytes.save_raw(0, raw, {n: bytes_checksum(t.data) for n, t in raw.items()})
+    from_tensors = CheckpointStore(tmp_path / "tensors")
+    from_tensors.save(0, tensors, checksums(tensors))
+    assert from_bytes.manifest(0).checksums == from_tensors.manifest(0).checksums
+    assert from_bytes.data_path(0).read_bytes() == from_tensors.data_path(0).read_bytes()
+    for name, t in from_bytes.load(0).items():
+        assert torch.equal(t, tensors[name]), name
+
+
+def test_an_engine_file_whose_header_lies_about_a_weight_is_refused_naming_the_file(tmp_path: Path) -> None:
+    from engines import BuilderConfig, EngineFileError, build_engine
+    from engines.engine_file import read_engine_weight_bytes
+
+    path = tmp_path / "conv.engine"
+    build_engine(torch.nn.Conv2d(1, 1, 3, bias=False), [torch.ones(1, 1, 3, 3)],
+                 BuilderConfig(enable_refit=True)).save(path)
+    blob = bytearray(path.read_bytes())
+    (n,) = struct.unpack("<Q", blob[:8])
+    header = json.loads(blob[8:8 + n])
+    header["weight"]["shape"] = [1, 1, 3, 4]  # 48 bytes said, 36 stored
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (n - len(text))
+    assert len(text) == n
+    blob[8:8 + n] = text
+    path.write_bytes(bytes(blob))
+    with pytest.raises(EngineFileError, match="conv.engine"):
+        read_engine_weight_bytes(path)
+
+
 def test_tied_and_non_contiguous_tensors(tmp_path: Path) -> None:
     store = CheckpointStore(tmp_path)
     base = torch.randn(8, 4)

@@ -232,8 +232,7 @@ def test_shipped_config_contents(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(REPO)
     cpu = FleetConfig.from_yaml(REPO / "configs" / "local-cpu.yaml")
     assert (cpu.device, cpu.replicas) == ("cpu", 2)
-    assert cpu.ray_init == {"num_cpus": 2, "object_store_memory": 512 * 1024 * 1024,
-                            "_system_config": {"preallocate_plasma_memory": True}}
+    assert cpu.ray_init == {"num_cpus": 2, "object_store_memory": 512 * 1024 * 1024}
     assert cpu.prefill_buffers
     cuda = FleetConfig.from_yaml(REPO / "configs" / "cuda.yaml")
     assert (cuda.device, cuda.replicas, cuda.placement.gpu_fraction) == ("cuda", 4, 0.25)

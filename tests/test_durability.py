@@ -134,6 +134,7 @@ def test_a_fleet_past_its_history_window_keeps_a_bounded_log_and_a_restart_recov
     log = Path(fleet._cfg["state_dir"]) / "txn.log"
     for i in range(1, 31):
         assert fleet.refit(probe_weights(float(i)), key=f"k{i}").version == i
+    assert fleet.wait_persisted(30, 60)  # checkpoints follow the refits (replicated)
     lines = wait_for(lambda: (n := log.read_bytes().count(b"\n")) < 4 * 21 + 10 and n, 30,
                      "the log compacted to the window")
     archive = log.with_name("txn.archive.jsonl").read_bytes()

@@ -199,6 +199,7 @@ def test_duplicate_commit_abort_activate_are_idempotent(make_fleet) -> None:
     ray.get(r0.abort.remote(epoch, "other", "x"))
     ray.get(r0.abort.remote(epoch, "other", "x"))
     assert ray.get(r0.status.remote())["staged_bytes"] == 0
+    assert fleet.wait_persisted(st["version"], 60)  # the store must hold what they catch up to
     for h in _handles(fleet).values():  # put the fleet back on one version
         ray.get(h.sync_to.remote(st["version"]))
     converged(fleet)

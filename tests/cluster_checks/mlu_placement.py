@@ -51,7 +51,7 @@ def main() -> None:
     out["card_field"] = sorted(rep["card"] for rep in st["replicas"])
 
     # one version through the object store: which nodes hold a copy afterwards
-    pub = publish(probe_weights(5.0), fleet.manifest())
+    pub = publish(probe_weights(5.0), fleet.manifest(), inline_bytes=0)  # through the object store
     res = ray.get(fleet._coord.refit.remote(pub.refs, pub.specs, pub.checksums, None))
     locations = ray.experimental.get_object_locations(pub.refs)[pub.refs[0]]
     replica_nodes = Counter(rep["node"] for rep in st["replicas"])
