@@ -37,10 +37,12 @@ if TYPE_CHECKING:
 warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning,
                         module=__name__)
 
-__all__ = ["INLINE_BYTES", "PACK_BYTES", "Publication", "Wire", "fetch", "from_wire", "iter_fetch",
-           "packed_checksums", "spec_dict", "tensors_from_wire", "to_wire", "wire_nbytes"]
+__all__ = ["BUCKET_BYTES", "INLINE_BYTES", "PACK_BYTES", "Publication", "Wire", "buckets", "fetch",
+           "from_wire", "is_inline", "iter_fetch", "packed_checksums", "spec_dict", "tensors_from_wire",
+           "to_wire", "wire_nbytes"]
 
 PACK_BYTES = 64 << 10  # tensors up to this size travel packed together in one buffer per bucket
+BUCKET_BYTES = 64 << 20  # the default bound of a bucket's size (a larger tensor is a bucket alone)
 INLINE_BYTES = 64 << 10  # a version up to this size travels inside the calls (Ray inlines args < 100 KiB)
 _ALIGN = 64
 
@@ -113,6 +115,24 @@ def _zeros(n: int) -> torch.Tensor:
     return torch.zeros(n, dtype=torch.uint8)
 
 
+def buckets(tensors: Mapping[str, torch.Tensor], bucket_bytes: int) -> list[dict[str, torch.Tensor]]:
+    """``tensors`` in order, cut into groups of at most ``bucket_bytes`` (a larger tensor makes a
+    group of its own)."""
+    out: list[dict[str, torch.Tensor]] = []
+    group: dict[str, torch.Tensor] = {}
+    size = 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if group and size + nbytes > bucket_bytes:
+            out.append(group)
+            group, size = {}, 0
+        group[name] = t
+        size += nbytes
+    if group or not out:
+        out.append(group)
+    return out
+
+
 def _spec_dtype(spec: Any) -> torch.dtype:
     return torch_dtype(spec["dtype"] if isinstance(spec, Mapping) else spec.dtype)
 
@@ -173,7 +193,8 @@ def wire_nbytes(wire: Wire) -> int:
     return (0 if packed is None else packed.nbytes) + sum(a.nbytes for a in arrays.values())
 
 
-def _is_bucket(item: Any) -> bool:
+def is_inline(item: Any) -> bool:
+    """Whether an item of ``Publication.refs`` is a bucket itself (not an object-store ref)."""
     return isinstance(item, (tuple, Mapping))
 
 
@@ -182,16 +203,16 @@ def iter_fetch(refs: list[Any], timeout: float | None) -> Iterator[Wire | Mappin
     import ray
 
     for item in refs:
-        yield item if _is_bucket(item) else ray.get(item, timeout=timeout)
+        yield item if is_inline(item) else ray.get(item, timeout=timeout)
 
 
 def fetch(refs: list[Any], timeout: float | None) -> list[Wire | Mapping[str, np.ndarray]]:
     """Every bucket of ``refs``: inline buckets as they are, the others from the object store."""
     import ray
 
-    remote = [item for item in refs if not _is_bucket(item)]
+    remote = [item for item in refs if not is_inline(item)]
     got = iter(ray.get(remote, timeout=timeout)) if remote else iter(())
-    return [item if _is_bucket(item) else next(got) for item in refs]
+    return [item if is_inline(item) else next(got) for item in refs]
 
 
 def spec_dict(tensors: Mapping[str, torch.Tensor]) -> dict[str, dict[str, Any]]:

@@ -26,6 +26,7 @@ incarnation.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -33,6 +34,8 @@ from typing import Any
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from engines.threads import lower_priority
 
 from .durable import describe_os_error
 from .failpoints import Failpoints
@@ -87,6 +90,7 @@ class PersistWorker:
 
     def __init__(self, failpoints: dict[str, str] | None = None) -> None:
         self.fp = Failpoints(failpoints, owner="persist")
+        lower_priority(os.getpid())  # background writes: serving threads on these cores go first
 
     def arm_failpoint(self, name: str, action: str | None) -> None:
         """Arm a failpoint in this worker only (fault-injection tests)."""

@@ -66,6 +66,7 @@ class Replica:
         self._background_lock = threading.Lock()
         store = CheckpointStore.in_state_dir(settings.state_dir, cleanup=False, fp=self.fp)
         self.core = ReplicaCore(replica_id, self._load_engine, store, self._fetch, self.fp)
+        self.core.node = ray.get_runtime_context().get_node_id()
         self.core.on_version = lambda v: set_version(settings.fleet, replica_id, v)
         if settings.prefill_sets:
             self.core.engine.prefill_pool(settings.prefill_sets)
@@ -201,10 +202,22 @@ class Replica:
     @ray.method(concurrency_group="control")
     def prepare(self, epoch: int, txn: str, version: int, refs: list[Any] | None,
                 specs: dict[str, Any], checksums: dict[str, str],
-                source: dict[str, Any] | None = None, base_version: int | None = None) -> PrepareReply:
-        """Fetch, verify, stage; vote. ``source`` may name a version to re-stage (rollback)."""
+                source: dict[str, Any] | None = None, base_version: int | None = None,
+                verifiers: dict[str, str] | None = None) -> PrepareReply:
+        """Fetch, verify, stage; vote. ``source`` may name a version to re-stage (rollback).
+        ``verifiers`` (shared mode: node -> replica) names the one member per node that hashes
+        the node's copy; the others stage it unhashed. A replica named for a node it is not on
+        (it moved) votes NO, so that no node's copy goes unverified."""
         self.fp.hit("message.prepare", txn)
-        vote = self.core.prepare(epoch, txn, version, refs, specs, checksums, source, base_version)
+        verify = True
+        if verifiers:
+            node = self.core.node
+            elsewhere = sorted(n for n, rid in verifiers.items() if rid == self.replica_id and n != node)
+            if elsewhere:
+                return self.core.refuse(txn, f"replica {self.replica_id} was named the verifier of node "
+                                             f"{elsewhere[0]} but runs on {self.core.node}")
+            verify = verifiers.get(node, self.replica_id) == self.replica_id
+        vote = self.core.prepare(epoch, txn, version, refs, specs, checksums, source, base_version, verify)
         self.fp.hit("reply.prepare", txn)
         return vote
 

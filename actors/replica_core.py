@@ -9,10 +9,14 @@ Contract:
   transaction answers from its record and changes nothing (YES only while it is still PREPARED).
   A partial refit built on a version this replica does not serve is refused, and so is any
   PREPARE while the replica is ``failed`` (it could not load its weights).
-- A PREPARE's tensors must match the caller's checksums, verified by the engine as it copies
-  them (a mismatch stages nothing); their values are not scanned again for NaN/Inf (the caller
-  refused those before the put, and the checksums prove the bytes are the ones it checked). In
-  ``shared`` mode the staged set serves the fetched object-store copy itself.
+- A PREPARE's tensors must match the caller's checksums: packed small tensors hashed where they
+  lie in their bucket, the others by the engine as it copies them (a mismatch stages nothing);
+  their values are not scanned again for NaN/Inf (the caller refused those before the put, and
+  the checksums prove the bytes are the ones it checked). In ``shared`` mode the staged set
+  serves the fetched object-store copy itself. A PREPARE with ``verify=False`` stages without
+  hashing: the node's one object-store copy is the one another member of this node verifies
+  (its YES vote is needed for the commit all the same); checksums guard what crossed the object
+  store, and this replica's own copy of it (swap, copy) is trusted as any memory copy is.
 - Every staged set lives in its transaction's record; every move that ends a record's hold on it
   (ABORTED, SUPERSEDED, an epoch change, ACTIVE) frees or commits it right there.
 - ``sync`` serves exactly the given version (from the store, checksums verified), supersedes every
@@ -63,6 +67,7 @@ class ReplicaCore:
         self._load_engine = load_engine
         self.store = store
         self._fetch = fetch
+        self.node = ""  # the Ray node this replica runs on (set by the actor)
         self.fp = fp
         self.engine = load_engine()
         self.participant = ReplicaParticipant()
@@ -104,7 +109,7 @@ class ReplicaCore:
 
     def prepare(self, epoch: int, txn: str, version: int, refs: list[Any] | None,
                 specs: dict[str, Any], checksums: dict[str, str], source: dict[str, Any] | None,
-                base_version: int | None) -> PrepareReply:
+                base_version: int | None, verify: bool = True) -> PrepareReply:
         t0 = time.perf_counter()
         timings: dict[str, float] = {}
         with self.ctl:
@@ -128,7 +133,7 @@ class ReplicaCore:
                     and set(specs) != set(self.engine.manifest()):
                 raise ProtocolViolation(f"replica {self.replica_id} serves v{self.engine.version}; "
                                         f"this partial refit builds on v{base_version}")
-            staged = self._stage(version, refs, specs, checksums, source, timings)
+            staged = self._stage(version, refs, specs, checksums, source, timings, verify)
         except BaseException as exc:  # every failure is a NO vote, reported back
             with self.ctl:
                 self.participant.finish_prepare(txn, False, reason_of(exc))
@@ -144,7 +149,7 @@ class ReplicaCore:
 
     def _stage(self, version: int, refs: list[Any] | None, specs: dict[str, Any],
                checksums: dict[str, str], source: dict[str, Any] | None,
-               timings: dict[str, float]) -> StagedSet:
+               timings: dict[str, float], verify: bool = True) -> StagedSet:
         if source and source.get("from_version") is not None:
             from_version = int(source["from_version"])
             try:
@@ -163,6 +168,11 @@ class ReplicaCore:
             t = time.perf_counter()
             # packed tensors are hashed where they lie in their bucket, the others as they are
             # copied (one pass over the bytes); the store's copy is immutable
+            if not verify:  # a peer on this node verifies the object-store copy both read
+                timings["verified"] = 0.0
+                staged = self.engine.stage(tensors, version, borrow=True, values_checked=True)
+                timings["stage_s"] = time.perf_counter() - t
+                return staged
             try:
                 verified = self._verify_packed(wires, checksums)
                 staged = self.engine.stage(tensors, version, borrow=True, values_checked=True,
@@ -189,13 +199,17 @@ class ReplicaCore:
                 verified.add(name)
         return verified
 
+    def refuse(self, txn: str, reason: str) -> PrepareReply:
+        """A NO vote for a PREPARE refused before it began (nothing staged, nothing recorded)."""
+        return self._vote(txn, False, reason, {}, time.perf_counter())
+
     def _vote(self, txn: str, yes: bool, reason: str, timings: dict[str, float], t0: float) -> PrepareReply:
         timings["prepare_s"] = time.perf_counter() - t0
         rec = self.participant.get(txn)
         phase_log("replica", "prepare", txn, rec.version if rec else None, timings["prepare_s"],
                   replica=self.replica_id, vote="YES" if yes else "NO", reason=reason,
                   **{k: round(v, 6) for k, v in timings.items() if k != "prepare_s"})
-        return PrepareReply(self.replica_id, txn, yes, reason, self.engine.version, timings)
+        return PrepareReply(self.replica_id, txn, yes, reason, self.engine.version, timings, self.node)
 
     # ------------------------------------------------------------------ decisions
 

@@ -23,6 +23,7 @@ class PrepareReply:
     reason: str
     version: int  # the version the replica serves
     timings: dict[str, float] = field(default_factory=dict)
+    node: str = ""  # the Ray node the replica runs on (one verifier per node in shared mode)
 
 
 @dataclass(frozen=True)

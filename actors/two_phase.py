@@ -37,6 +37,7 @@ from .leases import LeaseKeeper
 from .ledger import Ledger, describe_log_error
 from .log import ActivatedRecord, BeginRecord, CommitRecord, LostRecord, MemberRecord
 from .membership import Membership
+from .payload import is_inline
 from .persist import PersistJob
 from .replica_client import ReplicaClient
 from .replies import Ack, Failed, PrepareReply
@@ -133,6 +134,7 @@ class TwoPhaseCommit:
         self._replicated = settings.durability == "replicated"
         self.tracker: PersistTrackerLike | None = None
         self.current: CoordinatorTxn | None = None
+        self._nodes: dict[str, str] = {}  # rid -> the Ray node its last vote came from
 
     @property
     def epoch(self) -> int:
@@ -204,10 +206,12 @@ class TwoPhaseCommit:
 
         def record(rid: str, reply: PrepareReply | Failed) -> None:
             txn.votes[rid] = _vote(rid, reply)
+            if isinstance(reply, PrepareReply) and reply.node:
+                self._nodes[rid] = reply.node
 
         self._client.prepare(txn.members, self._t.prepare_s, self.epoch, txn.txn, txn.version,
                              req.refs, req.specs, req.checksums, source, req.base_version,
-                             on_reply=record)
+                             on_reply=record, verifiers=self._verifiers(txn.members, req))
         for rid in txn.members:
             txn.votes.setdefault(rid, Vote(rid, False, "no answer to prepare"))
         txn.timings["prepare_s"] = time.perf_counter() - t
@@ -217,6 +221,19 @@ class TwoPhaseCommit:
         phase_log("coordinator", "prepare", txn.txn, txn.version, txn.timings["prepare_s"],
                   yes=sorted(r for r, v in txn.votes.items() if v.yes),
                   no={r: v.reason for r, v in txn.votes.items() if not v.yes})
+
+    def _verifiers(self, members: list[str], req: RefitRequest) -> dict[str, str] | None:
+        """The members of one node read one object-store copy of a published version, so one of
+        them (the first, by id, whose node a vote named) hashes it; the others stage it without
+        hashing. A member whose node is not known yet verifies for itself."""
+        if req.refs is None or any(is_inline(b) for b in req.refs):
+            return None  # each member reads its own copy: a stored version, or one inside the call
+        out: dict[str, str] = {}
+        for rid in sorted(members):
+            node = self._nodes.get(rid)
+            if node is not None:
+                out.setdefault(node, rid)
+        return out or None
 
     def _decide(self, txn: CoordinatorTxn, pending: tuple[Any, float] | None) -> Decision:
         """The tally; under ``disk`` durability the checkpoint write must have landed too."""

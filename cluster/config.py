@@ -200,6 +200,9 @@ class FleetConfig(BaseModel):
         description="fsync checkpoint files (the log's decision records are fsync'd regardless)")
     retain_versions: int = Field(strict=True, default=3, ge=2,
                                  description="committed versions kept in the store")
+    bucket_bytes: int = Field(strict=True, default=64 << 20, ge=1 << 20,
+        description="a refit is put into the object store in buckets of at most this many bytes (a "
+                    "larger tensor is a bucket of its own), checksummed one bucket ahead of the put")
     engine_device: str | None = Field(
         default=None, pattern=r"^(cpu|cuda(:\d+)?|mlu(:\d+)?)$",
         description="override the engine's device in replicas (simulated cards in tests)")

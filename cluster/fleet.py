@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError
 
+from actors.payload import BUCKET_BYTES
 from actors.replica_client import coordinator_actor_name
 from actors.settings import Timeouts
 from actors.store import validate_label
@@ -218,7 +219,7 @@ class Fleet:
         key = key or f"auto-{uuid.uuid4().hex}"
         pub = publish(weights, self.manifest(), non_finite=NonFinitePolicy.REJECT,
                       strip_prefix=strip_prefix, add_prefix=add_prefix, mapping=mapping,
-                      complete=complete)
+                      complete=complete, bucket_bytes=self._cfg.get("bucket_bytes", BUCKET_BYTES))
         try:
             out = self._call(self._coord.refit.remote(pub.refs, pub.specs, pub.checksums, key), key)
         finally:

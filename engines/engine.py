@@ -29,6 +29,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Collection, Mapping
+from concurrent.futures import Future, wait
 from dataclasses import dataclass
 from itertools import count
 from pathlib import Path
@@ -53,7 +54,8 @@ from .errors import (
     VersionOrderError,
 )
 from .manifest import Manifest, TensorSpec, manifest_of
-from .validation import check_weights
+from .threads import helpers
+from .validation import check_weights, parallel_checksums
 from .weight_set import BufferPool, StagedSet, StagedState, WeightSet
 from .weights import WeightsLike, load_weights
 
@@ -280,6 +282,7 @@ class Engine:
                     need: int, checksums: Mapping[str, str] | None) -> StagedSet:
         self._make_room(lambda: need - self._pool.reusable_bytes(tensors.values(), self.device))
         new_tensors = dict(base.tensors)
+        jobs: list[tuple[str, Future[str]]] = []  # large copies, verified on the helper threads
         try:
             for name, src in tensors.items():
                 buf = self._pool.take(tuple(src.shape), src.dtype, self.device)
@@ -288,14 +291,21 @@ class Engine:
                 new_tensors[name] = buf
                 if checksums is None or name not in checksums:
                     buf.copy_(src, non_blocking=src.is_pinned())
+                elif buf.device.type == "cpu" and _nbytes(src) >= _PARALLEL_BYTES:
+                    jobs.append((name, helpers().submit(copy_and_checksum, buf, src)))
                 elif buf.device.type == "cpu":
                     _check(name, checksums, copy_and_checksum(buf, src), version)
                 else:  # hash the host copy, then copy it to the card
                     _check(name, checksums, tensor_checksum(src), version)
                     buf.copy_(src, non_blocking=src.is_pinned())
+            done = [(name, job.result()) for name, job in jobs]  # every copy ended: none writes on
+            jobs = []
+            for name, got in done:
+                _check(name, checksums or {}, got, version)
             self.backend.synchronize()
             program = self.backend.bind(new_tensors)
         except BaseException:
+            wait([job for _, job in jobs])  # no buffer goes back to the pool while a copy writes it
             for name in tensors:
                 if new_tensors[name] is not base.tensors[name]:
                     self._pool.put(new_tensors[name])
@@ -307,9 +317,12 @@ class Engine:
     def _stage_borrowed(self, tensors: Mapping[str, torch.Tensor], version: int,
                         base: WeightSet, checksums: Mapping[str, str] | None) -> StagedSet:
         new_tensors = dict(base.tensors)
+        if checksums:  # nothing is copied here: hash the large tensors on the helper threads
+            got = parallel_checksums({n: t for n, t in tensors.items() if n in checksums})
+            for name in tensors:
+                if name in got:
+                    _check(name, checksums, got[name], version)
         for name, src in tensors.items():
-            if checksums is not None and name in checksums:
-                _check(name, checksums, tensor_checksum(src), version)
             new_tensors[name] = src if src.is_contiguous() else src.contiguous()
         program = self.backend.bind(new_tensors)
         ws = WeightSet(next(self._ids), version, new_tensors, program, base.borrowed | set(tensors))
@@ -597,6 +610,9 @@ class Refitter:
         version = self._engine.refit_now(self._pending)
         self._pending = {}
         return version
+
+
+_PARALLEL_BYTES = 4 << 20  # CPU tensors from this size are copied and verified on the helper threads
 
 
 def _check(name: str, checksums: Mapping[str, str], got: str, version: int) -> None:

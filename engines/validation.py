@@ -2,14 +2,14 @@
 
 ``check_spec`` checks a name, shape and dtype alone, so a file reader can refuse a weight from
 its header before reading its data; ``check_weight`` adds the value check (non-finite policy).
-``checksums_and_non_finite`` checksums a set and finds its non-finite weights in one pass over
-the bytes of each large tensor, block by block while a block is in cache.
+``checksums_and_non_finite`` checksums a set and finds its non-finite weights, hashing and
+scanning the large tensors on two threads at once (xxhash and torch release the GIL).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 import xxhash
@@ -23,6 +23,7 @@ from .errors import (
     UnknownWeightError,
 )
 from .manifest import TensorSpec, dtype_name
+from .threads import helpers
 
 
 def check_known(name: str, manifest: Mapping[str, TensorSpec]) -> TensorSpec:
@@ -132,41 +133,46 @@ def check_weights(weights: Mapping[str, torch.Tensor], manifest: Mapping[str, Te
         raise non_finite_error(bad[0], weights[bad[0]])
 
 
-_FUSED_NUMEL = 1 << 20  # tensors from this size are checksummed and scanned block by block
-_BLOCK_BYTES = 1 << 20  # bytes per block of the fused pass (stays in a core's cache)
+_PARALLEL_NUMEL = 1 << 20  # tensors from this size are hashed and scanned on the helper threads
 
 
 def checksums_and_non_finite(weights: Mapping[str, torch.Tensor], *,
                              scan_values: bool) -> tuple[dict[str, str], list[str]]:
     """``(checksums, non-finite names)`` of ``weights``: the same values as ``checksum.checksums``
-    and (when ``scan_values``) ``non_finite_names``, with each large contiguous CPU tensor read
-    once for both."""
-    sums: dict[str, str] = {}
-    bad: set[str] = set()
+    and (when ``scan_values``) ``non_finite_names``. Each large CPU tensor's hash and scan are
+    separate tasks on a small thread pool, so that on two or more cores the scan costs no time
+    beside the hash; the small tensors are done here meanwhile."""
+    return start_checksums_and_non_finite(weights, scan_values=scan_values)()
+
+
+def start_checksums_and_non_finite(weights: Mapping[str, torch.Tensor], *, scan_values: bool
+                                   ) -> Callable[[], tuple[dict[str, str], list[str]]]:
+    """``checksums_and_non_finite`` started on the helper threads; the returned function waits for
+    it and returns its result (the small tensors are done then, in the caller's thread)."""
+    tasks = []
     rest: dict[str, torch.Tensor] = {}
     for name, t in weights.items():
-        if t.numel() >= _FUSED_NUMEL and t.device.type == "cpu" and t.is_contiguous():
-            digest, finite = _fused_pass(t, scan_values and t.is_floating_point())
-            sums[name] = digest
-            if not finite:
-                bad.add(name)
+        if t.numel() >= _PARALLEL_NUMEL and t.device.type == "cpu":
+            raw = tensor_bytes(t)  # a view of a contiguous tensor; a copy of any other, made here
+            tasks.append((name, "sum", helpers().submit(xxhash.xxh3_64_hexdigest, raw)))
+            if scan_values and t.is_floating_point():
+                tasks.append((name, "finite", helpers().submit(all_finite, t)))
         else:
-            sums[name] = tensor_checksum(t)
             rest[name] = t
-    if scan_values:
-        bad.update(non_finite_names(rest))
-    return {n: sums[n] for n in weights}, [n for n in weights if n in bad]
+
+    def result() -> tuple[dict[str, str], list[str]]:
+        sums = {name: tensor_checksum(t) for name, t in rest.items()}
+        bad = set(non_finite_names(rest)) if scan_values else set()
+        for name, kind, future in tasks:
+            if kind == "sum":
+                sums[name] = future.result()
+            elif not future.result():
+                bad.add(name)
+        return {n: sums[n] for n in weights}, [n for n in weights if n in bad]
+
+    return result
 
 
-def _fused_pass(t: torch.Tensor, scan_values: bool) -> tuple[str, bool]:
-    flat = t.detach().reshape(-1)
-    raw = tensor_bytes(t)
-    per_block = max(1, _BLOCK_BYTES // t.element_size())
-    h = xxhash.xxh3_64()
-    finite = True
-    for start in range(0, flat.numel(), per_block):
-        stop = min(start + per_block, flat.numel())
-        if scan_values and finite:
-            finite = all_finite(flat[start:stop])
-        h.update(raw[start * t.element_size():stop * t.element_size()])
-    return h.hexdigest(), finite
+def parallel_checksums(tensors: Mapping[str, torch.Tensor]) -> dict[str, str]:
+    """``checksum.checksums`` of ``tensors``, the large CPU ones hashed on the helper threads."""
+    return start_checksums_and_non_finite(tensors, scan_values=False)()[0]

@@ -41,6 +41,8 @@ class FakeReplicas(ReplicaClient):
         self.on_call: dict[str, Callable[[list[str]], None]] = {}
         self.renewals: list[tuple[str, int, int]] = []
         self.exclusions: list[tuple[str, int, int]] = []
+        self.verifiers: list[dict[str, str] | None] = []  # per PREPARE round
+        self.nodes: dict[str, str] = {}  # rid -> the node its votes name
 
     # -- scripting
 
@@ -83,12 +85,15 @@ class FakeReplicas(ReplicaClient):
     def prepare(self, rids: list[str], timeout: float, epoch: int, txn: str, version: int,
                 refs: list[Any] | None, specs: dict[str, Any], checksums: dict[str, str],
                 source: dict[str, Any] | None, base_version: int | None,
-                on_reply: OnReply | None = None) -> dict[str, PrepareReply | Failed]:
+                on_reply: OnReply | None = None,
+                verifiers: dict[str, str] | None = None) -> dict[str, PrepareReply | Failed]:
+        self.verifiers.append(verifiers)
         def vote(r: FakeReplica) -> PrepareReply:
             if r.vote_no:
                 return PrepareReply(r.rid, txn, False, r.vote_no, r.version)
             r.staged[txn] = version
-            return PrepareReply(r.rid, txn, True, "", r.version, {"prepare_s": 0.001})
+            return PrepareReply(r.rid, txn, True, "", r.version, {"prepare_s": 0.001},
+                                self.nodes.get(r.rid, ""))
         return self._each("prepare", rids, vote, on_reply)
 
     def commit(self, rids: list[str], timeout: float, epoch: int, txn: str,

@@ -161,6 +161,22 @@ def test_an_abort_record_that_cannot_be_written_yet_is_written_with_the_next_rec
     assert rig.ledger.deferred == 0
 
 
+def test_one_verifier_per_node_is_named_once_the_votes_named_the_nodes(rig: Rig) -> None:
+    """The members of a node read one object-store copy: one of them hashes it."""
+    rig.client.nodes = {"r0": "node-a", "r1": "node-a", "r2": "node-b"}
+    assert rig.txns.run(rig.request()).status == "committed"
+    assert rig.client.verifiers == [None]  # no node known yet: every member hashes its copy
+    assert rig.txns.run(rig.request()).status == "committed"
+    assert rig.client.verifiers[-1] == {"node-a": "r0", "node-b": "r2"}
+    rollback = RefitRequest(refs=None, specs={}, checksums=SUMS, full=SUMS, key=None, from_version=1)
+    rig.txns.run(rollback)
+    assert rig.client.verifiers[-1] is None  # a stored version: each member reads its own
+    inline = RefitRequest(refs=[(None, {}, {})], specs={}, checksums=SUMS, full=SUMS, key=None,
+                          base_version=rig.ledger.state.active_version)
+    rig.txns.run(inline)
+    assert rig.client.verifiers[-1] is None  # a small version inside the call: a copy per member
+
+
 def test_progress_follows_the_phases_and_counts_each_activation_as_it_arrives(rig: Rig) -> None:
     """``progress()`` says "preparing" during PREPARE, "activating" once COMMIT is logged and
     COMMIT+ACTIVATE are out, and lists each member as activated when its answer arrives."""

@@ -395,13 +395,15 @@ def test_shared_mode_needs_a_cpu_torch_engine(field):
 # ------------------------------------------------------------------------- verified as staged
 
 
-def _big_engine(mode: str):
-    """One weight of 3 MiB and a bit: the fused copy-and-hash works in 1 MiB blocks."""
+BIG = (1 << 18) * 3 + 5  # 3 MiB and a bit: copied and hashed in 1 MiB blocks, in the staging thread
+HUGE = (1 << 18) * 5 + 3  # 5 MiB and a bit: copied and hashed on the helper threads
 
+
+def _big_engine(mode: str, numel: int = BIG):
     class Big(torch.nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.w = torch.nn.Parameter(torch.zeros((1 << 18) * 3 + 5))
+            self.w = torch.nn.Parameter(torch.zeros(numel))
 
         def forward(self, x: torch.Tensor):
             return x * self.w[-1]
@@ -409,13 +411,14 @@ def _big_engine(mode: str):
     return build_engine(Big(), [torch.ones(1)], BuilderConfig(enable_refit=True, memory_mode=mode))
 
 
-def test_staging_with_checksums_verifies_every_block_as_it_copies(mode):
+@pytest.mark.parametrize("numel", [BIG, HUGE], ids=["in-thread", "on-helpers"])
+def test_staging_with_checksums_verifies_every_block_as_it_copies(mode, numel):
     from engines.checksum import ChecksumMismatch, ChecksumMissing, tensor_checksum
 
-    engine = _big_engine(mode)
-    good = torch.full(((1 << 18) * 3 + 5,), 2.0)
+    engine = _big_engine(mode, numel)
+    good = torch.full((numel,), 2.0)
     want = {"w": tensor_checksum(good)}
-    for at in (0, (1 << 18) + 7, good.numel() - 1):  # the first, a middle and the last block
+    for at in (0, (1 << 18) + 7, numel - 1):  # the first, a middle and the last block
         bad = good.clone()
         bad[at] = 2.5
         with pytest.raises(ChecksumMismatch, match="'w'") as err:
@@ -431,13 +434,30 @@ def test_staging_with_checksums_verifies_every_block_as_it_copies(mode):
     assert tensor_checksum(engine.weights()["w"]) == want["w"]
 
 
-def test_a_failed_verification_returns_its_buffers_to_the_pool():
+@pytest.mark.parametrize("numel", [BIG, HUGE], ids=["in-thread", "on-helpers"])
+def test_a_failed_verification_returns_its_buffers_to_the_pool(numel):
     from engines.checksum import ChecksumMismatch, tensor_checksum
 
-    engine = _big_engine("swap")
+    engine = _big_engine("swap", numel)
     engine.prefill_pool(1)
     pooled = engine.memory()
-    good = torch.full(((1 << 18) * 3 + 5,), 2.0)
+    good = torch.full((numel,), 2.0)
     with pytest.raises(ChecksumMismatch):
         engine.stage({"w": good + 1}, version=1, checksums={"w": tensor_checksum(good)})
     assert engine.memory() == pooled
+
+
+def test_refit_work_runs_on_helper_threads_that_yield_to_serving_threads():
+    import os
+    import threading
+
+    from engines.threads import BACKGROUND_NICE, helpers
+
+    def nice() -> int:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    mine = nice()
+    if mine + BACKGROUND_NICE > 19:
+        pytest.skip(f"this process already runs at nice {mine}: no room below it")
+    assert helpers().submit(nice).result() == mine + BACKGROUND_NICE
+    assert nice() == mine  # the caller's own priority is untouched

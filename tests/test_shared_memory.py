@@ -19,6 +19,7 @@ from fleet_models import (
     PROBE_WEIGHTS,
     PROBE_WIDTH,
     ClientLoad,
+    build_probe_engine,
     converged,
     fleet_config,
     probe_input,
@@ -29,13 +30,23 @@ from fleet_models import (
 from cluster import Fleet, FleetConfig
 from engines import BuilderConfig, build_engine
 
-MODEL_BYTES = PROBE_WEIGHTS * PROBE_WIDTH * 4
+WIDTH = 32 * PROBE_WIDTH  # 4 weights of 32 KiB: versions travel through the object store, not inline
+MODEL_BYTES = PROBE_WEIGHTS * WIDTH * 4
+
+
+def weights(value: float) -> dict[str, np.ndarray]:
+    return probe_weights(value, width=WIDTH)
+
+
+def wide_input() -> np.ndarray:
+    return probe_input(WIDTH)
 
 
 @pytest.fixture(scope="module")
-def fleet(ray_session: None, probe_engine_path: Path, tmp_path_factory: pytest.TempPathFactory):
-    cfg = fleet_config(probe_engine_path, tmp_path_factory.mktemp("shared"), memory_mode="shared",
-                       keep_previous=True)
+def fleet(ray_session: None, tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("shared")
+    build_probe_engine(root / "wide.engine", width=WIDTH)
+    cfg = fleet_config(root / "wide.engine", root, memory_mode="shared", keep_previous=True)
     f = Fleet.launch(cfg)
     yield f
     f.shutdown()
@@ -46,28 +57,65 @@ def _replicas(fleet: Fleet) -> list[dict]:
 
 
 def test_shared_replicas_serve_the_published_copy_and_hold_none_of_their_own(fleet: Fleet) -> None:
-    res = fleet.refit(probe_weights(3.0))
+    res = fleet.refit(weights(3.0))
     for r in _replicas(fleet):
         assert r["memory_mode"] == "shared"
         assert r["version"] == res.version
         assert r["borrowed_bytes"] == MODEL_BYTES, r  # the live set is the store's copy
         assert r["staged_bytes"] == 0, r  # nothing pooled
         assert r["previous_bytes"] == MODEL_BYTES, r  # version 0, from the engine file, kept
-    assert probe_value(fleet.infer(probe_input()).outputs) == 3.0
+    assert probe_value(fleet.infer(wide_input()).outputs) == 3.0
     converged(fleet)
 
 
 def test_i1_holds_in_shared_mode_under_load_through_refits_and_a_rollback(fleet: Fleet) -> None:
-    with ClientLoad(fleet) as load:
+    with ClientLoad(fleet, inputs=wide_input()) as load:
         for value in (4.0, 5.0, 6.0):
-            fleet.refit(probe_weights(value))
+            fleet.refit(weights(value))
         back = fleet.rollback()
     load.check()
-    assert probe_value(fleet.infer(probe_input()).outputs) == 5.0
+    assert probe_value(fleet.infer(wide_input()).outputs) == 5.0
     assert back.version > 0
     for r in _replicas(fleet):
         assert r["borrowed_bytes"] == 2 * MODEL_BYTES, r  # live (v of 5.0) and previous (v of 6.0)
     converged(fleet)
+
+
+def test_one_replica_per_node_hashes_the_copy_they_share_and_a_flipped_bit_is_still_refused(
+        fleet: Fleet) -> None:
+    """Both replicas run on this one node and serve one object-store copy: after a first refit
+    has named their node, one of them hashes it and the other stages it as it is (in every memory
+    mode; here the shared one). Bytes flipped after the caller's checksums are refused all the same
+    (by that verifier), and nothing changes."""
+    from actors.payload import spec_dict, to_wire
+    from engines.checksum import checksums
+
+    fleet.refit(weights(7.0))  # the votes name the node
+    res = fleet.refit(weights(8.0))
+    hashed = sorted(rid for rid, t in res.replicas.items() if t.get("verified", 1.0) == 1.0)
+    assert len(res.replicas) == 2 and len(hashed) == 1, res.replicas
+    before = fleet.status()
+    tensors = {n: torch.from_numpy(a) for n, a in weights(9.0).items()}
+    sums = checksums(tensors)
+    packed, offsets, arrays = to_wire(tensors)
+    packed = packed.copy()
+    packed[offsets["w.1"][0] + 5] ^= 0x40  # one bit flipped "in transit"
+    ref = ray.put((packed, offsets, arrays))
+    out = ray.get(fleet._coord.refit.remote([ref], spec_dict(tensors), sums, None))
+    assert out.status == "aborted"
+    assert "ChecksumMismatch" in out.votes[hashed[0]] and "w.1" in out.votes[hashed[0]], out.votes
+    after = converged(fleet)
+    assert after["version"] == before["version"]
+    assert {probe_value(fleet.infer(wide_input()).outputs) for _ in range(6)} == {8.0}
+
+
+def test_a_replica_named_the_verifier_of_a_node_it_is_not_on_votes_no(fleet: Fleet) -> None:
+    st = fleet.status()
+    r0 = ray.get(fleet._coord.member_handles.remote())["r0"]
+    vote = ray.get(r0.prepare.remote(st["epoch"], "moved", st["last_version"] + 5, [], {}, {}, None, None,
+                                     {"a-node-it-left": "r0"}))
+    assert not vote.yes and "named the verifier of node a-node-it-left" in vote.reason
+    assert ray.get(r0.status.remote())["pending"] == []
 
 
 def test_shared_mode_needs_cpu_replicas(tmp_path: Path) -> None:
