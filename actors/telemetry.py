@@ -15,9 +15,12 @@ Metrics (exported by Ray's metrics agent on each node's metrics export port):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import queue
 import re
+import threading
 import time
 from functools import cache
 from typing import Any
@@ -30,7 +33,10 @@ _REFIT_BOUNDARIES = [0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0
 
 def phase_log(component: str, phase: str, txn: str | None, version: int | None, seconds: float,
               **extra: Any) -> None:
-    """One structured line: ``{"ts", "component", "phase", "txn", "version", "seconds", ...}``."""
+    """One structured line: ``{"ts", "component", "phase", "txn", "version", "seconds", ...}``
+    (built only when the ``weight_refit`` logger takes INFO records)."""
+    if not logger.isEnabledFor(logging.INFO):
+        return
     record = {"ts": round(time.time(), 6), "component": component, "phase": phase, "txn": txn,
               "version": version, "seconds": round(seconds, 6), **extra}
     logger.info(json.dumps(record, default=str))
@@ -60,10 +66,26 @@ def _metrics() -> dict[str, Any]:
 
 
 def _safe(fn: Any) -> None:
-    try:
-        fn()
-    except Exception:  # noqa: BLE001  (metrics must never break serving or refits)
-        logger.debug("metrics update failed", exc_info=True)
+    """Run a metrics update on the metrics thread: recording a metric with Ray costs a fraction
+    of a millisecond, which neither a request nor a refit should wait for."""
+    with contextlib.suppress(queue.Full):  # the thread cannot keep up: drop it, never block
+        _updates().put_nowait(fn)
+
+
+@cache
+def _updates() -> queue.Queue[Any]:
+    q: queue.Queue[Any] = queue.Queue(maxsize=10_000)
+
+    def run() -> None:
+        while True:
+            fn = q.get()
+            try:
+                fn()
+            except Exception:  # noqa: BLE001  (metrics must never break serving or refits)
+                logger.debug("metrics update failed", exc_info=True)
+
+    threading.Thread(target=run, name="metrics", daemon=True).start()
+    return q
 
 
 def observe_refit(fleet: str, outcome: str, seconds: float) -> None:
