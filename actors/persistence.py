@@ -206,7 +206,7 @@ class PersistTracker:
                     self._on_lost(item.txn, item.version, self.given_up[item.version])
                 return
             self._stop.wait(self._retry_s)
-        if error:
+        if error or self._stop.is_set():  # stopping: the coordinator closes its log
             return
         self.failing.pop(item.version, None)
         self._ledger.append(PersistedRecord(epoch=self._ledger.epoch, txn=item.txn, version=item.version),

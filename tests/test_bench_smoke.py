@@ -34,7 +34,7 @@ def _run_script(name: str, *args: str) -> None:
 def test_bench_refit_tiny(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     _run_script("bench_refit.py", "--sizes-mib", "4", "--replicas", "1", "--refits", "2", "--warm", "3",
-                "--idle-s", "0.5", "--json", str(out), "--workdir", str(tmp_path / "work"))
+                "--warmup", "1", "--idle-s", "0.5", "--json", str(out), "--workdir", str(tmp_path / "work"))
     result = json.loads(out.read_text())
     assert result["rows"], result.get("skipped")
     for row in result["rows"]:
