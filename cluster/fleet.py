@@ -211,11 +211,11 @@ class Fleet:
         coordinator's recovery and returns or raises accordingly). ``complete`` refuses a set
         that lacks any of the engine's weights.
         """
-        t0 = time.perf_counter()
         from engines.config import NonFinitePolicy
 
         from .publish import publish  # torch: imported by the first refit, not by every driver
 
+        t0 = time.perf_counter()
         key = key or f"auto-{uuid.uuid4().hex}"
         pub = publish(weights, self.manifest(), non_finite=NonFinitePolicy.REJECT,
                       strip_prefix=strip_prefix, add_prefix=add_prefix, mapping=mapping,
