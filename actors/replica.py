@@ -291,6 +291,7 @@ class Replica:
             "staged_bytes": mem.staged_bytes, "previous_bytes": mem.previous_bytes,
             "borrowed_bytes": mem.borrowed_bytes, "memory_mode": self.s.memory_mode,
             "retained": self.engine.retained_versions(),
+            "inputs": [{"name": s.name, "spec": s.describe()} for s in self.engine.input_specs()],
             "epoch": core.participant.epoch, "last_refit_at": core.last_refit_at,
         }
 

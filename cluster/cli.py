@@ -365,6 +365,10 @@ def status(fleet_name: str = FleetOpt, namespace: str = NamespaceOpt, address: s
                       r.get("membership", "-"), "yes" if r.get("healthy") else "NO",
                       _ago(r.get("last_refit_at")))
     out.print(table)
+    inputs = next((r["inputs"] for r in st["replicas"] if r.get("inputs")), None)
+    if inputs:
+        shown = "; ".join(f"{i['name']} {i['spec']}" for i in inputs)
+        out.print(f"inputs: {shown}", markup=False, highlight=False)
     for r in st["replicas"]:
         why = r.get("excluded_reason") or r.get("error")
         if why:

@@ -15,19 +15,21 @@ _WHERE = {
     "BuilderConfig": "config", "MemoryMode": "config", "NonFinitePolicy": "config",
     "Engine": "engine", "InferResult": "engine", "MemoryReport": "engine", "Refitter": "engine",
     "TensorSpec": "manifest",
+    "DimSpec": "inputs", "InputSpec": "inputs",
     "StagedSet": "weight_set", "StagedState": "weight_set",
     "load_weights": "weights",
     **{name: "errors" for name in (
         "BackendUnavailableError", "DtypeMismatchError", "EngineError", "EngineFileError",
-        "InvalidVersionError", "MemoryBudgetError", "MissingWeightsError", "NonFiniteWeightError",
-        "NotRetainedError", "RefitDisabledError", "RefitError", "ShapeMismatchError",
+        "InputError", "InvalidVersionError", "MemoryBudgetError", "MissingWeightsError",
+        "NonFiniteWeightError", "NotRetainedError", "RefitDisabledError", "RefitError", "ShapeMismatchError",
         "StagedSetDiscardedError", "StagedSetError", "StagedSetSupersededError", "UnknownWeightError",
         "VersionOrderError", "WeightError", "WeightFileError")},
 }
 
-__all__ = ["BackendUnavailableError", "BuilderConfig", "DtypeMismatchError", "Engine", "EngineError",
-    "EngineFileError", "InferResult", "InvalidVersionError", "MemoryBudgetError", "MemoryMode",
-    "MemoryReport", "MissingWeightsError", "NonFiniteWeightError", "NonFinitePolicy",
+__all__ = ["BackendUnavailableError", "BuilderConfig", "DimSpec", "DtypeMismatchError", "Engine",
+    "EngineError", "EngineFileError", "InferResult", "InputError", "InputSpec", "InvalidVersionError",
+    "MemoryBudgetError", "MemoryMode", "MemoryReport", "MissingWeightsError", "NonFiniteWeightError",
+    "NonFinitePolicy",
     "NotRetainedError", "RefitDisabledError", "RefitError", "Refitter", "ShapeMismatchError",
     "StagedSet", "StagedSetDiscardedError", "StagedSetError", "StagedSetSupersededError",
     "StagedState", "TensorSpec", "UnknownWeightError", "VersionOrderError", "WeightError",
@@ -56,6 +58,7 @@ if TYPE_CHECKING:
         DtypeMismatchError,
         EngineError,
         EngineFileError,
+        InputError,
         InvalidVersionError,
         MemoryBudgetError,
         MissingWeightsError,
@@ -72,6 +75,7 @@ if TYPE_CHECKING:
         WeightError,
         WeightFileError,
     )
+    from .inputs import DimSpec, InputSpec
     from .manifest import TensorSpec
     from .weight_set import StagedSet, StagedState
     from .weights import load_weights

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -13,6 +14,7 @@ from .backends import make_backend
 from .config import BuilderConfig
 from .engine import Engine
 from .engine_file import deserialize_program, read_engine_file, serialize_program
+from .inputs import InputSpec, dim_names_of, input_specs_of
 
 
 def _example(x: Any) -> torch.Tensor:
@@ -20,20 +22,53 @@ def _example(x: Any) -> torch.Tensor:
 
 
 def build_engine(module: torch.nn.Module, example_inputs: Sequence[Any],
-                 config: BuilderConfig | None = None) -> Engine:
+                 config: BuilderConfig | None = None, *, dynamic_shapes: Any = None) -> Engine:
     """Export ``module`` with ``torch.export`` and build an engine on ``config.device``.
 
     The refittable weights are the exported program's parameters and persistent buffers; other
     tensors the program holds are constants. The program is serialized once here, so a model that
     cannot be saved fails at build time, not at ``save``.
+
+    ``dynamic_shapes`` is ``torch.export``'s own spec (``torch.export.Dim("batch", min=1,
+    max=64)`` on the dims that vary); ``config.dynamic_batch=(lo, hi)`` is the shorthand for a
+    batch dim 0 shared by every input. A dynamic dim whose example size is 0 or 1 is traced with
+    the example repeated to size 2 (``torch.export`` would otherwise take the 1 for a constant).
+    The engine records each input's spec (``Engine.input_specs()``) and checks requests against it.
     """
     config = config or BuilderConfig()
-    program = torch.export.export(module.eval(), tuple(_example(x) for x in example_inputs))
+    examples = tuple(_example(x) for x in example_inputs)
+    if dynamic_shapes is None and config.dynamic_batch is not None:
+        lo, hi = config.dynamic_batch
+        batch = torch.export.Dim("batch", min=lo, max=hi)
+        dynamic_shapes = tuple({0: batch} if x.dim() > 0 else None for x in examples)
+    dim_names = dim_names_of(dynamic_shapes, _arg_names(module, len(examples)))
+    program = torch.export.export(module.eval(), _widened(examples, dim_names),
+                                  dynamic_shapes=dynamic_shapes)
     program_json = serialize_program(program)
     weights = {n: t.detach() for n, t in program.state_dict.items()}
     constants = {n: t for n, t in program.constants.items() if isinstance(t, torch.Tensor)}
+    inputs = input_specs_of(program, dim_names)
     backend = make_backend(config, program)
-    return Engine(backend, weights, constants, program_json, config)
+    return Engine(backend, weights, constants, program_json, config, inputs=inputs)
+
+
+def _arg_names(module: torch.nn.Module, n: int) -> list[str]:
+    params = [p for p in inspect.signature(module.forward).parameters.values()
+              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return [p.name for p in params[:n]]
+
+
+def _widened(examples: tuple[torch.Tensor, ...],
+             dynamic: dict[tuple[int, int], str]) -> tuple[torch.Tensor, ...]:
+    """The examples with every dynamic dim of size 0 or 1 repeated to size 2."""
+    out = list(examples)
+    for (i, d), _ in sorted(dynamic.items()):
+        x = out[i]
+        if d < x.dim() and x.shape[d] < 2:
+            shape = list(x.shape)
+            shape[d] = 2
+            out[i] = x.new_zeros(shape) if x.shape[d] == 0 else torch.cat([x, x], dim=d)
+    return tuple(out)
 
 
 def load_engine(path: str | os.PathLike, device: str | None = None, **overrides: Any) -> Engine:
@@ -51,5 +86,8 @@ def load_engine(path: str | os.PathLike, device: str | None = None, **overrides:
     fields.update(overrides)
     config = BuilderConfig(**fields)
     program = deserialize_program(ef.program_json, ef.weights, ef.constants, source=str(path))
+    inputs = [InputSpec.model_validate(s) for s in ef.inputs] if ef.inputs is not None \
+        else input_specs_of(program)  # a file from before inputs were recorded: read the program
     backend = make_backend(config, program)
-    return Engine(backend, ef.weights, ef.constants, ef.program_json, config, version=ef.version)
+    return Engine(backend, ef.weights, ef.constants, ef.program_json, config, version=ef.version,
+                  inputs=inputs)

@@ -51,6 +51,15 @@ class BuilderConfig(BaseModel):
     non_finite: NonFinitePolicy = NonFinitePolicy.REJECT
     memory_budget_bytes: int | None = Field(default=None, ge=0)
     copy_bucket_bytes: int = Field(default=64 << 20, gt=0)
+    dynamic_batch: tuple[int, int] | None = Field(
+        default=None, description="(min, max) of a dynamic batch dim 0 shared by every input (build_engine)")
+
+    @field_validator("dynamic_batch")
+    @classmethod
+    def _check_dynamic_batch(cls, value: tuple[int, int] | None) -> tuple[int, int] | None:
+        if value is not None and not 1 <= value[0] <= value[1]:
+            raise ValueError(f"dynamic_batch must be (min, max) with 1 <= min <= max, got {value}")
+        return value
 
     @field_validator("device")
     @classmethod

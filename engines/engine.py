@@ -53,6 +53,7 @@ from .errors import (
     StagedSetSupersededError,
     VersionOrderError,
 )
+from .inputs import InputSpec, check_inputs
 from .manifest import Manifest, TensorSpec, manifest_of
 from .threads import helpers
 from .validation import check_weights, parallel_checksums
@@ -111,8 +112,9 @@ class Engine:
 
     def __init__(self, backend: Backend, weights: Mapping[str, torch.Tensor],
                  constants: Mapping[str, torch.Tensor], program_json: bytes,
-                 config: BuilderConfig, version: int = 0) -> None:
+                 config: BuilderConfig, version: int = 0, inputs: list[InputSpec] | None = None) -> None:
         self.config = config
+        self._inputs = list(inputs) if inputs is not None else None
         self.backend = backend
         # where inputs and weight buffers live: the card for torch, host memory for backends
         # (MagicMind) that take host buffers and manage the device themselves
@@ -145,10 +147,17 @@ class Engine:
         """Name -> shape and dtype of every refittable weight."""
         return dict(self._manifest)
 
+    def input_specs(self) -> list[InputSpec]:
+        """Each input, in order: name, dtype, and shape (sizes and dynamic dims with their ranges)."""
+        return list(self._inputs or [])
+
     def infer(self, *inputs: Any) -> InferResult:
-        """Run the program on the live set. Inputs: numpy arrays or tensors (or one list of them)."""
+        """Run the program on the live set. Inputs: numpy arrays or tensors (or one list of them),
+        checked against ``input_specs()`` first: ``InputError`` names the one that does not fit."""
         if len(inputs) == 1 and isinstance(inputs[0], (list, tuple)):
             inputs = tuple(inputs[0])
+        if self._inputs is not None:
+            check_inputs(self._inputs, inputs)
         device = self.device
         args = [self._to_input(x, device) for x in inputs]
         ws, version = self._acquire()
@@ -577,6 +586,7 @@ class Engine:
                 version=version,
                 builder_config=self.config.model_dump(mode="json"),
                 backend=self.backend.name,
+                inputs=None if self._inputs is None else [s.model_dump(mode="json") for s in self._inputs],
             ))
         finally:
             if ws is not None:

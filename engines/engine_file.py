@@ -49,6 +49,7 @@ class EngineFile:
     version: int
     builder_config: dict
     backend: str
+    inputs: list[dict] | None = None  # the input specs (``engines.inputs.InputSpec`` as JSON)
 
 
 def serialize_program(program: torch.export.ExportedProgram) -> bytes:
@@ -143,6 +144,8 @@ def write_engine_file(path: str | os.PathLike, ef: EngineFile) -> None:
         "version": str(ef.version),
         "builder_config": json.dumps(ef.builder_config),
     }
+    if ef.inputs is not None:
+        metadata["inputs"] = json.dumps(ef.inputs)
     target = Path(path)
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     try:
@@ -163,6 +166,7 @@ class EngineMetadata:
     version: int
     builder_config: dict
     backend: str
+    inputs: list[dict] | None = None  # None: a file written before inputs were recorded
 
 
 def read_engine_metadata(path: str | os.PathLike) -> EngineMetadata:
@@ -244,7 +248,24 @@ def _checked_metadata(meta: dict[str, str], where: str) -> EngineMetadata:
     version = _version(meta["version"], where)
     builder_config = _builder_config(meta["builder_config"], where)
     _program_object(meta["program"], where)
-    return EngineMetadata(names, version, builder_config, meta["backend"])
+    return EngineMetadata(names, version, builder_config, meta["backend"], _inputs(meta.get("inputs"), where))
+
+
+def _inputs(text: str | None, where: str) -> list[dict] | None:
+    if text is None:
+        return None
+    from pydantic import ValidationError
+
+    from .inputs import InputSpec
+
+    specs = _json(text, "inputs", where)
+    try:
+        if not isinstance(specs, list):
+            raise TypeError("not a list")
+        return [InputSpec.model_validate(s).model_dump(mode="json") for s in specs]
+    except (TypeError, ValidationError) as exc:
+        raise EngineFileError(f"{where}: metadata 'inputs' is not a list of input specs: "
+                              f"{str(exc).splitlines()[0]}") from None
 
 
 def _check_keys(keys: list[str], names: list[str], where: str) -> None:
@@ -288,6 +309,7 @@ def read_engine_file(path: str | os.PathLike) -> EngineFile:
         version=version,
         builder_config=builder_config,
         backend=meta["backend"],
+        inputs=header.inputs,
     )
 
 

@@ -83,6 +83,20 @@ class MemoryBudgetError(RefitError):
     """Staging a set would exceed the engine's memory budget; nothing was allocated."""
 
 
+class InputError(EngineError, ValueError):
+    """An inference input that does not fit the engine's input specs, refused before anything ran:
+    ``name`` the input, ``expected`` its spec, ``got`` what was given (``engines.inputs``)."""
+
+    def __init__(self, name: str, expected: str, got: str) -> None:
+        super().__init__(f"input {name!r}: expected {expected}, got {got}")
+        self.name = name
+        self.expected = expected
+        self.got = got
+
+    def __reduce__(self) -> tuple:
+        return (type(self), (self.name, self.expected, self.got), self.__dict__)
+
+
 class BackendUnavailableError(EngineError):
     """The requested backend or device is not available on this machine (SDK or hardware absent)."""
 
