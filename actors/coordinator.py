@@ -184,8 +184,10 @@ class Coordinator:
         if not self.client.attach(rid):
             raise ValueError(f"no running replica {replica_actor_name(self.settings.fleet, rid)!r}")
         assert self.ledger is not None
+        self._wait_stored(self.ledger.state.active_version)  # a newcomer catches up from the store
         with self._refit_lock:
             version = self.ledger.state.active_version
+            self._wait_stored(version)
             reply = self.client.catch_up([rid], version, self.t.launch_s)[rid]
             if not (isinstance(reply, Ack) and reply.version == version):
                 raise RuntimeError(f"replica {rid} could not catch up to v{version}: "
@@ -196,6 +198,13 @@ class Coordinator:
                 self._readmit(rid, version)
         self.persister.warm()
         return {"replica": rid, "version": version}
+
+    def _wait_stored(self, version: int) -> None:
+        """Wait for a committed version's checkpoint still being written (``durability: replicated``)."""
+        assert self.ledger is not None
+        state = self.ledger.state
+        if version in state.versions and not state.is_persisted(version):
+            self.tracker.wait(version, self.t.launch_s)  # a failed write is redone from a member
 
     def leave(self, rid: str, drain_s: float = 30.0) -> dict[str, Any]:
         """Remove a replica: no new refit includes it, it drains its in-flight requests (routers

@@ -3,6 +3,9 @@
 Contract:
 - ``infer`` runs in the ``serve`` concurrency group and protocol calls in ``control``: a refit never
   queues behind inference, nor the reverse. Every response carries the version that produced it.
+  With batching (``ReplicaSettings.batch_size``) a request's inputs are checked on their own
+  (its own ``InputError``), then joined with concurrent ones along the batch dim
+  (``actors.batcher``): one run of the engine, one weight set and one version per batch.
   It serves only while its lifecycle is ``serving`` and its lease allows (``ServingLease``); it
   never loads weights on the serving path (a replica found behind catches up in the background
   and answers ``stale`` meanwhile).
@@ -31,6 +34,7 @@ import ray
 
 from engines.checksum import tensor_checksum
 
+from .batcher import Batcher
 from .failpoints import Failpoints
 from .log import LOG_NAME, TxnLog
 from .payload import fetch
@@ -47,8 +51,11 @@ if TYPE_CHECKING:
     from engines import Engine
 
 
-@ray.remote(concurrency_groups={"serve": 32, "control": 4}, max_restarts=-1, max_task_retries=0)
-class Replica:
+SERVE_THREADS = 32  # requests a replica holds at once (more with batching: ``replica_class``)
+CONTROL_THREADS = 4
+
+
+class ReplicaActor:
     """A Ray actor owning one engine on one card. See the module docstring for its contract."""
 
     def __init__(self, replica_id: str, settings: ReplicaSettings) -> None:
@@ -68,6 +75,8 @@ class Replica:
         self.core = ReplicaCore(replica_id, self._load_engine, store, self._fetch, self.fp)
         self.core.node = ray.get_runtime_context().get_node_id()
         self.core.on_version = lambda v: set_version(settings.fleet, replica_id, v)
+        self.batcher = None if settings.batch_size is None else Batcher(
+            self._run_batch, max_batch_size=settings.batch_size, max_wait_s=settings.batch_wait_s)
         if settings.prefill_sets:
             self.core.engine.prefill_pool(settings.prefill_sets)
         self.fp.hit("replica.on_start")
@@ -143,14 +152,24 @@ class Replica:
             self._inflight += 1
         t0 = time.perf_counter()
         try:
-            r = self.engine.infer(*inputs)
+            if self.batcher is None:
+                r = self.engine.infer(*inputs)
+                outputs, version = r.outputs, r.version
+            else:
+                self.engine.check_inputs(*inputs)  # this request's own InputError, not its batch's
+                outputs, version = self.batcher.submit(inputs)
             observe_request(self.s.fleet, self.replica_id, time.perf_counter() - t0)
         finally:
             with self._inflight_cv:
                 self._inflight -= 1
                 if self._inflight == 0:
                     self._inflight_cv.notify_all()
-        return {"stale": False, "outputs": r.outputs, "version": r.version, "replica": self.replica_id}
+        return {"stale": False, "outputs": outputs, "version": version, "replica": self.replica_id}
+
+    def _run_batch(self, joined: list[Any]) -> tuple[list[Any], int]:
+        """One run of the engine for a whole batch: one weight set, one version (I1 per batch)."""
+        r = self.engine.infer(*joined)
+        return r.outputs, r.version
 
     def _stale(self, reason: str) -> dict[str, Any]:
         return {"stale": True, "version": self.engine.version, "replica": self.replica_id, "reason": reason}
@@ -292,6 +311,9 @@ class Replica:
             "borrowed_bytes": mem.borrowed_bytes, "memory_mode": self.s.memory_mode,
             "retained": self.engine.retained_versions(),
             "inputs": [{"name": s.name, "spec": s.describe()} for s in self.engine.input_specs()],
+            "batching": None if self.batcher is None else {
+                "max_batch_size": self.batcher.max_batch_size, "max_wait_s": self.batcher.max_wait_s,
+                **self.batcher.stats.as_dict()},
             "epoch": core.participant.epoch, "last_refit_at": core.last_refit_at,
         }
 
@@ -308,3 +330,13 @@ class Replica:
     @ray.method(concurrency_group="control")
     def ping(self) -> str:
         return self.replica_id
+
+
+def replica_class(serve_threads: int = SERVE_THREADS) -> Any:
+    """The replica as a Ray actor class whose ``serve`` group has ``serve_threads`` threads (Ray
+    fixes concurrency groups with the class, not per actor)."""
+    return ray.remote(concurrency_groups={"serve": serve_threads, "control": CONTROL_THREADS},
+                      max_restarts=-1, max_task_retries=0)(ReplicaActor)
+
+
+Replica = replica_class()

@@ -88,3 +88,5 @@ class ReplicaSettings(_Settings):
     prefill_sets: int = Field(default=0, ge=0)
     fetch_timeout_s: float = Field(default=60.0, gt=0.0)
     lease_s: float = Field(default=10.0, gt=0.0)
+    batch_size: int | None = Field(default=None, ge=1)  # None: no batching
+    batch_wait_s: float = Field(default=0.005, ge=0.0)

@@ -2,6 +2,7 @@
 
 from .config import ConfigError, FleetConfig
 from .errors import (
+    BatchingUnsupported,
     FleetConfigMismatch,
     FleetError,
     FleetNotFound,
@@ -18,7 +19,7 @@ from .ray_session import ensure_ray
 from .router import InferResponse
 
 __all__ = [
-    "ConfigError", "Fleet", "FleetConfig", "FleetConfigMismatch", "FleetError", "FleetNotFound",
-    "InferResponse", "InferenceFailed", "KeyReused", "NoRayCluster", "NoReplicaAvailable", "Overloaded",
-    "RefitAborted", "RefitResult", "RemoteError", "ensure_ray",
+    "BatchingUnsupported", "ConfigError", "Fleet", "FleetConfig", "FleetConfigMismatch", "FleetError",
+    "FleetNotFound", "InferResponse", "InferenceFailed", "KeyReused", "NoRayCluster", "NoReplicaAvailable",
+    "Overloaded", "RefitAborted", "RefitResult", "RemoteError", "ensure_ray",
 ]

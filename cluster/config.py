@@ -123,6 +123,18 @@ class RoutingConfig(BaseModel):
     retries_on_stale: int = Field(strict=True, default=3, ge=0)
 
 
+class BatchingConfig(BaseModel):
+    """Replicas join concurrent requests into one run of the engine along its dynamic batch dim 0
+    (``actors.batcher``): a batch runs when it holds ``max_batch_size`` samples or ``max_wait_ms``
+    after its first request arrived."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_batch_size: int = Field(strict=True, ge=1, description="samples per run of the engine, at most")
+    max_wait_ms: float = Field(default=5.0, ge=0.0, allow_inf_nan=False,
+                               description="how long a batch's first request waits for others")
+
+
 class FleetConfig(BaseModel):
     """One fleet: its name, engine, replicas, placement, state directory, timeouts and policies.
 
@@ -200,6 +212,8 @@ class FleetConfig(BaseModel):
         description="fsync checkpoint files (the log's decision records are fsync'd regardless)")
     retain_versions: int = Field(strict=True, default=3, ge=2,
                                  description="committed versions kept in the store")
+    batching: BatchingConfig | None = Field(
+        default=None, description="join concurrent requests along the engine's dynamic batch dim; null: off")
     bucket_bytes: int = Field(strict=True, default=64 << 20, ge=1 << 20,
         description="a refit is put into the object store in buckets of at most this many bytes (a "
                     "larger tensor is a bucket of its own), checksummed one bucket ahead of the put")

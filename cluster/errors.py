@@ -54,6 +54,11 @@ class EngineNotRefittable(FleetError, ValueError):
     """The fleet's engine file was built without ``enable_refit``."""
 
 
+class BatchingUnsupported(FleetError, ValueError):
+    """``batching`` was asked of an engine whose inputs do not share a dynamic batch dim 0 (the
+    input is named), or of more samples than that dim allows."""
+
+
 class NoRayCluster(FleetError, ConnectionError):
     """No Ray cluster answers at the address a driver was to join (or none is running here)."""
 

@@ -30,7 +30,7 @@ import ray
 
 from actors.coordinator import Coordinator
 from actors.durable import StateDirLock, describe_os_error
-from actors.replica import Replica
+from actors.replica import SERVE_THREADS, Replica, replica_class
 from actors.replica_client import coordinator_actor_name, replica_actor_name
 from actors.settings import CoordinatorSettings, ReplicaSettings
 from actors.store import CheckpointStore
@@ -40,7 +40,7 @@ from engines.errors import EngineFileError
 from engines.paths import check_regular_file
 
 from .config import FleetConfig
-from .errors import EngineNotRefittable, FleetConfigMismatch, RemoteError
+from .errors import BatchingUnsupported, EngineNotRefittable, FleetConfigMismatch, RemoteError
 from .placement import (
     actor_options,
     create_placement_group,
@@ -66,7 +66,17 @@ def replica_settings(cfg: FleetConfig, card: int | None) -> ReplicaSettings:
         memory_budget_bytes=cfg.memory_budget_bytes, torch_threads=cfg.torch_threads,
         prefill_sets=spare if cfg.prefill_buffers and cfg.memory_mode == "swap" else 0,
         fetch_timeout_s=cfg.timeouts.prepare_s, lease_s=cfg.timeouts.lease_s,
+        batch_size=cfg.batching.max_batch_size if cfg.batching else None,
+        batch_wait_s=cfg.batching.max_wait_ms / 1000 if cfg.batching else 0.005,
     )
+
+
+def replica_actor_class(cfg: FleetConfig) -> Any:
+    """The replica actor class; with batching, enough requests may wait in a replica at once to
+    fill two batches."""
+    if cfg.batching is None or 2 * cfg.batching.max_batch_size <= SERVE_THREADS:
+        return Replica
+    return replica_class(2 * cfg.batching.max_batch_size)
 
 
 def coordinator_settings(cfg: FleetConfig) -> CoordinatorSettings:
@@ -92,16 +102,44 @@ def config_differences(running: Mapping[str, Any], wanted: Mapping[str, Any], pr
 
 
 def check_engine(cfg: FleetConfig) -> None:
-    """The engine file exists, is an engine file, and was built with ``enable_refit``."""
+    """The engine file exists, is an engine file, was built with ``enable_refit``, and (with
+    ``batching``) its inputs share a dynamic batch dim 0 that takes ``max_batch_size`` samples."""
     try:
         check_regular_file(cfg.engine, "engine file", EngineFileError)
     except EngineFileError as exc:
         raise EngineFileError(f"{exc} (build one with scripts/gen_model.py)") from None
-    builder_config = read_engine_metadata(cfg.engine).builder_config
-    if not builder_config.get("enable_refit", False):
+    meta = read_engine_metadata(cfg.engine)
+    if not meta.builder_config.get("enable_refit", False):
         raise EngineNotRefittable(
             f"engine file {cfg.engine!r} was built without enable_refit=True: its weights cannot be "
             f"refit (rebuild it with BuilderConfig(enable_refit=True))")
+    if cfg.batching is not None:
+        check_batchable(cfg.engine, meta.inputs, cfg.batching.max_batch_size)
+
+
+def check_batchable(engine: str, inputs: list[dict] | None, max_batch_size: int) -> None:
+    """BatchingUnsupported, naming the input, unless every input has one shared dynamic dim 0 whose
+    range takes ``max_batch_size`` samples."""
+    how = "build the engine with BuilderConfig(dynamic_batch=(1, N)) or a torch.export Dim on dim 0"
+    if inputs is None:
+        raise BatchingUnsupported(f"batching: engine file {engine!r} does not record its inputs "
+                                  f"(rebuild it: {how})")
+    dims = set()
+    for spec in inputs:
+        first = spec["shape"][0] if spec["shape"] else None
+        if not isinstance(first, dict):
+            fixed = "no dims" if first is None else f"dim 0 fixed at {first}"
+            raise BatchingUnsupported(f"batching needs a dynamic batch dim 0 on every input: input "
+                                      f"{spec['name']!r} of {engine!r} has {fixed} ({how})")
+        dims.add(first["dim"])
+        top = first.get("max")
+        if top is not None and top < max_batch_size:
+            raise BatchingUnsupported(f"batching.max_batch_size={max_batch_size} exceeds input "
+                                      f"{spec['name']!r}: its dim 0 ({first['dim']}) takes "
+                                      f"{first['min']}..{top}")
+    if len(dims) > 1:
+        raise BatchingUnsupported(f"batching needs one batch dim shared by every input; {engine!r} has "
+                                  f"{sorted(dims)}")
 
 
 def check_state_dir(path: str) -> None:
@@ -267,6 +305,7 @@ class Launch:
         """Create the plan's replicas that are not running (detached, named); their handles."""
         cfg = self.cfg
         handles = {}
+        actor_class = replica_actor_class(cfg)
         for rp in plan.replicas:
             name = replica_actor_name(cfg.name, rp.replica_id)
             existing = _named(name, cfg.namespace)
@@ -274,7 +313,7 @@ class Launch:
                 handles[rp.replica_id] = existing
                 continue
             card = cards.get(rp.replica_id)
-            handles[rp.replica_id] = Replica.options(
+            handles[rp.replica_id] = actor_class.options(
                 name=name, namespace=cfg.namespace, lifetime="detached",
                 **actor_options(rp, placement_group=pg, card_index=card),
             ).remote(rp.replica_id, replica_settings(cfg, card))

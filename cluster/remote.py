@@ -1,7 +1,7 @@
 """Errors from remote calls, as a person should read them.
 
 Ray wraps an exception raised inside an actor in ``RayTaskError``, whose message starts with
-``ray::Replica.infer() (pid=..., actor_id=...)`` and carries the remote traceback (with colour
+``ray::ReplicaActor.infer() (pid=..., actor_id=...)`` and carries the remote traceback (with colour
 codes); an actor that failed to start is an ``ActorDiedError`` with that text. At the ``Fleet``
 boundary every such error becomes the error itself:
 

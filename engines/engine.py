@@ -151,13 +151,17 @@ class Engine:
         """Each input, in order: name, dtype, and shape (sizes and dynamic dims with their ranges)."""
         return list(self._inputs or [])
 
+    def check_inputs(self, *inputs: Any) -> None:
+        """Raise the ``InputError`` naming the first input that does not fit ``input_specs()``."""
+        if self._inputs is not None:
+            check_inputs(self._inputs, inputs)
+
     def infer(self, *inputs: Any) -> InferResult:
         """Run the program on the live set. Inputs: numpy arrays or tensors (or one list of them),
         checked against ``input_specs()`` first: ``InputError`` names the one that does not fit."""
         if len(inputs) == 1 and isinstance(inputs[0], (list, tuple)):
             inputs = tuple(inputs[0])
-        if self._inputs is not None:
-            check_inputs(self._inputs, inputs)
+        self.check_inputs(*inputs)
         device = self.device
         args = [self._to_input(x, device) for x in inputs]
         ws, version = self._acquire()

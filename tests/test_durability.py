@@ -71,6 +71,20 @@ def test_a_replicated_refit_commits_without_waiting_for_its_checkpoint_which_fol
     assert fleet.status()["persistence"]["unpersisted"] == []
 
 
+def test_a_replica_added_before_the_checkpoint_is_written_waits_for_it_and_serves_the_active_version(
+        make_fleet: Any) -> None:
+    fleet = make_fleet()
+    _hang_the_checkpoint_writer(fleet)
+    res = fleet.refit(probe_weights(2.0))
+    assert not res.persisted and res.version not in _stored(fleet)
+    out = fleet.scale(3)  # the newcomer catches up from the store: it waits for the write, redone
+    assert out["added"] == ["r2"]
+    assert converged(fleet)["version"] == res.version
+    handle = ray.get(fleet._coord.member_handles.remote())["r2"]
+    reply = ray.get(handle.infer.remote([probe_input()], 0))
+    assert reply["version"] == res.version and probe_value(reply["outputs"]) == 2.0
+
+
 def test_a_disk_durability_refit_waits_for_its_checkpoint(make_fleet: Any) -> None:
     fleet = make_fleet(durability="disk")
     before = fleet.status()["version"]
