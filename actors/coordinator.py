@@ -336,10 +336,16 @@ class Coordinator:
                 "committed": sorted(self.ledger.state.versions)}
 
     def manifest(self) -> dict[str, Any]:
-        """name -> {shape, dtype} of every refittable weight (from the base version's checkpoint)."""
+        """name -> {shape, dtype} of every refittable weight (from the base version's checkpoint),
+        and ``tied``: the other names of the same tensor, for weights the engine ties."""
         store = CheckpointStore.in_state_dir(self.settings.state_dir, cleanup=False)
         m = store.manifest(min(store.versions()))
-        return {n: {"shape": list(e.shape), "dtype": e.dtype} for n, e in m.tensors.items()}
+        out: dict[str, Any] = {n: {"shape": list(e.shape), "dtype": e.dtype} for n, e in m.tensors.items()}
+        for group in self.settings.tied:
+            for name in group:
+                if name in out:
+                    out[name]["tied"] = [g for g in group if g != name]
+        return out
 
     def config(self) -> dict[str, Any]:
         """The fleet config the launching driver gave (for ``Fleet.connect``)."""

@@ -73,6 +73,7 @@ class CoordinatorSettings(_Settings):
     durability: Literal["replicated", "disk"] = "replicated"
     history_window: int = Field(default=1000, ge=10)
     driver_config: dict[str, Any] = Field(default_factory=dict)
+    tied: list[list[str]] = Field(default_factory=list)  # weights the engine ties (one tensor)
 
 
 class ReplicaSettings(_Settings):

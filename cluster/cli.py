@@ -271,24 +271,34 @@ def _result_dict(res: Any) -> dict[str, Any]:
             "replicas": res.replicas}
 
 
+def _size_of(weights: Path) -> int:
+    if weights.is_dir():
+        return sum(f.stat().st_size for f in weights.iterdir() if f.is_file())
+    return weights.stat().st_size
+
+
 @app.command()
-def refit(weights: Path = typer.Argument(..., help=".safetensors, .pt (tensors only) or .npz"),
+def refit(weights: Path = typer.Argument(..., help=".safetensors, .pt (tensors only) or .npz, or a "
+                                        "checkpoint directory (save_pretrained, sharded with an index)"),
           fleet_name: str = FleetOpt, namespace: str = NamespaceOpt, address: str = AddressOpt,
           key: str = typer.Option(None, "--key", help="idempotency key: a retry returns the first outcome"),
           dry_run: bool = typer.Option(False, "--dry-run", help="validate against the fleet; stage nothing"),
           strip_prefix: str = typer.Option(None, "--strip-prefix", help="drop this prefix from names"),
+          add_prefix: str = typer.Option(None, "--add-prefix", help="put this prefix before names "
+                                                                    "(after --strip-prefix)"),
           complete: bool = typer.Option(False, "--complete", help="refuse a file lacking any weight"),
           wait_persisted: bool = typer.Option(False, "--wait-persisted",
                                               help="return once the version's checkpoint is durable too"),
           json_out: bool = JsonOpt) -> None:
-    """Publish a weights file and refit every replica (two-phase commit)."""
+    """Publish a weights file or checkpoint directory and refit every replica (two-phase commit)."""
     if not weights.exists():
         _fail(BAD_INPUT, f"weights file {str(weights)!r} does not exist")
-    if not weights.is_file():
-        _fail(BAD_INPUT, f"weights path {str(weights)!r} is not a regular file")
+    if not (weights.is_file() or weights.is_dir()):
+        _fail(BAD_INPUT, f"weights path {str(weights)!r} is neither a regular file nor a directory")
     fleet = _connect(fleet_name, namespace, address)
+    names = {"strip_prefix": strip_prefix, "add_prefix": add_prefix}
     if dry_run:
-        report = _guard(lambda: fleet.validate(weights, strip_prefix=strip_prefix, complete=complete))
+        report = _guard(lambda: fleet.validate(weights, complete=complete, **names))
         if json_out:
             _print_json(report)
         else:
@@ -296,8 +306,7 @@ def refit(weights: Path = typer.Argument(..., help=".safetensors, .pt (tensors o
             out.print(f"valid: {report['tensors']} tensors, {report['bytes']} bytes{kept}")
         return
     res = _guard(lambda: _refit_with_progress(
-        fleet, lambda: fleet.refit(weights, key=key, strip_prefix=strip_prefix, complete=complete),
-        weights.stat().st_size))
+        fleet, lambda: fleet.refit(weights, key=key, complete=complete, **names), _size_of(weights)))
     if wait_persisted and not res.persisted and not res.noop:
         if not _guard(lambda: fleet.wait_persisted(res.version)):
             _fail(FAILED, f"version {res.version} committed, but its checkpoint was not written in time "

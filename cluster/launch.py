@@ -35,7 +35,7 @@ from actors.replica_client import coordinator_actor_name, replica_actor_name
 from actors.settings import CoordinatorSettings, ReplicaSettings
 from actors.store import CheckpointStore
 from engines.checksum import bytes_checksum
-from engines.engine_file import read_engine_metadata, read_engine_weight_bytes
+from engines.engine_file import EngineMetadata, read_engine_metadata, read_engine_weight_bytes
 from engines.errors import EngineFileError
 from engines.paths import check_regular_file
 
@@ -79,8 +79,8 @@ def replica_actor_class(cfg: FleetConfig) -> Any:
     return replica_class(2 * cfg.batching.max_batch_size)
 
 
-def coordinator_settings(cfg: FleetConfig) -> CoordinatorSettings:
-    return CoordinatorSettings(
+def coordinator_settings(cfg: FleetConfig, tied: list[list[str]] | None = None) -> CoordinatorSettings:
+    return CoordinatorSettings(tied=tied or [],
         fleet=cfg.name, namespace=cfg.namespace, state_dir=cfg.state_dir,
         failpoints=dict(cfg.failpoints), timeouts=cfg.timeouts, commit_policy=cfg.commit_policy,
         max_exclude=cfg.max_exclude, retain_versions=cfg.retain_versions, persist_fsync=cfg.persist_fsync,
@@ -101,7 +101,7 @@ def config_differences(running: Mapping[str, Any], wanted: Mapping[str, Any], pr
     return out
 
 
-def check_engine(cfg: FleetConfig) -> None:
+def check_engine(cfg: FleetConfig) -> EngineMetadata:
     """The engine file exists, is an engine file, was built with ``enable_refit``, and (with
     ``batching``) its inputs share a dynamic batch dim 0 that takes ``max_batch_size`` samples."""
     try:
@@ -115,6 +115,7 @@ def check_engine(cfg: FleetConfig) -> None:
             f"refit (rebuild it with BuilderConfig(enable_refit=True))")
     if cfg.batching is not None:
         check_batchable(cfg.engine, meta.inputs, cfg.batching.max_batch_size)
+    return meta
 
 
 def check_batchable(engine: str, inputs: list[dict] | None, max_batch_size: int) -> None:
@@ -238,7 +239,7 @@ class Launch:
     def run(self) -> Any:
         """Return the coordinator's handle once every replica serves."""
         cfg = self.cfg
-        check_engine(cfg)
+        self._meta = check_engine(cfg)
         check_state_dir(cfg.state_dir)
         base = BaseVersion(cfg)  # a new fleet's version 0, written while Ray starts
         self._lap("checks_s")
@@ -290,7 +291,7 @@ class Launch:
                 name=coordinator_actor_name(cfg.name), namespace=cfg.namespace, lifetime="detached",
                 get_if_exists=True, num_cpus=0, scheduling_strategy=_head_node_strategy(),
                 runtime_env={"env_vars": dict(cfg.coordinator_env)} if cfg.coordinator_env else None,
-            ).remote(coordinator_settings(cfg))
+            ).remote(coordinator_settings(cfg, self._meta.tied))
             self._actors.append(coord)
             self._coordinator = coord
         self.admit_replicas(handles, coord)

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+import weakref
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import ray
@@ -19,6 +20,7 @@ from actors.payload import (
     spec_dict,
     to_wire,
 )
+from engines.checkpoint_dir import CheckpointDir, is_checkpoint_dir
 from engines.config import NonFinitePolicy
 from engines.errors import MissingWeightsError
 from engines.manifest import TensorSpec
@@ -29,11 +31,26 @@ from engines.validation import (
     non_finite_names,
     start_checksums_and_non_finite,
 )
-from engines.weights import WeightsLike, load_weights
+from engines.weights import WeightsLike, check_header, fill_tied, load_weights, name_fn
 
 from .errors import ObjectStoreTooSmall
 
 _ALWAYS_FITS = 32 << 20  # bytes: below 80% of the smallest object store Ray allows
+
+
+def manifest_specs(manifest: Mapping[str, Any]) -> dict[str, TensorSpec]:
+    return {n: TensorSpec(shape=tuple(s["shape"]), dtype=s["dtype"]) for n, s in manifest.items()}
+
+
+def tie_groups(manifest: Mapping[str, Any]) -> list[list[str]]:
+    """The groups of names the engine ties (one tensor), from the fleet manifest's ``tied`` entries."""
+    seen: set[str] = set()
+    groups = []
+    for name, entry in manifest.items():
+        if entry.get("tied") and name not in seen:
+            groups.append([name, *entry["tied"]])
+            seen.update(groups[-1])
+    return groups
 
 
 def load_and_check(weights: WeightsLike, manifest: Mapping[str, Any], *,
@@ -42,14 +59,76 @@ def load_and_check(weights: WeightsLike, manifest: Mapping[str, Any], *,
                    complete: bool = False) -> dict[str, torch.Tensor]:
     """Read ``weights`` and check them against the fleet manifest (names, shapes, dtypes, values,
     completeness when asked); raises the engine's errors naming the tensor. A file's names, shapes
-    and dtypes are checked from its header before any tensor is read (no decompression bombs)."""
-    specs = {n: TensorSpec(shape=tuple(s["shape"]), dtype=s["dtype"]) for n, s in manifest.items()}
-    tensors = load_weights(weights, strip_prefix=strip_prefix, add_prefix=add_prefix, mapping=mapping,
-                           expect=specs)
+    and dtypes are checked from its header before any tensor is read (no decompression bombs). A
+    name the engine ties to others stands for them all (``engines.weights.fill_tied``)."""
+    specs = manifest_specs(manifest)
+    tensors = fill_tied(load_weights(weights, strip_prefix=strip_prefix, add_prefix=add_prefix,
+                                     mapping=mapping, expect=specs), tie_groups(manifest))
     check_weights(tensors, specs, non_finite)
     if complete and (missing := sorted(set(specs) - set(tensors))):
         raise MissingWeightsError(missing)
     return tensors
+
+
+class _Source:
+    """What a refit publishes, as groups of tensors read one after the other: a whole set read at
+    once, or a checkpoint directory one shard at a time (never all shards in memory). Everything
+    the headers can tell (names, shapes, dtypes, completeness) is checked before any data is read;
+    values as each group is read."""
+
+    def __init__(self, weights: WeightsLike, manifest: Mapping[str, Any], *, names: Any,
+                 complete: bool, inline_bytes: int, load: Any) -> None:
+        self._specs = manifest_specs(manifest)
+        self._ties = tie_groups(manifest)
+        self._checkpoint = CheckpointDir(weights, names) if is_checkpoint_dir(weights) else None
+        self._tensors: dict[str, torch.Tensor] | None = None
+        if self._checkpoint is None:
+            self._tensors = load()
+            self.specs = spec_dict(self._tensors)
+        else:
+            check_header(self._checkpoint.entries, self._specs)
+            given = [n for n, _, _ in self._checkpoint.entries]
+            self._aliases: dict[str, list[str]] = {}  # a tied name given -> its group's names not given
+            for group in self._ties:
+                present = [n for n in group if n in given]
+                if present and (absent := [n for n in group if n not in given]):
+                    self._aliases[present[0]] = absent
+            every = given + [a for more in self._aliases.values() for a in more]
+            if complete and (missing := sorted(set(self._specs) - set(every))):
+                raise MissingWeightsError(missing)
+            self.specs = {n: {"shape": list(self._specs[n].shape), "dtype": self._specs[n].dtype}
+                          for n in every}
+            if sum(self._specs[n].nbytes for n in every) <= inline_bytes:
+                self._tensors = self._with_aliases(self._checkpoint.read_all(self._specs))
+                self._checkpoint = None
+        self.groups_read = self.most_held = 0
+        self.nbytes = sum(TensorSpec(shape=tuple(s["shape"]), dtype=s["dtype"]).nbytes
+                          for s in self.specs.values())
+
+    def _with_aliases(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        for name, aliases in self._aliases.items():
+            if name in tensors:
+                for alias in aliases:
+                    tensors[alias] = tensors[name]
+        return tensors
+
+    def groups(self) -> Iterator[dict[str, torch.Tensor]]:
+        """The groups in order; the caller drops each before asking for the next (``most_held``
+        counts the groups read and not yet freed, at most, when a group is read)."""
+        if self._checkpoint is None:
+            assert self._tensors is not None
+            yield self._tensors
+            return
+        earlier: list[weakref.ref] = []
+        for shard in self._checkpoint.shards(self._specs):
+            tensors = self._with_aliases(shard)
+            del shard
+            check_weights(tensors, self._specs, NonFinitePolicy.ALLOW)
+            self.groups_read += 1
+            self.most_held = max(self.most_held, 1 + sum(ref() is not None for ref in earlier))
+            earlier += [weakref.ref(t) for t in list(tensors.values())[:1]]
+            yield tensors
+            del tensors
 
 
 class _BucketChecks:
@@ -85,11 +164,15 @@ def publish(weights: WeightsLike, manifest: Mapping[str, Any], *,
     the tensor, ``MissingWeightsError`` when ``complete`` and names are missing,
     ``ObjectStoreTooSmall`` with the numbers when the version cannot fit the object store.
     ``timings``: ``load_validate_s``, ``checksum_s`` (the checks not hidden behind a put),
-    ``put_s``, ``buckets``."""
+    ``put_s``, ``buckets``; for a checkpoint directory read shard by shard also ``shards`` and
+    ``shards_held_at_most`` (shards in memory at once, at most)."""
     t0 = time.perf_counter()
-    tensors = load_and_check(weights, manifest, non_finite=NonFinitePolicy.ALLOW, strip_prefix=strip_prefix,
-                             add_prefix=add_prefix, mapping=mapping, complete=complete)
-    nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+    source = _Source(weights, manifest, names=name_fn(strip_prefix, add_prefix, mapping), complete=complete,
+                     inline_bytes=inline_bytes,
+                     load=lambda: load_and_check(weights, manifest, non_finite=NonFinitePolicy.ALLOW,
+                                                 strip_prefix=strip_prefix, add_prefix=add_prefix,
+                                                 mapping=mapping, complete=complete))
+    nbytes = source.nbytes
     # Ray's smallest object store is 75 MB, so a smaller version always fits: skip the GCS query
     capacity = ray.cluster_resources().get("object_store_memory", 0.0) if nbytes >= _ALWAYS_FITS else 0.0
     if capacity and nbytes > 0.8 * capacity:
@@ -98,17 +181,37 @@ def publish(weights: WeightsLike, manifest: Mapping[str, Any], *,
             f"cluster, at most 80% usable for one version (raise object_store_memory)")
     t1 = time.perf_counter()
     scan = non_finite is NonFinitePolicy.REJECT
-    groups = [tensors] if nbytes <= inline_bytes else buckets(tensors, bucket_bytes)
-    wires = [to_wire(g) for g in groups]  # small tensors packed (one copy of them), views of the rest
-    checks = [_BucketChecks(g, w, scan) for g, w in zip(groups, wires, strict=True)]
     sums: dict[str, str] = {}
     refs: list[Any] = []
-    waited = put = 0.0
+    timings = {"load_validate_s": t1 - t0, "checksum_s": 0.0, "put_s": 0.0, "buckets": 0.0}
+    try:
+        for tensors in source.groups():
+            refs += _put_group(tensors, sums, scan, inline=nbytes <= inline_bytes, bucket_bytes=bucket_bytes,
+                               timings=timings)
+            del tensors  # before the next group is read
+    except BaseException:
+        refs.clear()  # nothing was sent: what was put is freed
+        raise
+    timings["load_validate_s"] = time.perf_counter() - t0 - timings["checksum_s"] - timings["put_s"]
+    timings["buckets"] = float(len(refs))
+    if source.groups_read:
+        timings["shards"], timings["shards_held_at_most"] = float(source.groups_read), float(source.most_held)
+    return Publication(refs=refs, specs=source.specs, checksums={n: sums[n] for n in source.specs},
+                       nbytes=nbytes, timings=timings)
+
+
+def _put_group(tensors: dict[str, torch.Tensor], sums: dict[str, str], scan: bool, *, inline: bool,
+               bucket_bytes: int, timings: dict[str, float]) -> list[Any]:
+    """Checksum, scan and put one group of tensors in buckets (or inline); their refs."""
+    groups = [tensors] if inline else buckets(tensors, bucket_bytes)
+    wires = [to_wire(g) for g in groups]  # small tensors packed (one copy of them), views of the rest
+    checks = [_BucketChecks(g, w, scan) for g, w in zip(groups, wires, strict=True)]
+    refs: list[Any] = []
     try:
         for k, (wire, check) in enumerate(zip(wires, checks, strict=True)):
             t = time.perf_counter()
             got, bad = check.result()  # bucket k+1's checks run meanwhile on the helper threads
-            waited += time.perf_counter() - t
+            timings["checksum_s"] += time.perf_counter() - t
             if bad:
                 first = next(n for n in tensors if n in bad)
                 raise non_finite_error(first, tensors[first])
@@ -116,15 +219,12 @@ def publish(weights: WeightsLike, manifest: Mapping[str, Any], *,
             t = time.perf_counter()
             # the copy into the object store runs on a refit-helper thread: at lower priority than
             # the threads that serve requests on this machine (engines.threads)
-            refs.append(wire if nbytes <= inline_bytes else helpers().submit(ray.put, wire).result())
-            put += time.perf_counter() - t
+            refs.append(wire if inline else helpers().submit(ray.put, wire).result())
+            timings["put_s"] += time.perf_counter() - t
             checks[k] = None  # type: ignore[call-overload]  (its tensors are not needed any more)
     except BaseException:
         for c in checks:
             if c is not None:
                 c.result()  # let the helper threads finish with these tensors before they go
-        refs.clear()  # nothing was sent: what was put is freed
         raise
-    return Publication(refs=refs, specs=spec_dict(tensors), checksums={n: sums[n] for n in tensors},
-                       nbytes=nbytes, timings={"load_validate_s": t1 - t0, "checksum_s": waited,
-                                               "put_s": put, "buckets": float(len(refs))})
+    return refs

@@ -13,7 +13,7 @@ import torch
 from .backends import make_backend
 from .config import BuilderConfig
 from .engine import Engine
-from .engine_file import deserialize_program, read_engine_file, serialize_program
+from .engine_file import deserialize_program, read_engine_file, serialize_program, tied_groups
 from .inputs import InputSpec, dim_names_of, input_specs_of
 
 
@@ -33,7 +33,8 @@ def build_engine(module: torch.nn.Module, example_inputs: Sequence[Any],
     max=64)`` on the dims that vary); ``config.dynamic_batch=(lo, hi)`` is the shorthand for a
     batch dim 0 shared by every input. A dynamic dim whose example size is 0 or 1 is traced with
     the example repeated to size 2 (``torch.export`` would otherwise take the 1 for a constant).
-    The engine records each input's spec (``Engine.input_specs()``) and checks requests against it.
+    The engine records each input's spec (``Engine.input_specs()``) and checks requests against it,
+    and the weights the module ties (one tensor under several names, ``Engine.tied_weights()``).
     """
     config = config or BuilderConfig()
     examples = tuple(_example(x) for x in example_inputs)
@@ -49,7 +50,7 @@ def build_engine(module: torch.nn.Module, example_inputs: Sequence[Any],
     constants = {n: t for n, t in program.constants.items() if isinstance(t, torch.Tensor)}
     inputs = input_specs_of(program, dim_names)
     backend = make_backend(config, program)
-    return Engine(backend, weights, constants, program_json, config, inputs=inputs)
+    return Engine(backend, weights, constants, program_json, config, inputs=inputs, tied=tied_groups(weights))
 
 
 def _arg_names(module: torch.nn.Module, n: int) -> list[str]:
@@ -90,4 +91,4 @@ def load_engine(path: str | os.PathLike, device: str | None = None, **overrides:
         else input_specs_of(program)  # a file from before inputs were recorded: read the program
     backend = make_backend(config, program)
     return Engine(backend, ef.weights, ef.constants, ef.program_json, config, version=ef.version,
-                  inputs=inputs)
+                  inputs=inputs, tied=ef.tied)

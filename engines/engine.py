@@ -58,7 +58,7 @@ from .manifest import Manifest, TensorSpec, manifest_of
 from .threads import helpers
 from .validation import check_weights, parallel_checksums
 from .weight_set import BufferPool, StagedSet, StagedState, WeightSet
-from .weights import WeightsLike, load_weights
+from .weights import WeightsLike, fill_tied, load_weights
 
 # Inputs that arrive through Ray, and shared-mode weights, are read-only arrays, and nothing here
 # writes to them. A process-wide filter, not catch_warnings (which is not thread-safe), limited to
@@ -112,8 +112,10 @@ class Engine:
 
     def __init__(self, backend: Backend, weights: Mapping[str, torch.Tensor],
                  constants: Mapping[str, torch.Tensor], program_json: bytes,
-                 config: BuilderConfig, version: int = 0, inputs: list[InputSpec] | None = None) -> None:
+                 config: BuilderConfig, version: int = 0, inputs: list[InputSpec] | None = None,
+                 tied: list[list[str]] | None = None) -> None:
         self.config = config
+        self._tied = [list(g) for g in tied or []]
         self._inputs = list(inputs) if inputs is not None else None
         self.backend = backend
         # where inputs and weight buffers live: the card for torch, host memory for backends
@@ -146,6 +148,11 @@ class Engine:
     def manifest(self) -> dict[str, TensorSpec]:
         """Name -> shape and dtype of every refittable weight."""
         return dict(self._manifest)
+
+    def tied_weights(self) -> list[list[str]]:
+        """Groups of names the model ties (one tensor, e.g. GPT-2's ``lm_head.weight`` and
+        ``transformer.wte.weight``): a refit giving one name of a group refits them all."""
+        return [list(g) for g in self._tied]
 
     def input_specs(self) -> list[InputSpec]:
         """Each input, in order: name, dtype, and shape (sizes and dynamic dims with their ranges)."""
@@ -232,8 +239,8 @@ class Engine:
         self._check_refittable()
         version = check_version_number(version)
         self._check_version(version, self._live)  # again under the lock; this one spares a read
-        tensors = load_weights(weights, strip_prefix=strip_prefix, add_prefix=add_prefix, mapping=mapping,
-                               expect=self._manifest)
+        tensors = fill_tied(load_weights(weights, strip_prefix=strip_prefix, add_prefix=add_prefix,
+                                         mapping=mapping, expect=self._manifest), self._tied)
         policy = NonFinitePolicy.ALLOW if values_checked else self.config.non_finite
         check_weights(tensors, self._manifest, policy)
         if checksums is not None:
@@ -591,6 +598,7 @@ class Engine:
                 builder_config=self.config.model_dump(mode="json"),
                 backend=self.backend.name,
                 inputs=None if self._inputs is None else [s.model_dump(mode="json") for s in self._inputs],
+                tied=self._tied,
             ))
         finally:
             if ws is not None:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -50,6 +50,7 @@ class EngineFile:
     builder_config: dict
     backend: str
     inputs: list[dict] | None = None  # the input specs (``engines.inputs.InputSpec`` as JSON)
+    tied: list[list[str]] = field(default_factory=list)  # names of one tensor (``tied_groups``)
 
 
 def serialize_program(program: torch.export.ExportedProgram) -> bytes:
@@ -132,7 +133,13 @@ def write_engine_file(path: str | os.PathLike, ef: EngineFile) -> None:
     """Write atomically: a temp file beside ``path``, fsync'd, then renamed over it."""
     from safetensors.torch import save_file
 
-    tensors = {name: t.detach().cpu().contiguous() for name, t in ef.weights.items()}
+    tensors: dict[str, torch.Tensor] = {}
+    seen: set[tuple[int, int]] = set()
+    for name, t in ef.weights.items():  # safetensors refuses tensors that share memory
+        t = t.detach().cpu().contiguous()
+        where = (t.untyped_storage().data_ptr(), t.storage_offset())
+        tensors[name] = t.clone() if where in seen and t.numel() else t
+        seen.add(where)
     for name, t in ef.constants.items():
         tensors[_CONST_PREFIX + name] = t.detach().cpu().contiguous()
     metadata = {
@@ -146,6 +153,8 @@ def write_engine_file(path: str | os.PathLike, ef: EngineFile) -> None:
     }
     if ef.inputs is not None:
         metadata["inputs"] = json.dumps(ef.inputs)
+    if ef.tied:
+        metadata["tied"] = json.dumps(ef.tied)
     target = Path(path)
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     try:
@@ -167,6 +176,7 @@ class EngineMetadata:
     builder_config: dict
     backend: str
     inputs: list[dict] | None = None  # None: a file written before inputs were recorded
+    tied: list[list[str]] = field(default_factory=list)
 
 
 def read_engine_metadata(path: str | os.PathLike) -> EngineMetadata:
@@ -248,7 +258,30 @@ def _checked_metadata(meta: dict[str, str], where: str) -> EngineMetadata:
     version = _version(meta["version"], where)
     builder_config = _builder_config(meta["builder_config"], where)
     _program_object(meta["program"], where)
-    return EngineMetadata(names, version, builder_config, meta["backend"], _inputs(meta.get("inputs"), where))
+    return EngineMetadata(names, version, builder_config, meta["backend"], _inputs(meta.get("inputs"), where),
+                          _tied(meta.get("tied"), names, where))
+
+
+def tied_groups(weights: dict[str, torch.Tensor]) -> list[list[str]]:
+    """Names that are one tensor (the same memory, shape and strides), in groups of two or more."""
+    groups: dict[tuple, list[str]] = {}
+    for name, t in weights.items():
+        if t.numel():
+            key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+            groups.setdefault(key, []).append(name)
+    return [g for g in groups.values() if len(g) > 1]
+
+
+def _tied(text: str | None, names: list[str], where: str) -> list[list[str]]:
+    if text is None:
+        return []
+    groups = _json(text, "tied", where)
+    known = set(names)
+    if not isinstance(groups, list) or not all(
+            isinstance(g, list) and len(g) > 1 and all(isinstance(n, str) and n in known for n in g)
+            for g in groups):
+        raise EngineFileError(f"{where}: metadata 'tied' is not a list of groups of refittable names")
+    return groups
 
 
 def _inputs(text: str | None, where: str) -> list[dict] | None:
@@ -302,6 +335,11 @@ def read_engine_file(path: str | os.PathLike) -> EngineFile:
         raise
     except Exception as exc:
         raise EngineFileError(f"{where} is truncated or malformed: {exc}") from exc
+    for group in header.tied:  # one tensor again, as the model had it
+        first = weights[group[0]]
+        for name in group[1:]:
+            if weights[name].shape == first.shape and weights[name].dtype == first.dtype:
+                weights[name] = first
     return EngineFile(
         program_json=meta["program"].encode("utf-8"),
         weights=weights,
@@ -310,6 +348,7 @@ def read_engine_file(path: str | os.PathLike) -> EngineFile:
         builder_config=builder_config,
         backend=meta["backend"],
         inputs=header.inputs,
+        tied=header.tied,
     )
 
 

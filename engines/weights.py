@@ -154,17 +154,30 @@ def check_header(entries: list[tuple[str, tuple[int, ...], str]], expect: Expect
 NameFn = Callable[[str], str]
 
 
-def read_weights_file(path: str | os.PathLike, *, expect: Expect | None = None,
-                      strip_prefix: str | None = None, add_prefix: str | None = None,
-                      mapping: Mapping[str, str] | None = None) -> dict[str, torch.Tensor]:
-    """Read a weights file into CPU tensors under their mapped names. Never executes code from the
-    file; with ``expect``, checks names, shapes and dtypes from the header before any data."""
-    p = Path(path)
-    check_regular_file(p, _WHAT, WeightFileError)
-
+def name_fn(strip_prefix: str | None = None, add_prefix: str | None = None,
+            mapping: Mapping[str, str] | None = None) -> NameFn:
     def names(key: str) -> str:
         return map_name(key, strip_prefix=strip_prefix, add_prefix=add_prefix, mapping=mapping)
 
+    return names
+
+
+def read_weights_file(path: str | os.PathLike, *, expect: Expect | None = None,
+                      strip_prefix: str | None = None, add_prefix: str | None = None,
+                      mapping: Mapping[str, str] | None = None,
+                      names: NameFn | None = None) -> dict[str, torch.Tensor]:
+    """Read a weights file, or a checkpoint directory (``engines.checkpoint_dir``), into CPU
+    tensors under their mapped names. Never executes code from the file; with ``expect``, checks
+    names, shapes and dtypes from the headers before any data."""
+    p = Path(path)
+    names = names or name_fn(strip_prefix, add_prefix, mapping)
+    if p.is_dir():
+        from .checkpoint_dir import CheckpointDir
+
+        checkpoint = CheckpointDir(p, names)
+        check_header(checkpoint.entries, expect)
+        return checkpoint.read_all(expect)
+    check_regular_file(p, _WHAT, WeightFileError)
     suffix = p.suffix.lower()
     if suffix == ".safetensors":
         return _read_safetensors(p, names, expect)
@@ -173,6 +186,47 @@ def read_weights_file(path: str | os.PathLike, *, expect: Expect | None = None,
     if suffix == ".npz":
         return _read_npz(p, names, expect)
     raise WeightFileError(f"weights file {str(p)!r}: unknown format {suffix!r} (.safetensors, .pt, .npz)")
+
+
+def file_entries(path: Path) -> list[tuple[str, tuple[int, ...], str]]:
+    """``(name as saved, shape, dtype)`` of every tensor in a ``.safetensors`` or ``.bin``/``.pt``
+    file, from its header (a zip ``.pt`` memory-mapped: only its pickled structure is read)."""
+    check_regular_file(path, _WHAT, WeightFileError)
+    if path.suffix.lower() == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as fh:
+                out = []
+                for key in fh.keys():  # noqa: SIM118  (a safe_open handle, not a dict)
+                    piece = fh.get_slice(key)
+                    dtype = piece.get_dtype()
+                    out.append((key, tuple(piece.get_shape()), _ST_DTYPES.get(dtype, dtype)))
+                return out
+        except Exception as exc:
+            raise WeightFileError(f"weights file {str(path)!r} is not a valid .safetensors file: "
+                                  f"{exc}") from exc
+    with open_regular(path, _WHAT, WeightFileError) as fh:
+        zipped = fh.read(4) == b"PK\x03\x04"
+    obj = _torch_load(path, str(path), mmap=zipped)
+    return _torch_entries(path, obj, lambda k: k)
+
+
+def fill_tied(tensors: dict[str, torch.Tensor], tied: list[list[str]]) -> dict[str, torch.Tensor]:
+    """Weights the model ties (one tensor under several names, e.g. GPT-2's ``lm_head.weight`` and
+    ``wte.weight``): a name given alone stands for its whole group (checkpoints save one of them);
+    names of one group given together must hold equal values, else WeightFileError naming them."""
+    for group in tied:
+        given = [n for n in group if n in tensors]
+        if not given:
+            continue
+        first = tensors[given[0]]
+        for other in given[1:]:
+            if not torch.equal(tensors[other], first):
+                raise _refuse(other, f"the model ties it to {given[0]!r}, but they hold different values")
+        for name in group:
+            tensors.setdefault(name, first)
+    return tensors
 
 
 def _read_safetensors(p: Path, names: NameFn, expect: Expect | None) -> dict[str, torch.Tensor]:

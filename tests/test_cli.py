@@ -90,6 +90,17 @@ def test_cli_end_to_end(tmp_path: Path) -> None:
         assert "999" in p.stderr
         assert json.loads(wr("status", "--fleet", "clifleet", "--json").stdout)["version"] == 3
 
+        # a checkpoint directory as training code saves it: sharded, an index, names to map
+        ckpt = tmp_path / "ckpt"
+        ckpt.mkdir()
+        save_file({"model.conv.weight": np.full((1, 1, 3, 3), 4.0, np.float32)},
+                  str(ckpt / "model-00001-of-00001.safetensors"))
+        (ckpt / "model.safetensors.index.json").write_text(json.dumps(
+            {"metadata": {}, "weight_map": {"model.conv.weight": "model-00001-of-00001.safetensors"}}))
+        res = json.loads(wr("refit", "-f", "clifleet", str(ckpt), "--strip-prefix", "model.",
+                            "--json").stdout)
+        assert res["status"] == "committed" and res["version"] == 4
+
         wr("shutdown", "--fleet", "clifleet")
         wr("status", "--fleet", "clifleet", code=3)
 

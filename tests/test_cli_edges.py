@@ -143,7 +143,9 @@ def test_a_weights_path_that_is_not_a_file_is_named_as_such(head: tuple[dict[str
     else:
         os.mkfifo(path)
     p = cli("refit", "--fleet", "edges", str(path), env=env, timeout=NO_HANG_S)
-    assert p.returncode == 1 and "is not a regular file" in error_line(p)
+    says = {"directory": "is a directory holding no checkpoint",
+            "fifo": "is neither a regular file nor a directory"}[kind]
+    assert p.returncode == 1 and says in error_line(p) and str(path) in error_line(p)
 
 
 def test_address_wins_over_ray_address(head: tuple[dict[str, str], Path]) -> None:
