@@ -258,9 +258,10 @@ class Coordinator:
             return request if isinstance(request, TxnResult) else self.txns.run(request)
 
     def refit(self, refs: list[Any], specs: dict[str, Any], checksums: dict[str, str],
-              key: str | None = None) -> TxnResult:
-        """Two-phase commit of a published version; returns its outcome (never raises for an abort)."""
-        return self._run(lambda: self.requests.refit(refs, specs, checksums, key), key, checksums)
+              key: str | None = None, probes: list[Any] | None = None) -> TxnResult:
+        """Two-phase commit of a published version; returns its outcome (never raises for an abort).
+        ``probes`` (``engines.Probe``) run on the staged set in PREPARE: a failing one is a NO vote."""
+        return self._run(lambda: self.requests.refit(refs, specs, checksums, key, probes), key, checksums)
 
     def rollback(self, to: int | None = None, key: str | None = None) -> TxnResult:
         """A new version carrying an earlier version's weights (default: walk back one origin)."""

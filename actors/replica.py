@@ -222,11 +222,13 @@ class ReplicaActor:
     def prepare(self, epoch: int, txn: str, version: int, refs: list[Any] | None,
                 specs: dict[str, Any], checksums: dict[str, str],
                 source: dict[str, Any] | None = None, base_version: int | None = None,
-                verifiers: dict[str, str] | None = None) -> PrepareReply:
+                verifiers: dict[str, str] | None = None, probes: list[Any] | None = None) -> PrepareReply:
         """Fetch, verify, stage; vote. ``source`` may name a version to re-stage (rollback).
-        ``verifiers`` (shared mode: node -> replica) names the one member per node that hashes
-        the node's copy; the others stage it unhashed. A replica named for a node it is not on
-        (it moved) votes NO, so that no node's copy goes unverified."""
+        ``verifiers`` (node -> replica) names the one member per node that hashes the node's copy;
+        the others stage it unhashed. A replica named for a node it is not on (it moved) votes NO,
+        so that no node's copy goes unverified. ``probes`` (``engines.Probe``) run on the staged
+        set where it is verified (the verifier of each node, or every member without verifiers):
+        a failing probe is a NO vote naming it."""
         self.fp.hit("message.prepare", txn)
         verify = True
         if verifiers:
@@ -236,7 +238,8 @@ class ReplicaActor:
                 return self.core.refuse(txn, f"replica {self.replica_id} was named the verifier of node "
                                              f"{elsewhere[0]} but runs on {self.core.node}")
             verify = verifiers.get(node, self.replica_id) == self.replica_id
-        vote = self.core.prepare(epoch, txn, version, refs, specs, checksums, source, base_version, verify)
+        vote = self.core.prepare(epoch, txn, version, refs, specs, checksums, source, base_version, verify,
+                                 probes if verify else None)
         self.fp.hit("reply.prepare", txn)
         return vote
 

@@ -64,7 +64,8 @@ class ReplicaClient(ABC):
                 refs: list[Any] | None, specs: dict[str, Any], checksums: dict[str, str],
                 source: dict[str, Any] | None, base_version: int | None,
                 on_reply: OnReply | None = None,
-                verifiers: dict[str, str] | None = None) -> dict[str, PrepareReply | Failed]: ...
+                verifiers: dict[str, str] | None = None,
+                probes: list[Any] | None = None) -> dict[str, PrepareReply | Failed]: ...
 
     @abstractmethod
     def commit(self, rids: list[str], timeout: float, epoch: int, txn: str,
@@ -223,9 +224,10 @@ class RayReplicaClient(ReplicaClient):
                 refs: list[Any] | None, specs: dict[str, Any], checksums: dict[str, str],
                 source: dict[str, Any] | None, base_version: int | None,
                 on_reply: OnReply | None = None,
-                verifiers: dict[str, str] | None = None) -> dict[str, PrepareReply | Failed]:
+                verifiers: dict[str, str] | None = None,
+                probes: list[Any] | None = None) -> dict[str, PrepareReply | Failed]:
         return self._fan_out("prepare", rids, timeout, epoch, txn, version, refs, specs, checksums,
-                             source, base_version, verifiers, on_reply=on_reply)
+                             source, base_version, verifiers, probes, on_reply=on_reply)
 
     def commit(self, rids: list[str], timeout: float, epoch: int, txn: str,
                on_reply: OnReply | None = None, *, activate: bool = True) -> dict[str, Ack | Failed]:

@@ -109,7 +109,8 @@ class ReplicaCore:
 
     def prepare(self, epoch: int, txn: str, version: int, refs: list[Any] | None,
                 specs: dict[str, Any], checksums: dict[str, str], source: dict[str, Any] | None,
-                base_version: int | None, verify: bool = True) -> PrepareReply:
+                base_version: int | None, verify: bool = True,
+                probes: list[Any] | None = None) -> PrepareReply:
         t0 = time.perf_counter()
         timings: dict[str, float] = {}
         with self.ctl:
@@ -134,6 +135,8 @@ class ReplicaCore:
                 raise ProtocolViolation(f"replica {self.replica_id} serves v{self.engine.version}; "
                                         f"this partial refit builds on v{base_version}")
             staged = self._stage(version, refs, specs, checksums, source, timings, verify)
+            if probes:
+                self._probe(staged, probes, timings)
         except BaseException as exc:  # every failure is a NO vote, reported back
             with self.ctl:
                 self.participant.finish_prepare(txn, False, reason_of(exc))
@@ -146,6 +149,17 @@ class ReplicaCore:
         vote = self._vote(txn, True, "", timings, t0)
         self.fp.hit("replica.after_vote")
         return vote
+
+    def _probe(self, staged: StagedSet, probes: list[Any], timings: dict[str, float]) -> None:
+        """The behaviour probes on the staged set (never the live one); a failure frees the set."""
+        t = time.perf_counter()
+        try:
+            self.engine.check_probes(staged, probes)
+        except BaseException:
+            self.engine.discard(staged)
+            raise
+        finally:
+            timings["probes_s"] = time.perf_counter() - t
 
     def _stage(self, version: int, refs: list[Any] | None, specs: dict[str, Any],
                checksums: dict[str, str], source: dict[str, Any] | None,

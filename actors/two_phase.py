@@ -61,6 +61,7 @@ class RefitRequest:
     origin: int | None = None
     base_version: int | None = None  # the active version a subset refit builds on
     from_version: int | None = None
+    probes: list[Any] | None = None  # engines.Probe: run on the staged set in PREPARE
 
 
 @dataclass
@@ -211,7 +212,7 @@ class TwoPhaseCommit:
 
         self._client.prepare(txn.members, self._t.prepare_s, self.epoch, txn.txn, txn.version,
                              req.refs, req.specs, req.checksums, source, req.base_version,
-                             on_reply=record, verifiers=self._verifiers(txn.members, req))
+                             on_reply=record, verifiers=self._verifiers(txn.members, req), probes=req.probes)
         for rid in txn.members:
             txn.votes.setdefault(rid, Vote(rid, False, "no answer to prepare"))
         txn.timings["prepare_s"] = time.perf_counter() - t

@@ -1,5 +1,7 @@
 """The driver side: fleet configs, placement, and the ``Fleet`` API."""
 
+from engines.probes import Probe, load_probes, save_probes
+
 from .config import ConfigError, FleetConfig
 from .errors import (
     BatchingUnsupported,
@@ -21,5 +23,6 @@ from .router import InferResponse
 __all__ = [
     "BatchingUnsupported", "ConfigError", "Fleet", "FleetConfig", "FleetConfigMismatch", "FleetError",
     "FleetNotFound", "InferResponse", "InferenceFailed", "KeyReused", "NoRayCluster", "NoReplicaAvailable",
-    "Overloaded", "RefitAborted", "RefitResult", "RemoteError", "ensure_ray",
+    "Overloaded", "Probe", "RefitAborted", "RefitResult", "RemoteError", "ensure_ray", "load_probes",
+    "save_probes",
 ]

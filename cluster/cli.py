@@ -287,10 +287,13 @@ def refit(weights: Path = typer.Argument(..., help=".safetensors, .pt (tensors o
           add_prefix: str = typer.Option(None, "--add-prefix", help="put this prefix before names "
                                                                     "(after --strip-prefix)"),
           complete: bool = typer.Option(False, "--complete", help="refuse a file lacking any weight"),
+          probes: Path = typer.Option(None, "--probes", help="a safetensors file of behaviour probes "
+                                                             "(cluster.save_probes) run on the staged set"),
           wait_persisted: bool = typer.Option(False, "--wait-persisted",
                                               help="return once the version's checkpoint is durable too"),
           json_out: bool = JsonOpt) -> None:
     """Publish a weights file or checkpoint directory and refit every replica (two-phase commit)."""
+    from cluster import load_probes
     if not weights.exists():
         _fail(BAD_INPUT, f"weights file {str(weights)!r} does not exist")
     if not (weights.is_file() or weights.is_dir()):
@@ -306,7 +309,9 @@ def refit(weights: Path = typer.Argument(..., help=".safetensors, .pt (tensors o
             out.print(f"valid: {report['tensors']} tensors, {report['bytes']} bytes{kept}")
         return
     res = _guard(lambda: _refit_with_progress(
-        fleet, lambda: fleet.refit(weights, key=key, complete=complete, **names), _size_of(weights)))
+        fleet, lambda: fleet.refit(weights, key=key, complete=complete,
+                                   probes=load_probes(probes) if probes else None, **names),
+        _size_of(weights)))
     if wait_persisted and not res.persisted and not res.noop:
         if not _guard(lambda: fleet.wait_persisted(res.version)):
             _fail(FAILED, f"version {res.version} committed, but its checkpoint was not written in time "

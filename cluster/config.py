@@ -212,6 +212,9 @@ class FleetConfig(BaseModel):
         description="fsync checkpoint files (the log's decision records are fsync'd regardless)")
     retain_versions: int = Field(strict=True, default=3, ge=2,
                                  description="committed versions kept in the store")
+    probes: str | None = Field(
+        default=None, description="a safetensors file of behaviour probes (engines.save_probes) run on "
+                                  "every refit's staged set before the vote; null: none")
     batching: BatchingConfig | None = Field(
         default=None, description="join concurrent requests along the engine's dynamic batch dim; null: off")
     bucket_bytes: int = Field(strict=True, default=64 << 20, ge=1 << 20,

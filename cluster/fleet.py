@@ -7,7 +7,7 @@ import dataclasses
 import threading
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -19,6 +19,7 @@ from actors.replica_client import coordinator_actor_name
 from actors.settings import Timeouts
 from actors.store import validate_label
 from actors.two_phase import TxnResult
+from engines.probes import Probe, load_probes
 
 from .config import FleetConfig
 from .errors import FleetNotFound, RefitAborted
@@ -201,7 +202,7 @@ class Fleet:
 
     def refit(self, weights: WeightsLike, key: str | None = None, *, strip_prefix: str | None = None,
               add_prefix: str | None = None, mapping: Mapping[str, str] | None = None,
-              complete: bool = False) -> RefitResult:
+              complete: bool = False, probes: Sequence[Probe] | None = None) -> RefitResult:
         """Publish ``weights`` (a mapping or a .safetensors/.pt/.npz path) and refit every replica.
 
         Validated and checksummed here before any transfer; put into the object store once. Raises
@@ -209,7 +210,9 @@ class Fleet:
         ``key`` returns the first call's outcome; without one a key is generated, so that a call
         cut off by a coordinator crash still learns its outcome (it waits for the restarted
         coordinator's recovery and returns or raises accordingly). ``complete`` refuses a set
-        that lacks any of the engine's weights.
+        that lacks any of the engine's weights. ``probes`` (``cluster.Probe``), with those of the
+        config's ``probes:`` file, run on the staged set in PREPARE, before the vote: a failing one
+        aborts the refit, its reason naming the probe, the output, the max |diff| and the tolerance.
         """
         from engines.config import NonFinitePolicy
 
@@ -217,14 +220,24 @@ class Fleet:
 
         t0 = time.perf_counter()
         key = key or f"auto-{uuid.uuid4().hex}"
+        checks = self._probes(probes)
         pub = publish(weights, self.manifest(), non_finite=NonFinitePolicy.REJECT,
                       strip_prefix=strip_prefix, add_prefix=add_prefix, mapping=mapping,
                       complete=complete, bucket_bytes=self._cfg.get("bucket_bytes", BUCKET_BYTES))
         try:
-            out = self._call(self._coord.refit.remote(pub.refs, pub.specs, pub.checksums, key), key)
+            out = self._call(self._coord.refit.remote(pub.refs, pub.specs, pub.checksums, key, checks), key)
         finally:
             pub.refs.clear()  # the replicas and the store have their copies (or it aborted)
         return self._result(out, t0, pub.timings)
+
+    def _probes(self, probes: Sequence[Probe] | None) -> list[Probe] | None:
+        """The config's probes file's probes, then ``probes``; ValueError for anything else."""
+        out = load_probes(self._cfg["probes"]) if self._cfg.get("probes") else []
+        for p in probes or []:
+            if not isinstance(p, Probe):
+                raise ValueError(f"probes must be cluster.Probe objects, got {type(p).__name__}")
+            out.append(p)
+        return out or None
 
     def validate(self, weights: WeightsLike, *, strip_prefix: str | None = None,
                  add_prefix: str | None = None, mapping: Mapping[str, str] | None = None,

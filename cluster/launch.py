@@ -38,6 +38,7 @@ from engines.checksum import bytes_checksum
 from engines.engine_file import EngineMetadata, read_engine_metadata, read_engine_weight_bytes
 from engines.errors import EngineFileError
 from engines.paths import check_regular_file
+from engines.probes import load_probes
 
 from .config import FleetConfig
 from .errors import BatchingUnsupported, EngineNotRefittable, FleetConfigMismatch, RemoteError
@@ -240,6 +241,8 @@ class Launch:
         """Return the coordinator's handle once every replica serves."""
         cfg = self.cfg
         self._meta = check_engine(cfg)
+        if cfg.probes is not None:
+            load_probes(cfg.probes)  # a ValueError naming the file before anything starts
         check_state_dir(cfg.state_dir)
         base = BaseVersion(cfg)  # a new fleet's version 0, written while Ray starts
         self._lap("checks_s")

@@ -18,6 +18,7 @@ _WHERE = {
     "DimSpec": "inputs", "InputSpec": "inputs",
     "StagedSet": "weight_set", "StagedState": "weight_set",
     "load_weights": "weights",
+    "Probe": "probes", "ProbeFailed": "probes", "load_probes": "probes", "save_probes": "probes",
     **{name: "errors" for name in (
         "BackendUnavailableError", "DtypeMismatchError", "EngineError", "EngineFileError",
         "InputError", "InvalidVersionError", "MemoryBudgetError", "MissingWeightsError",
@@ -30,10 +31,11 @@ __all__ = ["BackendUnavailableError", "BuilderConfig", "DimSpec", "DtypeMismatch
     "EngineError", "EngineFileError", "InferResult", "InputError", "InputSpec", "InvalidVersionError",
     "MemoryBudgetError", "MemoryMode", "MemoryReport", "MissingWeightsError", "NonFiniteWeightError",
     "NonFinitePolicy",
-    "NotRetainedError", "RefitDisabledError", "RefitError", "Refitter", "ShapeMismatchError",
+    "NotRetainedError", "Probe", "ProbeFailed", "RefitDisabledError", "RefitError", "Refitter",
+    "ShapeMismatchError",
     "StagedSet", "StagedSetDiscardedError", "StagedSetError", "StagedSetSupersededError",
     "StagedState", "TensorSpec", "UnknownWeightError", "VersionOrderError", "WeightError",
-    "WeightFileError", "build_engine", "load_engine", "load_weights"]
+    "WeightFileError", "build_engine", "load_engine", "load_probes", "load_weights", "save_probes"]
 
 
 def __getattr__(name: str) -> Any:
@@ -77,5 +79,6 @@ if TYPE_CHECKING:
     )
     from .inputs import DimSpec, InputSpec
     from .manifest import TensorSpec
+    from .probes import Probe, ProbeFailed, load_probes, save_probes
     from .weight_set import StagedSet, StagedState
     from .weights import load_weights

@@ -28,7 +28,7 @@ import numbers
 import threading
 import time
 import warnings
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from concurrent.futures import Future, wait
 from dataclasses import dataclass
 from itertools import count
@@ -44,6 +44,8 @@ from .config import BuilderConfig, MemoryMode, NonFinitePolicy
 from .devices import pinned_memory_available
 from .engine_file import MAX_VERSION, EngineFile, write_engine_file
 from .errors import (
+    EngineError,
+    InputError,
     InvalidVersionError,
     MemoryBudgetError,
     NotRetainedError,
@@ -55,6 +57,7 @@ from .errors import (
 )
 from .inputs import InputSpec, check_inputs
 from .manifest import Manifest, TensorSpec, manifest_of
+from .probes import Probe, ProbeFailed, check_probe_outputs
 from .threads import helpers
 from .validation import check_weights, parallel_checksums
 from .weight_set import BufferPool, StagedSet, StagedState, WeightSet
@@ -248,6 +251,27 @@ class Engine:
                 raise ChecksumMissing(missing[0], f"staging version {version}")
             checksums = {n: c for n, c in checksums.items() if n in tensors and n not in verified}
         return self._stage_tensors(tensors, version, borrow, checksums)
+
+    def check_probes(self, staged: StagedSet, probes: Sequence[Probe]) -> None:
+        """Run each probe on ``staged`` (never on the live set; a ``max_drift`` probe also on the
+        live set, for comparison) and raise ``ProbeFailed`` naming the first that fails, its output
+        index, the max |diff| and the tolerance (``engines.probes``). Needs a staged set of
+        ``swap`` or ``shared`` mode (``copy`` mode stages in host memory, where nothing runs)."""
+        ws = staged.weight_set
+        if ws is None or staged.owner is not self._token:
+            raise EngineError("probes run on a staged set of this engine in memory_mode swap or shared "
+                              "(copy mode stages in host memory, where the program cannot run)")
+        for probe in probes:
+            try:
+                self.check_inputs(*probe.inputs)
+            except InputError as exc:
+                raise ProbeFailed(probe.name, f"probe {probe.name!r}: {exc}") from None
+            args = [self._to_input(x, self.device) for x in probe.inputs]
+            with torch.inference_mode():
+                outputs = [np.array(self._to_numpy(o, ws)) for o in ws.program(args)]
+            live = self.infer(*probe.inputs).outputs if probe.needs_live else None
+            if why := check_probe_outputs(probe, outputs, live):
+                raise ProbeFailed(probe.name, why)
 
     def stage_retained(self, from_version: int, version: int) -> StagedSet:
         """Stage ``version`` as the weights of a set still held (live or previous): no copy."""

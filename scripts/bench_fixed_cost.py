@@ -54,13 +54,35 @@ def child(model: str, workdir: Path, refits: int, spawned: float) -> dict[str, A
         weights = {n: torch.full(shapes[n], float(i + 1)) for n in names}
         res = fleet.refit(weights)
         rows.append({"wall_s": res.duration_s, **res.timings})
+    probed = []
+    if model == "conv":  # what one behaviour probe adds: refits with and without one, alternating
+        from cluster import Probe
+
+        for i in range(refits):
+            value = float(refits + i + 1)
+            probe = Probe("conv", [example], expected=[np.full((1, 1, 1, 1), 9 * value, np.float32)])
+            res = fleet.refit({n: torch.full(shapes[n], value) for n in names},
+                              probes=[probe] if i % 2 else None)
+            ran = [t.get("probes_s", 0.0) for t in res.replicas.values()]
+            probed.append({"probe": bool(i % 2), "wall_s": res.duration_s, "probes_s": max(ran, default=0.0)})
     fleet.shutdown()
     return {"model": model, "tensors": len(names),
             "bytes": int(sum(np.prod(s) for s in shapes.values()) * 4),
             "launch": {"process_start_s": import_start - spawned, "imports_s": imported - import_start,
                        "fleet_launch_s": launched - imported, "steps": fleet.launch_timings,
                        "first_response_s": served - launched, "total_s": served - spawned},
-            "refits": rows}
+            "refits": rows, "probed": probed}
+
+
+def probe_cost(rows: list[dict[str, Any]]) -> dict[str, float] | None:
+    """Median refit with and without one behaviour probe (alternating refits), and the probe's run."""
+    if not rows:
+        return None
+    with_probe = [r for r in rows[2:] if r["probe"]]
+    without = [r for r in rows[2:] if not r["probe"]]
+    return {"with_probe_median_s": statistics.median(r["wall_s"] for r in with_probe),
+            "without_median_s": statistics.median(r["wall_s"] for r in without),
+            "probe_run_median_s": statistics.median(r["probes_s"] for r in with_probe)}
 
 
 def summarise(result: dict[str, Any]) -> dict[str, Any]:
@@ -73,7 +95,8 @@ def summarise(result: dict[str, Any]) -> dict[str, Any]:
             "driver_s": driver, "driver_steps": {k: med.get(k, 0.0) for k in ("load_validate_s", "checksum_s",
                                                                               "put_s")},
             "coordinator_s": med.get("coordinator_s", 0.0), "coordinator_steps": coordinator,
-            "call_and_reply_s": med["wall_s"] - driver - med.get("coordinator_s", 0.0)}
+            "call_and_reply_s": med["wall_s"] - driver - med.get("coordinator_s", 0.0),
+            "probe": probe_cost(result.get("probed") or [])}
 
 
 def build_engines(workdir: Path) -> None:
@@ -118,6 +141,11 @@ def main(argv: list[str] | None = None) -> int:
                   f"{s['refit_median_s'] * 1e3:.1f} ms (driver {s['driver_s'] * 1e3:.1f}, coordinator "
                   f"{s['coordinator_s'] * 1e3:.1f}, call {s['call_and_reply_s'] * 1e3:.1f}); launch "
                   f"{la['total_s']:.2f} s from the command")
+            if s["probe"]:
+                pc = s["probe"]
+                print(f"   with one behaviour probe: {pc['with_probe_median_s'] * 1e3:.1f} ms against "
+                      f"{pc['without_median_s'] * 1e3:.1f} ms without (the probe's run "
+                      f"{pc['probe_run_median_s'] * 1e3:.2f} ms)")
             steps = s["coordinator_steps"].items()
             print("   coordinator: " + ", ".join(f"{k} {v * 1e3:.2f}" for k, v in steps))
             parts = [("process", la["process_start_s"]), ("imports", la["imports_s"]), *la["steps"].items(),

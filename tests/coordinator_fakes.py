@@ -86,7 +86,8 @@ class FakeReplicas(ReplicaClient):
                 refs: list[Any] | None, specs: dict[str, Any], checksums: dict[str, str],
                 source: dict[str, Any] | None, base_version: int | None,
                 on_reply: OnReply | None = None,
-                verifiers: dict[str, str] | None = None) -> dict[str, PrepareReply | Failed]:
+                verifiers: dict[str, str] | None = None,
+                probes: list[Any] | None = None) -> dict[str, PrepareReply | Failed]:
         self.verifiers.append(verifiers)
         def vote(r: FakeReplica) -> PrepareReply:
             if r.vote_no:

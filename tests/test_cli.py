@@ -15,6 +15,8 @@ from fleet_models import build_conv_engine
 from ray_head import ray_head, run
 from safetensors.numpy import save_file
 
+from cluster import Probe, save_probes
+
 pytestmark = pytest.mark.slow
 
 
@@ -100,6 +102,13 @@ def test_cli_end_to_end(tmp_path: Path) -> None:
         res = json.loads(wr("refit", "-f", "clifleet", str(ckpt), "--strip-prefix", "model.",
                             "--json").stdout)
         assert res["status"] == "committed" and res["version"] == 4
+        # a behaviour probe refuses weights whose outputs overflow; nothing changes
+        probes = tmp_path / "probes.safetensors"
+        save_probes([Probe("overflow", [np.full((1, 1, 3, 3), 1e10, np.float32)])], probes)
+        huge = _weights(tmp_path / "huge.safetensors", 1e30)
+        p = wr("refit", "-f", "clifleet", str(huge), "--probes", str(probes), code=4)
+        assert "probe 'overflow' output 0" in p.stderr
+        assert json.loads(wr("status", "--fleet", "clifleet", "--json").stdout)["version"] == 4
 
         wr("shutdown", "--fleet", "clifleet")
         wr("status", "--fleet", "clifleet", code=3)
