@@ -7,9 +7,12 @@ Contract:
   seen as ``min_version``; a replica that cannot serve it answers "stale" and the request is
   retried on another member after the member list is refreshed. No handle sees versions go back.
 - A replica that fails (actor died, restarting) or times out is skipped for this request and
-  marked unhealthy for a short while; the request goes to another member, so no request fails
-  that a live member could serve. A timed-out request stays counted against its replica until
-  the replica really finishes it (or dies): the replica is still busy with it.
+  marked unhealthy for a while (``unhealthy_s``, doubled at each failure in a row up to
+  ``unhealthy_max_s``; its first answer clears it: a replica that takes long to restart is
+  not retried every few seconds at the cost of a timed-out attempt each time); the request
+  goes to another member, so no request fails that a live member could serve. A timed-out
+  request stays counted against its replica until the replica really finishes it (or dies):
+  the replica is still busy with it.
 - A request whose inference raises inside the replica (a bad input) is not retried elsewhere: the
   caller gets ``InferenceFailed`` at once, the replica's own error first, and the replica is not
   marked unhealthy.
@@ -46,16 +49,19 @@ class Router:
     """Routes requests over the members returned by ``refresh()``; see the module docstring."""
 
     def __init__(self, refresh: Callable[[], dict[str, Any]], *, max_queue: int, request_timeout_s: float,
-                 retries_on_stale: int, unhealthy_s: float = 2.0) -> None:
+                 retries_on_stale: int, unhealthy_s: float = 2.0,
+                 unhealthy_max_s: float = 16.0) -> None:
         self._refresh_fn = refresh
         self._lock = threading.Lock()
         self._members: dict[str, Any] = {}
         self._outstanding: dict[str, int] = {}
         self._unhealthy_until: dict[str, float] = {}
+        self._failures_in_a_row: dict[str, int] = {}
         self.max_queue = max_queue
         self.request_timeout_s = request_timeout_s
         self.retries_on_stale = retries_on_stale
         self.unhealthy_s = unhealthy_s
+        self.unhealthy_max_s = unhealthy_max_s
         self.seen_version = 0
         self.refresh()
 
@@ -101,6 +107,18 @@ class Router:
             rid = random.choice([r for r in free if self._outstanding.get(r, 0) == least])
             self._outstanding[rid] = self._outstanding.get(rid, 0) + 1
             return rid, self._members[rid], self.seen_version
+
+    def _mark_unhealthy(self, rid: str) -> None:
+        with self._lock:
+            n = self._failures_in_a_row[rid] = self._failures_in_a_row.get(rid, 0) + 1
+            backoff = min(self.unhealthy_max_s, self.unhealthy_s * 2 ** (n - 1))
+            self._unhealthy_until[rid] = time.monotonic() + backoff
+
+    def _mark_answering(self, rid: str) -> None:
+        if rid in self._failures_in_a_row:  # read without the lock: the common case costs nothing
+            with self._lock:
+                self._failures_in_a_row.pop(rid, None)
+                self._unhealthy_until.pop(rid, None)
 
     def _done(self, rid: str) -> None:
         with self._lock:
@@ -150,8 +168,7 @@ class Router:
                     self._done_when_finished(rid, ref)
                     still_running = True
                 last_error = f"replica {rid}: {type(exc).__name__}"
-                with self._lock:
-                    self._unhealthy_until[rid] = time.monotonic() + self.unhealthy_s
+                self._mark_unhealthy(rid)
                 skip.add(rid)
                 continue
             except RayTaskError as exc:  # the request itself failed there: not retried elsewhere
@@ -159,6 +176,7 @@ class Router:
             finally:
                 if not still_running:
                     self._done(rid)
+            self._mark_answering(rid)
             if resp["stale"]:
                 why = f" ({resp['reason']})" if resp.get("reason") else ""
                 last_error = f"replica {rid} stale at version {resp['version']} < {floor}{why}"

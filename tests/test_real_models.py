@@ -239,6 +239,41 @@ def test_a_sharded_checkpoint_is_published_one_shard_at_a_time(gpt2_fleet: Any, 
     assert set(pub.specs) == set(gpt2_fleet.manifest())  # the tied head included
 
 
+def test_a_batching_fleet_serves_a_bert_encoder_to_concurrent_clients_of_any_shape_through_a_refit(
+        ray_session: None, tmp_path: Path) -> None:
+    """Requests of other lengths are never joined; each answer matches the eager model of the
+    version it names, before and after a refit from a save_pretrained directory."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from cluster import Fleet
+
+    models = {0: Encoder(_bert(0))}
+    _lm_engine(models[0], tmp_path)
+    fleet = Fleet.launch(fleet_config(tmp_path / "Encoder.engine", tmp_path,
+                                      batching={"max_batch_size": 8, "max_wait_ms": 20}))
+    try:
+        shapes = [(1 + k % 3, 5 + 3 * (k % 4)) for k in range(12)]
+        requests = [_tokens(b, s) for b, s in shapes]
+
+        def check_all(version: int) -> None:
+            with ThreadPoolExecutor(len(requests)) as pool:
+                answers = list(pool.map(lambda r: fleet.infer(r[0].numpy(), r[1].numpy()), requests))
+            for (ids, mask), answer in zip(requests, answers, strict=True):
+                assert answer.version == version
+                assert _max_diff(answer.outputs[0], models[version](ids, mask)) <= TOL
+
+        check_all(0)
+        models[1] = Encoder(_bert(1))
+        models[1].m.save_pretrained(tmp_path / "ckpt")
+        res = fleet.refit(tmp_path / "ckpt", add_prefix="m.", complete=True)
+        assert res.version == 1
+        check_all(1)
+        stats = [r["batching"] for r in fleet.status()["replicas"]]
+        assert sum(s["requests"] for s in stats) >= 2 * len(requests)
+    finally:
+        fleet.shutdown()
+
+
 class HalfProbe(torch.nn.Module):
     def __init__(self, dtype: torch.dtype) -> None:
         super().__init__()

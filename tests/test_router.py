@@ -131,3 +131,17 @@ def test_an_answered_request_is_uncounted_at_once(gated):
     resp = router.call([4])
     assert (resp.outputs, resp.replica) == ([4], "r0")
     assert router.outstanding() == {"r0": 0}
+
+
+def test_a_replica_failing_in_a_row_is_avoided_longer_each_time_until_it_answers(gated):
+    gate, replica = gated
+    router = _router(replica)
+    for failures in (1, 2, 3):
+        with pytest.raises(NoReplicaAvailable, match="GetTimeoutError"):
+            router.call([1], timeout_s=0.2)
+        left = router._unhealthy_until["r0"] - time.monotonic()
+        assert router._failures_in_a_row["r0"] == failures
+        assert left > router.unhealthy_s * 2 ** (failures - 1) - 1.0  # 2 s, then 4 s, then 8 s
+    ray.get(gate.open.remote())
+    assert router.call([1], timeout_s=30).replica == "r0"  # all members unhealthy: tried anyway
+    assert router._unhealthy_until == {} and router._failures_in_a_row == {}
