@@ -63,3 +63,17 @@ def test_bench_history_synthesises_a_log_the_fleet_recovers_from_and_compacts(tm
         assert row["history_rows"] <= 10 + 10 + 3  # the window, the slack before compaction, new refits
     assert rows[60]["archived_records"] > rows[15]["archived_records"]
     assert rows[60]["log_bytes_after"] < 2 * rows[15]["log_bytes_after"]  # bounded, not 4x
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_bench_serving_measures_both_modes_idle_and_during_refits_without_failures(tmp_path: Path) -> None:
+    """The fleet's rows only: the Ray Serve baseline needs the bench extra (ray[serve])."""
+    out = tmp_path / "serving.json"
+    _run_script("bench_serving.py", "--no-serve", "--clients", "2", "--seconds", "0.5", "--out", str(out))
+    rows = json.loads(out.read_text())["rows"]
+    assert {(r["batching"], r["load"]) for r in rows} == {(False, "idle"), (False, "refits"), (True, "idle"),
+                                                         (True, "refits")}
+    for row in rows:
+        assert row["errors"] == 0 and row["requests"] > 0 and row["p99_ms"] >= row["p50_ms"] > 0
+        assert row["load"] == "idle" or row["refits"] > 0
