@@ -222,7 +222,9 @@ def fill_tied(tensors: dict[str, torch.Tensor], tied: list[list[str]]) -> dict[s
             continue
         first = tensors[given[0]]
         for other in given[1:]:
-            if not torch.equal(tensors[other], first):
+            t = tensors[other]
+            same_memory = t.data_ptr() == first.data_ptr() and t.stride() == first.stride()
+            if not same_memory and not torch.equal(t, first):
                 raise _refuse(other, f"the model ties it to {given[0]!r}, but they hold different values")
         for name in group:
             tensors.setdefault(name, first)

@@ -249,3 +249,14 @@ def test_batching_an_engine_without_a_dynamic_batch_dim_is_refused_at_launch_nam
     with pytest.raises(BatchingUnsupported, match=said) as info:
         Fleet.launch(fleet_config(path, tmp_path, batching=batching))
     assert isinstance(info.value, ValueError)
+
+
+@pytest.mark.parametrize("batching, field", [({"max_batch_size": 0}, "max_batch_size"),
+                                             ({"max_batch_size": 4, "max_wait_ms": -1}, "max_wait_ms"),
+                                             ({"max_batch_size": 4, "wait": 1}, "wait")])
+def test_a_bad_batching_config_is_refused_naming_the_field(tmp_path: Path, batching: dict,
+                                                           field: str) -> None:
+    from fleet_models import fleet_config
+
+    with pytest.raises(ValueError, match=field):
+        fleet_config(tmp_path / "any.engine", tmp_path, batching=batching)

@@ -124,13 +124,18 @@ def test_the_engine_file_records_the_input_specs_and_a_loaded_engine_checks_them
     _refusal(loaded, *_inputs(65))
 
 
+def _with_recorded_inputs(engine: Any, path: Path, inputs: list[dict] | None) -> Path:
+    """``engine`` saved to ``path``, its file's recorded input specs replaced by ``inputs``."""
+    engine.save(path)
+    ef = read_engine_file(path)
+    ef.inputs = inputs
+    write_engine_file(path, ef)
+    return path
+
+
 def test_an_engine_file_without_recorded_inputs_reads_them_from_its_program(batch_engine: Any,
                                                                              tmp_path: Path) -> None:
-    path = tmp_path / "masked.engine"
-    batch_engine.save(path)
-    ef = read_engine_file(path)
-    ef.inputs = None  # as written before inputs were recorded
-    write_engine_file(path, ef)
+    path = _with_recorded_inputs(batch_engine, tmp_path / "masked.engine", None)  # as written before
     loaded = load_engine(path)
     specs = loaded.input_specs()
     assert [s.name for s in specs] == ["x", "mask"]
@@ -144,11 +149,8 @@ def test_an_engine_file_whose_recorded_inputs_are_malformed_is_refused_naming_it
                                                                                   tmp_path: Path) -> None:
     from engines import EngineFileError
 
-    path = tmp_path / "masked.engine"
-    batch_engine.save(path)
-    ef = read_engine_file(path)
-    ef.inputs = [{"name": "x", "dtype": "float32", "shape": [{"dim": "batch", "min": -1}]}]
-    write_engine_file(path, ef)
+    path = _with_recorded_inputs(batch_engine, tmp_path / "masked.engine",
+                                 [{"name": "x", "dtype": "float32", "shape": [{"dim": "batch", "min": -1}]}])
     with pytest.raises(EngineFileError, match="metadata 'inputs'"):
         load_engine(path)
 

@@ -156,3 +156,15 @@ def test_a_correct_refit_passes_every_probe_and_serves(probed_fleet: Any) -> Non
     assert np.allclose(probed_fleet.infer(_x()).outputs[0], _x() @ w.T, atol=1e-5)
     timings = [t for t in res.replicas.values() if "probes_s" in t]
     assert timings, res.replicas  # the verifying replica ran them
+
+
+def test_a_fleet_whose_probes_file_cannot_be_read_is_refused_at_launch_naming_it(
+        ray_session: None, tmp_path: Path) -> None:
+    from cluster import Fleet
+
+    _engine().save(tmp_path / "square.engine")
+    (tmp_path / "probes.safetensors").write_bytes(b"not a safetensors file")
+    cfg = fleet_config(tmp_path / "square.engine", tmp_path, probes=str(tmp_path / "probes.safetensors"))
+    with pytest.raises(ValueError, match="probes file .*probes.safetensors"):
+        Fleet.launch(cfg)
+    assert not (tmp_path / cfg.name).exists()  # refused before the state dir was made
