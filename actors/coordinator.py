@@ -16,6 +16,10 @@ Guarantees, stated the way Ray Serve's controller states its own:
   membership calls run on other threads and never queue behind a refit.
 - The coordinator handles object refs, manifests and checksums, never fetches weight bytes (a
   version of at most 64 KiB travels inside its calls, ``actors.payload``).
+- Canaries (``actors.canary_control``): a refit with ``canary`` commits on a cohort only; until
+  ``promote`` or ``abort_canary`` ends it, other refits and rollbacks are refused, ``routing``
+  names the cohort and its traffic share for drivers' routers, and each replica is told (renewals,
+  ``confirm``) the version it should serve.
 
 This class wires the parts together and answers calls; the parts do the work: ``Ledger`` (log and
 state), ``TwoPhaseCommit``, ``Recovery``, ``LeaseKeeper``/``Repairer``, ``Membership``,
@@ -33,6 +37,7 @@ from typing import Any
 
 import ray
 
+from .canary_control import CanaryControl
 from .durable import StateDirLock
 from .failpoints import Failpoints
 from .leases import LeaseKeeper, Repairer, run_loop
@@ -93,7 +98,8 @@ class Coordinator:
         self.retention = Retention(self.store)
         self.leases = LeaseKeeper(self.client, self.membership, epoch=ledger.epoch,
                                   lease_s=self.t.lease_s, on_failed=self._exclude_failed,
-                                  aborted=lambda txn: self.txns.aborted_reason(txn) if self.txns else None)
+                                  aborted=lambda txn: self.txns.aborted_reason(txn) if self.txns else None,
+                                  cohort_of=lambda rid: self.canaries.cohort_of(rid))
         self.requests = Requests(ledger, self.store, self.settings.retain_versions)
         self.txns = TwoPhaseCommit(self.settings, ledger, self.client, self.persister, self.membership,
                                    self.leases, self.retention, self.fp, self.requests.retained)
@@ -105,10 +111,15 @@ class Coordinator:
                                       drop=self.retention.drop, on_lost=self._on_lost, stop=self._stop,
                                       on_persisted=lambda: self.txns.compact_if_due() if self.txns else None)
         self.txns.tracker = self.tracker
+        self.canaries = CanaryControl(self.settings.state_dir, ledger, self.txns, self.client,
+                                      self.membership, self.requests, self.store, refit_lock=self._refit_lock,
+                                      stop=self._stop, request_s=self.t.request_s,
+                                      wait_stored=self._wait_stored_in(ledger))
         self.repairer = Repairer(self.client, self.membership, self.leases,
                                  active_version=lambda: ledger.state.active_version,
                                  admit=self._readmit, refit_lock=self._refit_lock,
-                                 catch_up_s=self.t.launch_s)
+                                 catch_up_s=self.t.launch_s,
+                                 version_for=lambda rid: ledger.state.version_for(rid))
         restore_membership(ledger.state.members, self.client, self.membership)
         self.ledger = ledger
 
@@ -123,6 +134,7 @@ class Coordinator:
                             export=self.tracker.export, newest_stored=self._newest_stored)
             sync_members(ledger, txns, self.client, self.membership, request_s=self.t.request_s,
                          catch_up_s=self.t.launch_s)
+            self.canaries.resume()
         if self.membership.members():  # a restart: the fleet serves already
             self.persister.warm()
         run_loop("leases", lambda: self.t.lease_s / 3, self.leases.renew_all, self._stop)
@@ -202,9 +214,14 @@ class Coordinator:
     def _wait_stored(self, version: int) -> None:
         """Wait for a committed version's checkpoint still being written (``durability: replicated``)."""
         assert self.ledger is not None
-        state = self.ledger.state
-        if version in state.versions and not state.is_persisted(version):
-            self.tracker.wait(version, self.t.launch_s)  # a failed write is redone from a member
+        self._wait_stored_in(self.ledger)(version)
+
+    def _wait_stored_in(self, ledger: Ledger) -> Any:
+        def wait(version: int) -> None:
+            state = ledger.state
+            if version in state.versions and not state.is_persisted(version):
+                self.tracker.wait(version, self.t.launch_s)  # a failed write is redone from a member
+        return wait
 
     def leave(self, rid: str, drain_s: float = 30.0) -> dict[str, Any]:
         """Remove a replica: no new refit includes it, it drains its in-flight requests (routers
@@ -230,7 +247,7 @@ class Coordinator:
         member = self.membership.is_member(rid)
         if member and seat is not None:
             self.membership.renewed(rid, seat.generation)
-        return {"member": member, "active_version": ledger.state.active_version, "epoch": ledger.epoch,
+        return {"member": member, "active_version": ledger.state.version_for(rid), "epoch": ledger.epoch,
                 "generation": seat.generation if seat else 0}
 
     def member_handles(self) -> dict[str, Any]:
@@ -240,6 +257,14 @@ class Coordinator:
             return self.client.handles(self.membership.members())
         return self.client.running()
 
+    def routing(self) -> dict[str, Any]:
+        """``handles`` (as ``member_handles``) and ``canary``: the running canary's version, cohort
+        and traffic share, or None (for drivers' routers)."""
+        c = self.canaries.running if self.ledger is not None else None
+        return {"handles": self.member_handles(),
+                "canary": None if c is None else {"version": c.version, "cohort": list(c.cohort),
+                                                  "traffic": c.traffic}}
+
     # ------------------------------------------------------------------ refit / rollback
 
     def _prelude(self, key: str | None, checksums: dict[str, str] | None) -> TxnResult | None:
@@ -247,21 +272,48 @@ class Coordinator:
             return TxnResult(status="aborted", txn=None, version=None, key=key, reason=why)
         return self.requests.duplicate(self._outcome(key) if key else None, key, checksums)
 
-    def _run(self, make: Any, key: str | None, checksums: dict[str, str] | None) -> TxnResult:
+    def _run(self, make: Any, key: str | None, checksums: dict[str, str] | None, what: str) -> TxnResult:
         if (early := self._prelude(key, checksums)) is not None:
             return early
         assert self.txns is not None
         with self._refit_lock:
             if (prior := self.requests.duplicate(self._outcome(key) if key else None, key, checksums)):
                 return prior
+            if (busy := self.canaries.refusal(key, what)) is not None:
+                return busy
             request = make()
             return request if isinstance(request, TxnResult) else self.txns.run(request)
 
     def refit(self, refs: list[Any], specs: dict[str, Any], checksums: dict[str, str],
-              key: str | None = None, probes: list[Any] | None = None) -> TxnResult:
+              key: str | None = None, probes: list[Any] | None = None, canary: Any = None) -> TxnResult:
         """Two-phase commit of a published version; returns its outcome (never raises for an abort).
-        ``probes`` (``engines.Probe``) run on the staged set in PREPARE: a failing one is a NO vote."""
-        return self._run(lambda: self.requests.refit(refs, specs, checksums, key, probes), key, checksums)
+        ``probes`` (``engines.Probe``) run on the staged set in PREPARE: a failing one is a NO vote.
+        ``canary`` (``actors.canary.Canary``): commit on its cohort only (``CanaryRefused`` when it
+        cannot be one)."""
+        def make() -> Any:
+            req = self.requests.refit(refs, specs, checksums, key, probes)
+            return req if canary is None or isinstance(req, TxnResult) else self.canaries.request(canary, req)
+
+        result = self._run(make, key, checksums, "a refit")
+        if canary is not None and result.status == "committed" and not result.duplicate:
+            self.canaries.started(result)
+        return result
+
+    def promote(self, reason: str = "") -> TxnResult:
+        """Activate the running canary's version on the rest of the fleet (one commit point);
+        aborted (the canary goes on) if a member of the rest votes NO. ``NoCanary`` if none runs."""
+        if why := self._ready(self.t.launch_s):
+            return TxnResult(status="aborted", txn=None, version=None, reason=why)
+        with self._refit_lock:
+            return self.canaries.promote(reason)
+
+    def abort_canary(self, reason: str = "") -> TxnResult:
+        """End the running canary with a new version, on every member, carrying the pre-canary
+        weights (no handle's versions go back). ``NoCanary`` if none runs."""
+        if why := self._ready(self.t.launch_s):
+            return TxnResult(status="aborted", txn=None, version=None, reason=why)
+        with self._refit_lock:
+            return self.canaries.abort(reason)
 
     def rollback(self, to: int | None = None, key: str | None = None) -> TxnResult:
         """A new version carrying an earlier version's weights (default: walk back one origin)."""
@@ -276,7 +328,7 @@ class Coordinator:
                 self.tracker.wait(target, self.t.persist_s, unless_failing=True)
             return self.requests.rollback(to, key)
 
-        return self._run(make, key, sums)
+        return self._run(make, key, sums, "a rollback")
 
     # ------------------------------------------------------------------ queries
 
@@ -305,6 +357,7 @@ class Coordinator:
             row = dict(st) if isinstance(st, dict) else {"id": rid, "healthy": False, "state": "unreachable",
                                                           "error": st.reason, "version": None}
             row["membership"] = seats[rid].state.value
+            row["cohort"] = self.canaries.cohort_of(rid) if self.ledger is not None else "main"
             if row["membership"] != "member":
                 row.update(healthy=False, excluded_reason=seats[rid].reason)
                 row["version"] = None if row["membership"] == "excluded" else row.get("version")
@@ -318,6 +371,8 @@ class Coordinator:
                     "txn": current.txn, "version": current.version, "phase": current.phase.value},
                 "recovery": self.recovery.summary(),
                 "durability": self.settings.durability,
+                "canary": None if ledger is None or ledger.state.canary is None else {
+                    **ledger.state.canary.describe(), "judge_note": self.canaries.judge_note},
                 "persistence": self.tracker.summary() if ledger else {},
                 "log": {"unwritten_records": ledger.deferred if ledger else 0,
                         "cut_tails": [str(c) for c in ledger.cut_tails()] if ledger else []},

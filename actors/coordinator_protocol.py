@@ -108,6 +108,8 @@ class CoordinatorTxn:
     started: float = field(default_factory=time.monotonic)
     laps: dict[str, float] = field(default_factory=dict)  # seconds per step, in the order taken
     persist_job: Any = None  # replicated: the checkpoint write, until it is handed to the tracker
+    canary: bool = False  # committed on a canary cohort only: no ACTIVATED until promoted
+    logged_as: str | None = None  # the log's transaction id, when it differs (a canary's promote)
     _lap_mark: float = field(default_factory=time.perf_counter, repr=False)
 
     def lap(self, step: str) -> None:

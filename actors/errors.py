@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["KeyReused", "ProtocolViolation", "StaleEpoch"]
+__all__ = ["CanaryRefused", "KeyReused", "NoCanary", "ProtocolViolation", "StaleEpoch"]
 
 
 class ProtocolViolation(Exception):
@@ -27,3 +27,11 @@ class StaleEpoch(ProtocolViolation):
 class KeyReused(ValueError):
     """An idempotency key reused for a different request: the first call's outcome stands and
     nothing was done (as idempotent APIs refuse a reused key with different content)."""
+
+
+class CanaryRefused(ValueError):
+    """A canary that cannot be run as asked (a cohort of every member, a fleet of one)."""
+
+
+class NoCanary(RuntimeError):
+    """``promote``/``abort_canary`` with no canary running."""

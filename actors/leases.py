@@ -8,9 +8,10 @@ renewal in state ``failed`` (it cannot load its weights) is reported through ``o
 that still holds the staged set of a transaction the coordinator aborted (every ABORT sent to it
 was lost) is sent the ABORT again.
 
-``Repairer`` catches excluded replicas up to the active version, in parallel and without holding
-the refit lock, then re-admits those that reached it while no refit was running and the active
-version did not move meanwhile; a re-admission grants a lease at once and records it.
+``Repairer`` catches excluded replicas up to the version each should serve (the active version; a
+canary cohort's member: the canary's), in parallel and without holding the refit lock, then
+re-admits those that reached it while no refit was running and their version did not move
+meanwhile; a re-admission grants a lease at once and records it.
 
 Both loops survive any exception of one round (logged, then the next round runs).
 """
@@ -51,19 +52,22 @@ def run_loop(name: str, period_s: Callable[[], float], body: Callable[[], None],
 class LeaseKeeper:
     def __init__(self, client: ReplicaClient, membership: Membership, *, epoch: int, lease_s: float,
                  on_failed: Callable[[str, str], None],
-                 aborted: Callable[[str], str | None] = lambda txn: None) -> None:
+                 aborted: Callable[[str], str | None] = lambda txn: None,
+                 cohort_of: Callable[[str], str] = lambda rid: "main") -> None:
         self._client = client
         self._membership = membership
         self.epoch = epoch
         self.lease_s = lease_s
         self._on_failed = on_failed
         self._aborted = aborted
+        self._cohort_of = cohort_of
         self._replies = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lease-replies")
 
     def grant(self, rid: str, generation: int) -> None:
         """Send ``rid`` a lease under ``generation`` and record when."""
         sent = time.monotonic()
-        self._client.renew(rid, self.epoch, self.lease_s, generation, self._on_reply)
+        self._client.renew(rid, self.epoch, self.lease_s, generation, self._on_reply,
+                           cohort=self._cohort_of(rid))
         self._membership.renewed(rid, generation, sent)
 
     def settle(self) -> None:
@@ -102,7 +106,8 @@ class LeaseKeeper:
 class Repairer:
     def __init__(self, client: ReplicaClient, membership: Membership, leases: LeaseKeeper, *,
                  active_version: Callable[[], int], admit: Callable[[str, int], bool],
-                 refit_lock: threading.Lock, catch_up_s: float) -> None:
+                 refit_lock: threading.Lock, catch_up_s: float,
+                 version_for: Callable[[str], int] | None = None) -> None:
         self._client = client
         self._membership = membership
         self._leases = leases
@@ -110,6 +115,7 @@ class Repairer:
         self._admit = admit
         self._refit_lock = refit_lock
         self._catch_up_s = catch_up_s
+        self._version_for = version_for or (lambda rid: self._active_version())
 
     def repair(self) -> list[str]:
         """One round; returns the re-admitted replicas."""
@@ -119,18 +125,20 @@ class Repairer:
         alive = [rid for rid, st in self._client.status(excluded, 2.0).items() if isinstance(st, dict)]
         if not alive:
             return []
-        version = self._active_version()
-        results = self._client.catch_up(alive, version, self._catch_up_s)
-        ready = [rid for rid, r in results.items() if isinstance(r, Ack) and r.version == version]
+        targets = {rid: self._version_for(rid) for rid in alive}
+        results: dict[str, Ack | Failed] = {}
+        for version in sorted(set(targets.values())):
+            results.update(self._client.catch_up([r for r in alive if targets[r] == version], version,
+                                                 self._catch_up_s))
+        ready = [rid for rid, r in results.items() if isinstance(r, Ack) and r.version == targets[rid]]
         for rid, r in results.items():
             if rid not in ready:
-                logger.info("excluded replica %s not caught up to v%s yet: %s", rid, version,
+                logger.info("excluded replica %s not caught up to v%s yet: %s", rid, targets[rid],
                             r.reason if isinstance(r, Failed) else f"at v{r.version}")
         if not ready or not self._refit_lock.acquire(blocking=False):
             return []  # a refit is running: its outcome may move the active version; next round
         try:
-            if self._active_version() != version:
-                return []
-            return [rid for rid in ready if self._admit(rid, version)]
+            return [rid for rid in ready
+                    if self._version_for(rid) == targets[rid] and self._admit(rid, targets[rid])]
         finally:
             self._refit_lock.release()

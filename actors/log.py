@@ -8,8 +8,8 @@ Writers (``TxnLog.open(state_dir)``) append under an exclusive ``flock`` on an `
 descriptor, first cutting off a torn tail left by a crashed writer. Every cut is recorded in
 ``TxnLog.cut_tails`` and logged as a warning on the ``weight_refit.log`` logger (path, line, bytes).
 
-Fsync policy (the log's own, not the caller's): EPOCH, COMMIT, ABORT and MEMBER ``exclude`` records are
-always ``fdatasync``'d before ``append`` returns; other kinds only when asked (``fsync=True``).
+Fsync policy (the log's own, not the caller's): EPOCH, COMMIT, ABORT, CANARY and MEMBER ``exclude``
+records are always ``fdatasync``'d before ``append`` returns; other kinds only when asked (``fsync=True``).
 Asking ``fsync=False`` for an always-synced kind raises ValueError.
 
 Failed writes leave nothing behind: a short write is retried for the rest of the line; if a write or
@@ -34,8 +34,16 @@ history's length (the coordinator applies each record it appends); ``replay(reco
 log into a fresh ``LogState`` (presumed abort, idempotency keys, committed-but-not-activated
 transactions to finish).
 
-Records: EPOCH, BEGIN, COMMIT, ABORT, ACTIVATED, MEMBER, and under ``durability: replicated``
-PERSISTED (a committed version's checkpoint is durable) and LOST (no holder was left to write it).
+Records: EPOCH, BEGIN, COMMIT, ABORT, ACTIVATED, MEMBER, under ``durability: replicated``
+PERSISTED (a committed version's checkpoint is durable) and LOST (no holder was left to write it),
+and CANARY (a canary's decision: promote or abort; always fsync'd: a promote is its commit point).
+
+Canaries. A BEGIN with ``canary`` (the cohort and its traffic share) commits its version on the
+cohort only: from its COMMIT, ``LogState.canary`` describes it and ``version_for(rid)`` is that
+version for the cohort's members and the active version for the others. Its transaction is not
+"committed but not activated" (recovery must not finish it fleet-wide) until a CANARY promote,
+after which its ACTIVATED makes it the active version. After a CANARY abort, the activation of
+the newer version that re-installs the pre-canary weights ends the canary.
 """
 
 from __future__ import annotations
@@ -63,6 +71,9 @@ __all__ = [
     "AbortRecord",
     "ActivatedRecord",
     "BeginRecord",
+    "CanaryRecord",
+    "CanarySpec",
+    "CanaryState",
     "CommitRecord",
     "CutTail",
     "EpochRecord",
@@ -105,6 +116,17 @@ class EpochRecord(_Record):
     kind: Literal["EPOCH"] = "EPOCH"
 
 
+class CanarySpec(BaseModel):
+    """A canary's cohort (replica ids), the share of new requests routed to it, and its judge's
+    settings (``actors.canary.CanaryJudge`` as a dict; None: decided by hand)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    cohort: list[str] = Field(min_length=1)
+    traffic: float = Field(ge=0.0, le=1.0)
+    judge: dict[str, Any] | None = None
+
+
 class BeginRecord(_Record):
     """A transaction starts with its version number (assigned now, kept even if it aborts).
 
@@ -124,6 +146,7 @@ class BeginRecord(_Record):
     checksums: dict[str, str] = Field(default_factory=dict)
     origin_version: int | None = None
     durability: Literal["disk", "replicated"] = "disk"
+    canary: CanarySpec | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -179,6 +202,18 @@ class LostRecord(_Record):
     replaced_by: int | None = None
 
 
+class CanaryRecord(_Record):
+    """A canary is decided: ``promote`` (the commit point of activating its version on the rest of
+    the fleet) or ``abort`` (a newer version carrying the pre-canary weights follows). Always
+    fsync'd."""
+
+    kind: Literal["CANARY"] = "CANARY"
+    txn: str
+    version: int = Field(ge=1)
+    decision: Literal["promote", "abort"]
+    reason: str = ""
+
+
 class MemberRecord(_Record):
     """A membership change (an ``exclude`` is always fsync'd). Logs written before the word was
     settled say ``evict``; it is read as ``exclude``."""
@@ -197,7 +232,7 @@ class MemberRecord(_Record):
 
 LogRecord = Annotated[
     EpochRecord | BeginRecord | CommitRecord | AbortRecord | ActivatedRecord | PersistedRecord | LostRecord
-    | MemberRecord,
+    | MemberRecord | CanaryRecord,
     Field(discriminator="kind"),
 ]
 _RECORD_ADAPTER: TypeAdapter[LogRecord] = TypeAdapter(LogRecord)
@@ -214,10 +249,10 @@ def dump_record(record: LogRecord) -> bytes:
 
 
 def must_fsync(record: LogRecord) -> bool:
-    """The fsync policy: EPOCH, COMMIT, ABORT and MEMBER ``exclude`` records are always synced."""
+    """The fsync policy: EPOCH, COMMIT, ABORT, CANARY and MEMBER ``exclude`` records are always synced."""
     if isinstance(record, MemberRecord):
         return record.event == "exclude"
-    return isinstance(record, EpochRecord | CommitRecord | AbortRecord)
+    return isinstance(record, EpochRecord | CommitRecord | AbortRecord | CanaryRecord)
 
 
 def _sync_wanted(record: LogRecord, fsync: bool | None) -> bool:
@@ -611,6 +646,28 @@ class HistoryEntry:
     origin_version: int | None
     persisted: bool = True
     lost: str | None = None
+    canary: str | None = None  # a canary's cohort and what became of it
+
+
+@dataclass
+class CanaryState:
+    """The canary running (or decided, its decision not carried out yet): ``version`` on ``cohort``,
+    the rest of the fleet on ``base_version``."""
+
+    txn: str
+    version: int
+    base_version: int
+    cohort: list[str]
+    traffic: float
+    judge: dict[str, Any] | None
+    started_at: float  # wall time of its COMMIT
+    decision: str | None = None  # promote | abort, once logged
+    reason: str = ""
+
+    def describe(self) -> dict[str, Any]:
+        return {"txn": self.txn, "version": self.version, "base_version": self.base_version,
+                "cohort": list(self.cohort), "traffic": self.traffic, "judge": self.judge,
+                "started_at": self.started_at, "decision": self.decision, "reason": self.reason}
 
 
 @dataclass(slots=True)
@@ -624,6 +681,9 @@ class _Txn:
     activated: bool = False
     persisted: bool = False
     lost: str | None = None
+    canary: CanaryRecord | None = None  # the decision of a canary transaction
+    canary_base: int = 0  # the version the rest of the fleet served during the canary
+    canary_replaced_by: int | None = None  # an aborted canary: the version that ended it
     outcome: Outcome | None = None  # cache, valid for outcome_epoch; reset on every change
     outcome_epoch: int = -1
 
@@ -645,6 +705,8 @@ class LogState:
     - ``history``: every transaction, in BEGIN order.
     - ``last_version``: the highest version number ever assigned (aborted ones included).
     - ``members``: replica id -> its last membership event.
+    - ``canary``: the canary running or decided but not ended (``CanaryState``), else None;
+      ``version_for(rid)``: the version replica ``rid`` should serve (the canary's for its cohort).
     - ``apply`` raises ``LogCorrupted(None, line, ...)`` for COMMIT/ACTIVATED of an unknown
       transaction or with a version other than its BEGIN's, COMMIT of an aborted or ACTIVATED of an
       uncommitted transaction, ABORT of a committed one, or a duplicate BEGIN; the state is then
@@ -661,6 +723,7 @@ class LogState:
         self.versions: dict[int, VersionInfo] = {}
         self.last_version = 0
         self.members: dict[str, str] = {}
+        self.canary: CanaryState | None = None
         self._txns: dict[str, _Txn] = {}  # BEGIN order
         self._first_by_key: dict[str, str] = {}
         self._undecided: dict[str, None] = {}  # BEGIN order
@@ -674,6 +737,11 @@ class LogState:
     def active(self) -> VersionInfo | None:
         """The active version's info (None before the first activation)."""
         return self.versions.get(self.active_version)
+
+    def version_for(self, rid: str) -> int:
+        """The version replica ``rid`` should serve: the canary's for its cohort, else the active one."""
+        c = self.canary
+        return c.version if c is not None and rid in c.cohort else self.active_version
 
     @property
     def undecided(self) -> list[str]:
@@ -712,9 +780,22 @@ class LogState:
             entries.append(HistoryEntry(
                 txn=b.txn, key=b.key, version=b.version, status=status, reason=reason,
                 duration_s=t.duration_s, ts=b.ts, activated=t.activated, origin_version=b.origin_version,
-                persisted=t.persisted or status != "committed", lost=t.lost,
+                persisted=t.persisted or status != "committed", lost=t.lost, canary=self._canary_text(t),
             ))
         return entries
+
+    def _canary_text(self, t: _Txn) -> str | None:
+        spec = t.begin.canary
+        if spec is None:
+            return None
+        where = (f"canary on {', '.join(spec.cohort)} ({spec.traffic:.0%} of new requests) "
+                 f"over v{t.canary_base}")
+        if t.canary is None:
+            return f"{where}: running" if t.status == "committed" else where
+        what = "promoted" if t.canary.decision == "promote" else "aborted"
+        why = f" ({t.canary.reason})" if t.canary.reason else ""
+        after = f"; ended by v{t.canary_replaced_by}" if t.canary_replaced_by is not None else ""
+        return f"{where}: {what}{why}{after}"
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, LogState):
@@ -745,6 +826,8 @@ class LogState:
         pinned |= {i.txn for v, i in self.versions.items() if v in keep_versions}
         if self.active_txn is not None:
             pinned.add(self.active_txn)
+        if self.canary is not None:
+            pinned.add(self.canary.txn)
         kept: list[LogRecord] = []
         dropped: list[LogRecord] = []
         seen_epoch = 0
@@ -770,6 +853,8 @@ class LogState:
         if t.status == "committed":
             info = self.versions.get(v)
             out.append(CommitRecord(epoch=e, txn=txn, version=v, ts=info.ts if info else b.ts))
+            if t.canary is not None:
+                out.append(t.canary)
             if t.activated:
                 out.append(ActivatedRecord(epoch=e, txn=txn, version=v, duration_s=t.duration_s or 0.0,
                                            ts=b.ts))
@@ -809,6 +894,8 @@ class LogState:
                 self._on_lost(record, line)
             case MemberRecord():
                 self._on_member(record)
+            case CanaryRecord():
+                self._on_canary(record, line)
 
     def _on_epoch(self, r: EpochRecord) -> None:
         # Raising the epoch is what presumes older undecided transactions aborted (see _status).
@@ -836,7 +923,13 @@ class LogState:
             raise LogCorrupted(None, line, f"COMMIT of aborted transaction {r.txn}")
         t.status, t.outcome = "committed", None
         self._undecided.pop(r.txn, None)
-        if not t.activated:
+        if b.canary is not None and not t.activated:  # live on its cohort only, until promoted
+            t.canary_base = self.active_version
+            if t.canary is None or t.canary.decision == "promote":
+                self.canary = CanaryState(txn=b.txn, version=b.version, base_version=self.active_version,
+                                          cohort=list(b.canary.cohort), traffic=b.canary.traffic,
+                                          judge=b.canary.judge, started_at=r.ts)
+        if not t.activated and b.canary is None:
             self._unactivated[r.txn] = t
         if b.durability == "disk":
             t.persisted = True
@@ -867,6 +960,11 @@ class LogState:
         t.activated, t.duration_s, t.outcome = True, r.duration_s, None
         self._unactivated.pop(r.txn, None)
         self.active_version, self.active_txn = r.version, r.txn
+        c = self.canary
+        if c is not None and (r.txn == c.txn or r.version > c.version):
+            if r.txn != c.txn:
+                self._txns[c.txn].canary_replaced_by = r.version
+            self.canary = None
 
     def _committed_txn(self, kind: str, txn: str, version: int, line: int | None) -> _Txn:
         t = self._txns.get(txn)
@@ -887,6 +985,17 @@ class LogState:
         replaced = f"; replaced by v{r.replaced_by}" if r.replaced_by is not None else ""
         t.lost, t.outcome = f"{r.reason}{replaced}", None
         self._unpersisted.pop(r.txn, None)
+
+    def _on_canary(self, r: CanaryRecord, line: int | None) -> None:
+        t = self._committed_txn("CANARY", r.txn, r.version, line)
+        if t.begin.canary is None:
+            raise LogCorrupted(None, line, f"CANARY for transaction {r.txn} that is not a canary")
+        t.canary, t.outcome = r, None
+        c = self.canary
+        if c is not None and c.txn == r.txn:
+            c.decision, c.reason = r.decision, r.reason
+        if r.decision == "promote" and not t.activated:
+            self._unactivated[r.txn] = t
 
     def _on_member(self, r: MemberRecord) -> None:
         self.members[r.replica_id] = r.event
@@ -913,7 +1022,7 @@ class LogState:
         return (
             self.epoch, self.active_version, self.active_txn, self.versions, self.committed_not_activated,
             self.undecided, dict(self.outcomes), self.last_version, self.history, self.members,
-            self.unpersisted,
+            self.unpersisted, self.canary,
         )
 
 

@@ -89,15 +89,20 @@ def persist_the_log(ledger: Ledger, txns: TwoPhaseCommit, persister: Any, *, per
 
 def sync_members(ledger: Ledger, txns: TwoPhaseCommit, client: ReplicaClient, membership: Membership, *,
                  request_s: float, catch_up_s: float) -> None:
-    """Catch every member up to the active version (in parallel); exclude those that cannot."""
-    version = ledger.state.active_version
+    """Catch every member up to its version (the active one; a canary cohort's member: the
+    canary's), in parallel; exclude those that cannot."""
+    state = ledger.state
     members = membership.members()
+    target = {rid: state.version_for(rid) for rid in members}
     behind = [rid for rid, st in client.status(members, request_s).items()
-              if not (isinstance(st, dict) and st.get("version") == version and st.get("state") == "serving")]
-    for rid, reply in client.catch_up(behind, version, catch_up_s).items():
-        if not (isinstance(reply, Ack) and reply.version == version):
-            txns.exclude(rid, f"could not catch up to v{version} after a restart: "
-                              f"{getattr(reply, 'reason', reply)}")
+              if not (isinstance(st, dict) and st.get("version") == target[rid]
+                      and st.get("state") == "serving")]
+    for version in sorted({target[r] for r in behind}):
+        group = [r for r in behind if target[r] == version]
+        for rid, reply in client.catch_up(group, version, catch_up_s).items():
+            if not (isinstance(reply, Ack) and reply.version == version):
+                txns.exclude(rid, f"could not catch up to v{version} after a restart: "
+                                  f"{getattr(reply, 'reason', reply)}")
 
 
 class RecoveryState(str, Enum):

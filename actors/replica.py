@@ -15,8 +15,13 @@ Contract:
   known transaction answers from its record and changes nothing.
 - ``commit``/``activate``/``abort`` are idempotent; their legality is decided by
   ``ReplicaParticipant`` (epoch fencing, remembered decisions), whose records hold the staged sets.
+- Canaries: the coordinator's renewals say the replica's cohort (``main`` or ``canary``), which
+  labels its request metrics; ``serving_stats`` tells the canary's judge what it served (requests,
+  errors, latencies: ``actors.serving_stats``). A canary replica counts outputs that are not finite
+  as errors.
 - On start (and on every Ray restart) the replica loads the engine file, then catches up to the
-  fleet's active version as the coordinator's log names it (read-only), from the checkpoint store
+  version the coordinator's log names for it (read-only: the active version, or the canary's
+  version for a member of a canary's cohort), from the checkpoint store
   with checksums verified. If it cannot (a corrupted checkpoint, an unreadable log), it starts in
   lifecycle ``failed``: it serves nothing, and ``status`` and lease renewals say why.
 """
@@ -30,9 +35,11 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import ray
 
 from engines.checksum import tensor_checksum
+from engines.errors import InputError
 
 from .batcher import Batcher
 from .failpoints import Failpoints
@@ -43,6 +50,7 @@ from .replica_core import ReplicaCore, reason_of
 from .replica_protocol import Lifecycle, TxnState
 from .replies import Ack, LeaseReply, PrepareReply
 from .serving_lease import LeaseVerdict, ServingLease
+from .serving_stats import ServingStats
 from .settings import ReplicaSettings
 from .store import CheckpointStore
 from .telemetry import observe_request, set_version
@@ -68,6 +76,8 @@ class ReplicaActor:
         self.lease = ServingLease(settings.lease_s, self._ask_coordinator)
         self._inflight = 0
         self._inflight_cv = threading.Condition()
+        self.stats = ServingStats()
+        self.cohort = "main"
         self._coordinator: Any = None
         self._background: threading.Thread | None = None
         self._background_lock = threading.Lock()
@@ -105,7 +115,7 @@ class ReplicaActor:
             version = 0
             if (Path(self.s.state_dir) / LOG_NAME).exists():
                 with TxnLog.open(self.s.state_dir, readonly=True) as log:
-                    version = log.state().active_version
+                    version = log.state().version_for(self.replica_id)
             self.core.sync(version)
         except Exception as exc:  # noqa: BLE001  (recorded: it serves nothing and says why)
             self.core.lifecycle.move(Lifecycle.FAILED, reason_of(exc))
@@ -151,14 +161,24 @@ class ReplicaActor:
         with self._inflight_cv:
             self._inflight += 1
         t0 = time.perf_counter()
+        cohort = self.cohort
         try:
-            if self.batcher is None:
-                r = self.engine.infer(*inputs)
-                outputs, version = r.outputs, r.version
-            else:
-                self.engine.check_inputs(*inputs)  # this request's own InputError, not its batch's
-                outputs, version = self.batcher.submit(inputs)
-            observe_request(self.s.fleet, self.replica_id, time.perf_counter() - t0)
+            try:
+                if self.batcher is None:
+                    r = self.engine.infer(*inputs)
+                    outputs, version = r.outputs, r.version
+                else:
+                    self.engine.check_inputs(*inputs)  # this request's own InputError, not its batch's
+                    outputs, version = self.batcher.submit(inputs)
+            except InputError:
+                raise
+            except Exception:
+                self.stats.record(time.perf_counter() - t0, error=True)
+                raise
+            seconds = time.perf_counter() - t0
+            bad = cohort == "canary" and not all(np.isfinite(np.asarray(o)).all() for o in outputs)
+            self.stats.record(seconds, error=bad)
+            observe_request(self.s.fleet, self.replica_id, cohort, seconds)
         finally:
             with self._inflight_cv:
                 self._inflight -= 1
@@ -187,11 +207,14 @@ class ReplicaActor:
     # ------------------------------------------------------------------ leases and membership
 
     @ray.method(concurrency_group="control")
-    def renew_lease(self, epoch: int, lease_s: float, generation: int = 0) -> LeaseReply:
-        """The coordinator's renewal: serve for ``lease_s`` more seconds as a member."""
+    def renew_lease(self, epoch: int, lease_s: float, generation: int = 0,
+                    cohort: str = "main") -> LeaseReply:
+        """The coordinator's renewal: serve for ``lease_s`` more seconds as a member of ``cohort``."""
         self.fp.hit("message.renew_lease")
         self.core.fence(epoch)
         accepted = self.lease.renew(epoch, lease_s, generation)
+        if accepted:
+            self.cohort = cohort
         self.fp.hit("reply.renew_lease")
         lifecycle = self.core.lifecycle
         prepared = tuple(r.txn for r in self.core.participant.pending() if r.state is TxnState.PREPARED)
@@ -317,8 +340,13 @@ class ReplicaActor:
             "batching": None if self.batcher is None else {
                 "max_batch_size": self.batcher.max_batch_size, "max_wait_s": self.batcher.max_wait_s,
                 **self.batcher.stats.as_dict()},
-            "epoch": core.participant.epoch, "last_refit_at": core.last_refit_at,
+            "epoch": core.participant.epoch, "last_refit_at": core.last_refit_at, "cohort": self.cohort,
         }
+
+    @ray.method(concurrency_group="control")
+    def serving_stats(self, since: float) -> dict[str, Any]:
+        """Requests served from wall time ``since`` on: ``served``, ``errors``, ``latencies`` (s)."""
+        return self.stats.window(since)
 
     @ray.method(concurrency_group="control")
     def weight_checksums(self) -> dict[str, str]:

@@ -90,8 +90,19 @@ class ReplicaClient(ABC):
 
     @abstractmethod
     def renew(self, rid: str, epoch: int, lease_s: float, generation: int,
-              on_reply: Callable[[str, LeaseReply | Failed], None] | None = None) -> None:
-        """Send a lease renewal without waiting; ``on_reply`` runs when the answer comes."""
+              on_reply: Callable[[str, LeaseReply | Failed], None] | None = None,
+              cohort: str = "main") -> None:
+        """Send a lease renewal (naming the replica's cohort) without waiting; ``on_reply`` runs
+        when the answer comes."""
+
+    def serving_stats(self, rids: list[str], since: float,
+                      timeout: float) -> dict[str, dict[str, Any] | Failed]:
+        """What each replica served from wall time ``since`` on (``actors.serving_stats``)."""
+        return {rid: Failed(FailureKind.ERROR, "serving_stats is not supported here") for rid in rids}
+
+    def infer(self, rid: str, inputs: list[Any], min_version: int, timeout: float) -> dict[str, Any] | Failed:
+        """One inference on ``rid`` (a canary judge's probe)."""
+        return Failed(FailureKind.ERROR, "infer is not supported here")
 
     @abstractmethod
     def exclude(self, rid: str, epoch: int, generation: int) -> None:
@@ -249,11 +260,12 @@ class RayReplicaClient(ReplicaClient):
         return self._call(rid, "export", timeout, version)
 
     def renew(self, rid: str, epoch: int, lease_s: float, generation: int,
-              on_reply: Callable[[str, LeaseReply | Failed], None] | None = None) -> None:
+              on_reply: Callable[[str, LeaseReply | Failed], None] | None = None,
+              cohort: str = "main") -> None:
         handle = self._handle(rid)
         if handle is None:
             return
-        ref = handle.renew_lease.remote(epoch, lease_s, generation)
+        ref = handle.renew_lease.remote(epoch, lease_s, generation, cohort)
         if on_reply is None:
             return
 
@@ -265,6 +277,13 @@ class RayReplicaClient(ReplicaClient):
             on_reply(rid, reply)
 
         ref.future().add_done_callback(done)
+
+    def serving_stats(self, rids: list[str], since: float,
+                      timeout: float) -> dict[str, dict[str, Any] | Failed]:
+        return self._fan_out("serving_stats", rids, timeout, since)
+
+    def infer(self, rid: str, inputs: list[Any], min_version: int, timeout: float) -> dict[str, Any] | Failed:
+        return self._call(rid, "infer", timeout, inputs, min_version)
 
     def exclude(self, rid: str, epoch: int, generation: int) -> None:
         handle = self._handle(rid)

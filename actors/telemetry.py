@@ -10,7 +10,8 @@ Metrics (exported by Ray's metrics agent on each node's metrics export port):
 - ``weight_refit_prepare_failures_total`` counter, tags ``fleet``, ``reason`` (an error class
   name: a small, closed set).
 - ``weight_refit_requests_total`` counter and ``weight_refit_request_latency_seconds`` histogram,
-  tags ``fleet``, ``replica``.
+  tags ``fleet``, ``replica``, ``cohort`` (``main``, or ``canary`` while the replica is in a
+  canary's cohort; never a version).
 """
 
 from __future__ import annotations
@@ -58,10 +59,10 @@ def _metrics() -> dict[str, Any]:
                                             tag_keys=("fleet", "reason")),
         "requests": metrics.Counter("weight_refit_requests_total",
                                     description="Inference requests served.",
-                                    tag_keys=("fleet", "replica")),
+                                    tag_keys=("fleet", "replica", "cohort")),
         "latency": metrics.Histogram("weight_refit_request_latency_seconds",
                                      description="Inference latency inside the replica.",
-                                     boundaries=_LATENCY_BOUNDARIES, tag_keys=("fleet", "replica")),
+                                     boundaries=_LATENCY_BOUNDARIES, tag_keys=("fleet", "replica", "cohort")),
     }
 
 
@@ -100,10 +101,10 @@ def count_prepare_failure(fleet: str, reason: str) -> None:
     _safe(lambda: _metrics()["prepare_failures"].inc(tags={"fleet": fleet, "reason": reason}))
 
 
-def observe_request(fleet: str, replica: str, seconds: float) -> None:
+def observe_request(fleet: str, replica: str, cohort: str, seconds: float) -> None:
     def update() -> None:
         m = _metrics()
-        tags = {"fleet": fleet, "replica": replica}
+        tags = {"fleet": fleet, "replica": replica, "cohort": cohort}
         m["requests"].inc(tags=tags)
         m["latency"].observe(seconds, tags=tags)
 

@@ -18,6 +18,14 @@
    and retention scheduled. Under ``replicated`` the checkpoint write is then handed to the
    ``PersistTracker``.
 
+Canaries (``actors.canary``): a refit with ``canary`` runs the same phases among its cohort only,
+writes its checkpoint before COMMIT whatever the durability (a canary replica that restarts, and
+the promote, load it from the store), and logs no ACTIVATED: the rest of the fleet stays on the
+active version. ``promote`` PREPAREs the canary's version (from the store) on the rest of the
+fleet, logs CANARY promote (fsync'd: its one commit point) once the tally allows, then COMMITs and
+ACTIVATEs it there and logs ACTIVATED; a NO vote leaves the canary running. Aborting a canary is
+a rollback-like transaction (``run``) to the pre-canary version across the whole fleet.
+
 The transaction's phase moves when each phase's work starts, so ``progress()`` and ``outcome()``
 (which read ``current`` once) always describe what is really happening.
 """
@@ -35,7 +43,16 @@ from .coordinator_protocol import CoordinatorTxn, Decision, Phase, Vote, tally
 from .failpoints import Failpoints
 from .leases import LeaseKeeper
 from .ledger import Ledger, describe_log_error
-from .log import ActivatedRecord, BeginRecord, CommitRecord, LostRecord, MemberRecord
+from .log import (
+    ActivatedRecord,
+    BeginRecord,
+    CanaryRecord,
+    CanarySpec,
+    CanaryState,
+    CommitRecord,
+    LostRecord,
+    MemberRecord,
+)
 from .membership import Membership
 from .payload import is_inline
 from .persist import PersistJob
@@ -62,6 +79,7 @@ class RefitRequest:
     base_version: int | None = None  # the active version a subset refit builds on
     from_version: int | None = None
     probes: list[Any] | None = None  # engines.Probe: run on the staged set in PREPARE
+    canary: CanarySpec | None = None  # commit on this cohort only
 
 
 @dataclass
@@ -84,6 +102,7 @@ class TxnResult:
     replicas: dict[str, dict[str, float]] = field(default_factory=dict)
     persisted: bool = True  # the version's checkpoint was durable when this was answered
     phases: dict[str, float] = field(default_factory=dict)  # seconds in each step, in order
+    canary: dict[str, Any] | None = None  # a canary refit: its cohort and traffic share
 
 
 class PersisterLike(Protocol):
@@ -145,11 +164,15 @@ class TwoPhaseCommit:
 
     def run(self, req: RefitRequest) -> TxnResult:
         t0 = time.perf_counter()
+        members = self._membership.members()
+        if req.canary is not None:
+            members = [r for r in members if r in req.canary.cohort]
         txn = CoordinatorTxn(txn=uuid.uuid4().hex[:16], epoch=self.epoch,
                              version=self._ledger.state.last_version + 1, key=req.key,
-                             members=self._membership.members(), origin_version=req.origin)
+                             members=members, origin_version=req.origin, canary=req.canary is not None)
         self.current = txn
         lap = txn.lap
+        replicated = self._replicated and req.canary is None
         try:
             try:
                 self._begin(txn, req)
@@ -158,7 +181,7 @@ class TwoPhaseCommit:
                 return self._refuse(txn, _why(exc), t0)
             write: list[tuple[Any, float]] = []  # the checkpoint write COMMIT waits for (disk)
             try:
-                if not self._replicated:  # under replicated it follows the refit (_start_tracked_write)
+                if not replicated:  # under replicated it follows the refit (_start_tracked_write)
                     write.append(self._start_persist(txn, req))
                     lap("persist_start_s")
                 self._prepare(txn, req)
@@ -172,7 +195,7 @@ class TwoPhaseCommit:
             except Exception as exc:  # noqa: BLE001  (anything before the commit point aborts)
                 logger.exception("txn %s failed before its commit point", txn.txn)
                 return self._abort(txn, _why(exc), t0, write)
-            if self._replicated and self.tracker is not None:
+            if replicated and self.tracker is not None:
                 txn.persist_job = self._persist_job(txn, req)
             replies = self.finish(txn, t0)
             self._start_tracked_write(txn)  # once the members serve it: off the refit's path
@@ -185,9 +208,10 @@ class TwoPhaseCommit:
     # ------------------------------------------------------------------ phases
 
     def _begin(self, txn: CoordinatorTxn, req: RefitRequest) -> None:
+        durability = "disk" if req.canary is not None else self._s.durability
         self._ledger.append(BeginRecord(epoch=self.epoch, txn=txn.txn, version=txn.version, key=txn.key,
                                         checksums=req.full, origin_version=req.origin,
-                                        durability=self._s.durability))
+                                        durability=durability, canary=req.canary))
         phase_log("coordinator", "begin", txn.txn, txn.version, 0.0, members=txn.members, key=txn.key)
         self._fp.hit("coordinator.after_begin")
 
@@ -304,8 +328,10 @@ class TwoPhaseCommit:
                     logger.warning("member %s could not catch up to v%s: %s", rid, txn.version, why)
                     self.exclude(rid, f"could not catch up to v{txn.version}: {why}", txn=txn)
         self._fp.hit("coordinator.before_activated_logged")
-        self._ledger.append(ActivatedRecord(epoch=self.epoch, txn=txn.txn, version=txn.version,
-                                            duration_s=time.perf_counter() - t0), deferrable=True)
+        if not txn.canary:
+            self._ledger.append(ActivatedRecord(epoch=self.epoch, txn=txn.logged_as or txn.txn,
+                                                version=txn.version, duration_s=time.perf_counter() - t0),
+                                deferrable=True)
         txn.move(Phase.DONE)
         keep = self._retained(None)
         self._retention.schedule(keep, below=self._ledger.state.last_version + 1)
@@ -385,6 +411,47 @@ class TwoPhaseCommit:
         finally:
             self.current = None
 
+    # ------------------------------------------------------------------ canaries
+
+    def promote(self, canary: CanaryState, req: RefitRequest, reason: str) -> TxnResult:
+        """Activate a canary's version on the rest of the fleet (see the module docstring); the
+        caller holds the refit lock. An abort here leaves the canary running, its files kept."""
+        t0 = time.perf_counter()
+        rest = [r for r in self._membership.members() if r not in canary.cohort]
+        txn = CoordinatorTxn(txn=f"{canary.txn}.p{uuid.uuid4().hex[:6]}", epoch=self.epoch,
+                             version=canary.version, key=req.key, members=rest, logged_as=canary.txn)
+        self.current = txn
+        try:
+            if rest:
+                self._prepare(txn, req)
+                decision = self._decide(txn, None)
+                txn.lap("prepare_s")
+                if not decision.commit:
+                    votes = {rid: ("YES" if v.yes else f"NO: {v.reason}") for rid, v in txn.votes.items()}
+                    txn.move(Phase.ABORTED)
+                    self._send_twice(self._client.abort, rest, self._t.commit_s, txn.txn,
+                                     reason=decision.reason)
+                    return TxnResult(status="aborted", txn=canary.txn, version=None, key=req.key,
+                                     reason=f"promote of v{canary.version} refused, the canary goes on: "
+                                            f"{decision.reason}", votes=votes,
+                                     duration_s=time.perf_counter() - t0)
+            else:
+                txn.move(Phase.PREPARING)
+            self._ledger.append(CanaryRecord(epoch=self.epoch, txn=canary.txn, version=canary.version,
+                                             decision="promote", reason=reason))
+            txn.move(Phase.COMMITTING)
+            self._fp.hit("coordinator.after_promote_logged")
+            replies = self.finish(txn, t0)
+            return self._committed(txn, replies, t0)
+        finally:
+            self.current = None
+
+    def decide_abort(self, canary: CanaryState, reason: str) -> None:
+        """Log that ``canary`` is aborted (fsync'd); the rollback-like transaction follows."""
+        if canary.decision != "abort":
+            self._ledger.append(CanaryRecord(epoch=self.epoch, txn=canary.txn, version=canary.version,
+                                             decision="abort", reason=reason))
+
     def aborted_reason(self, txn: str) -> str | None:
         """Why ``txn`` aborted, if it did and is not the one in flight; else None."""
         current = self.current
@@ -412,7 +479,7 @@ class TwoPhaseCommit:
         observe_refit(self._s.fleet, "aborted", time.perf_counter() - t0)
         phase_log("coordinator", "abort", txn.txn, txn.version, time.perf_counter() - t0, reason=reason)
         self._send_twice(self._client.abort, txn.members, self._t.commit_s, txn.txn, reason=reason)
-        if write and self._replicated and self.tracker is not None:  # the write may still run
+        if write and self._replicated and not txn.canary and self.tracker is not None:  # may still run
             self.tracker.discard(txn.version, write[0][0])
         else:
             self._retention.drop(txn.version)

@@ -27,7 +27,7 @@ from rich.table import Table
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Hot weight updates for a Ray fleet of inference engines.")
-out = Console()
+out = Console(width=None if sys.stdout.isatty() else 160)  # piped or logged: tables not squeezed to 80
 err = Console(stderr=True)
 SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
 
@@ -60,9 +60,11 @@ def _fail(code: int, message: str) -> None:
 
 
 def _exit_code(exc: BaseException) -> int:
-    from cluster import FleetNotFound, NoRayCluster, RefitAborted
+    from cluster import FleetNotFound, NoCanary, NoRayCluster, RefitAborted
     from engines import EngineError
 
+    if isinstance(exc, NoCanary):
+        return BAD_INPUT
     if isinstance(exc, RefitAborted):
         return ABORTED
     if isinstance(exc, FleetNotFound | NoRayCluster | ConnectionError):
@@ -267,8 +269,39 @@ def _result_line(res: Any, done: str) -> str:
 def _result_dict(res: Any) -> dict[str, Any]:
     return {"status": "noop" if res.noop else "committed", "version": res.version, "txn": res.txn,
             "duration_s": round(res.duration_s, 6), "duplicate": res.duplicate, "excluded": res.excluded,
-            "persisted": res.persisted,
+            "persisted": res.persisted, "canary": res.canary,
             "replicas": res.replicas}
+
+
+def _share(text: str, option: str) -> float:
+    """``25%`` or ``0.25`` -> 0.25; a clear error naming the option otherwise."""
+    raw = text.strip()
+    try:
+        value = float(raw[:-1]) / 100 if raw.endswith("%") else float(raw)
+    except ValueError:
+        _fail(BAD_INPUT, f"{option} must be a share such as 25% or 0.25, got {text!r}")
+    if not 0.0 < value <= 1.0:
+        _fail(BAD_INPUT, f"{option} must be above 0% and at most 100%, got {text!r}")
+    return value
+
+
+def _canary(size: str | None, traffic: str, window_s: float | None, max_error_rate: float,
+            max_p99_ratio: float | None) -> Any:
+    """``--canary 25%`` (a share of the members) or ``--canary 2`` (replicas) as a ``Canary``."""
+    from cluster import Canary, CanaryJudge
+
+    if size is None:
+        if window_s is not None:
+            _fail(BAD_INPUT, "--judge-window needs --canary")
+        return None
+    judge = None
+    if window_s is not None:
+        judge = _guard(lambda: CanaryJudge(window_s=window_s, max_error_rate=max_error_rate,
+                                           max_p99_ratio=max_p99_ratio))
+    share = _share(traffic, "--traffic")
+    if size.strip().isdigit():
+        return _guard(lambda: Canary(replicas=int(size), traffic=share, judge=judge))
+    return _guard(lambda: Canary(fraction=_share(size, "--canary"), traffic=share, judge=judge))
 
 
 def _size_of(weights: Path) -> int:
@@ -291,9 +324,21 @@ def refit(weights: Path = typer.Argument(..., help=".safetensors, .pt (tensors o
                                                              "(cluster.save_probes) run on the staged set"),
           wait_persisted: bool = typer.Option(False, "--wait-persisted",
                                               help="return once the version's checkpoint is durable too"),
+          canary: str = typer.Option(None, "--canary", help="commit on a canary cohort only: a share of "
+                                                            "the replicas (25%) or a count (2)"),
+          traffic: str = typer.Option("10%", "--traffic", help="with --canary: the share of new requests "
+                                                               "routed to the canary"),
+          judge_window: float = typer.Option(None, "--judge-window", help="with --canary: judge it after "
+                                             "this many seconds, then promote or abort by itself"),
+          max_error_rate: float = typer.Option(0.0, "--max-error-rate", help="the judge aborts above it"),
+          max_p99_ratio: float = typer.Option(None, "--max-p99-ratio",
+                                              help="the judge aborts when the canary's p99 exceeds this "
+                                                   "times the rest's"),
           json_out: bool = JsonOpt) -> None:
-    """Publish a weights file or checkpoint directory and refit every replica (two-phase commit)."""
+    """Publish a weights file or checkpoint directory and refit every replica (two-phase commit),
+    or, with --canary, a cohort of them (end it with promote or abort-canary, or --judge-window)."""
     from cluster import load_probes
+    trial = _canary(canary, traffic, judge_window, max_error_rate, max_p99_ratio)
     if not weights.exists():
         _fail(BAD_INPUT, f"weights file {str(weights)!r} does not exist")
     if not (weights.is_file() or weights.is_dir()):
@@ -310,7 +355,7 @@ def refit(weights: Path = typer.Argument(..., help=".safetensors, .pt (tensors o
         return
     res = _guard(lambda: _refit_with_progress(
         fleet, lambda: fleet.refit(weights, key=key, complete=complete,
-                                   probes=load_probes(probes) if probes else None, **names),
+                                   probes=load_probes(probes) if probes else None, canary=trial, **names),
         _size_of(weights)))
     if wait_persisted and not res.persisted and not res.noop:
         if not _guard(lambda: fleet.wait_persisted(res.version)):
@@ -319,8 +364,39 @@ def refit(weights: Path = typer.Argument(..., help=".safetensors, .pt (tensors o
         res.persisted = True
     if json_out:
         _print_json(_result_dict(res))
+    elif res.canary is not None:
+        c = res.canary
+        judged = f"; judged after {c['judge']['window_s']:g}s" if c.get("judge") else \
+            "; end it with `weight-refit promote` or `weight-refit abort-canary`"
+        out.print(f"canary: version {res.version} on {', '.join(c['cohort'])} with {c['traffic']:.0%} of new "
+                  f"requests; the rest stays on version {c['base_version']}{judged}", highlight=False)
     else:
         out.print(_result_line(res, "committed version"))
+
+
+@app.command()
+def promote(fleet_name: str = FleetOpt, namespace: str = NamespaceOpt, address: str = AddressOpt,
+            json_out: bool = JsonOpt) -> None:
+    """Activate the running canary's version on the rest of the fleet (one commit point)."""
+    fleet = _connect(fleet_name, namespace, address)
+    res = _guard(lambda: fleet.promote("promoted from the command line"))
+    if json_out:
+        _print_json(_result_dict(res))
+    else:
+        out.print(_result_line(res, "promoted: every replica serves version"))
+
+
+@app.command("abort-canary")
+def abort_canary(fleet_name: str = FleetOpt, namespace: str = NamespaceOpt, address: str = AddressOpt,
+                 reason: str = typer.Option("aborted from the command line", "--reason"),
+                 json_out: bool = JsonOpt) -> None:
+    """End the running canary: a new version on every replica with the weights from before it."""
+    fleet = _connect(fleet_name, namespace, address)
+    res = _guard(lambda: fleet.abort_canary(reason))
+    if json_out:
+        _print_json(_result_dict(res))
+    else:
+        out.print(_result_line(res, "canary aborted: every replica serves the earlier weights as version"))
 
 
 @app.command()
@@ -367,16 +443,28 @@ def status(fleet_name: str = FleetOpt, namespace: str = NamespaceOpt, address: s
     busy = f", in flight: v{flight['version']} {flight['phase']}" if flight else ""
     out.print(f"fleet [bold]{st['name']}[/]: version {st['version']} (epoch {st['epoch']}){busy}",
               highlight=False)
+    canary = st.get("canary")
+    if canary:
+        state = f"being {canary['decision']}d" if canary.get("decision") else "running"
+        judge = canary.get("judge")
+        judged = f", judged {canary['started_at'] + judge['window_s'] - time.time():.0f}s from now" \
+            if judge and not canary.get("decision") else ""
+        out.print(f"canary {state}: version {canary['version']} on {', '.join(canary['cohort'])} with "
+                  f"{canary['traffic']:.0%} of new requests; the rest on version {canary['base_version']}"
+                  f"{judged}", markup=False, highlight=False)
+        if canary.get("judge_note"):
+            out.print(f"judge: {canary['judge_note']}", markup=False, highlight=False)
     recovery = st.get("recovery") or {}
     if recovery.get("state") not in (None, "ready"):
         out.print(f"coordinator {recovery['state']}: {recovery.get('error') or 'in progress'}",
                   markup=False, highlight=False)
-    table = Table("replica", "node", "card", "device", "version", "state", "member", "healthy", "last refit")
+    table = Table("replica", "node", "card", "device", "version", "state", "member", "cohort", "healthy",
+                  "last refit")
     for r in st["replicas"]:
         card = "-" if r.get("card") is None else str(r["card"])
         table.add_row(r["id"], (r.get("node") or "-")[:12], card,
                       r.get("device", "-"), str(r.get("version")), r.get("state", "-"),
-                      r.get("membership", "-"), "yes" if r.get("healthy") else "NO",
+                      r.get("membership", "-"), r.get("cohort", "main"), "yes" if r.get("healthy") else "NO",
                       _ago(r.get("last_refit_at")))
     out.print(table)
     inputs = next((r["inputs"] for r in st["replicas"] if r.get("inputs")), None)
@@ -406,7 +494,7 @@ def history(fleet_name: str = FleetOpt, namespace: str = NamespaceOpt, address: 
         table.add_row(_ago(h["ts"]), h["txn"], str(h["version"]), h["status"],
                       f"{h['duration_s']:.3f}s" if h.get("duration_s") is not None else "-",
                       str(h.get("origin_version") or "-"), persisted if h["status"] == "committed" else "-",
-                      (h.get("lost") or h.get("reason") or "")[:80])
+                      (h.get("lost") or h.get("canary") or h.get("reason") or "")[:80])
     out.print(table)
     if len(rows) == limit:
         out.print(f"the newest {limit} shown: --limit N for more, --since VERSION for those after one")

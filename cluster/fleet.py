@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError
 
+from actors.canary import Canary
 from actors.payload import BUCKET_BYTES
 from actors.replica_client import coordinator_actor_name
 from actors.settings import Timeouts
@@ -52,6 +53,7 @@ class RefitResult:
     timings: dict[str, float] = field(default_factory=dict)
     excluded: list[str] = field(default_factory=list)
     persisted: bool = True  # the version's checkpoint was durable before refit returned
+    canary: dict[str, Any] | None = None  # a canary refit: cohort, traffic, base_version, judge
 
     @property
     def evicted(self) -> list[str]:
@@ -182,7 +184,12 @@ class Fleet:
 
     def _members(self) -> dict[str, Any]:
         with readable_errors():
-            return ray.get(self._coord.member_handles.remote(), timeout=self._request_s)
+            return ray.get(self._coord.routing.remote(), timeout=self._request_s)
+
+    def handle(self) -> Fleet:
+        """Another handle on this fleet, with its own router: its own monotonic reads (and, during
+        a canary, its own stickiness), e.g. one per client session."""
+        return type(self)(self.name, self.namespace, self._coord, self._cfg)
 
     def infer(self, *inputs: Any, timeout_s: float | None = None) -> InferResponse:
         """Infer on the least-loaded replica: ``r.outputs``, ``r.version``, ``r.replica``."""
@@ -202,7 +209,8 @@ class Fleet:
 
     def refit(self, weights: WeightsLike, key: str | None = None, *, strip_prefix: str | None = None,
               add_prefix: str | None = None, mapping: Mapping[str, str] | None = None,
-              complete: bool = False, probes: Sequence[Probe] | None = None) -> RefitResult:
+              complete: bool = False, probes: Sequence[Probe] | None = None,
+              canary: Canary | None = None) -> RefitResult:
         """Publish ``weights`` (a mapping or a .safetensors/.pt/.npz path) and refit every replica.
 
         Validated and checksummed here before any transfer; put into the object store once. Raises
@@ -213,6 +221,9 @@ class Fleet:
         that lacks any of the engine's weights. ``probes`` (``cluster.Probe``), with those of the
         config's ``probes:`` file, run on the staged set in PREPARE, before the vote: a failing one
         aborts the refit, its reason naming the probe, the output, the max |diff| and the tolerance.
+        ``canary`` (``cluster.Canary``) commits the version on a cohort only and routes a share of
+        new requests to it, until ``promote()``, ``abort_canary()`` or its judge ends it; other
+        refits and rollbacks are refused meanwhile. This handle does not stick to the canary.
         """
         from engines.config import NonFinitePolicy
 
@@ -221,14 +232,42 @@ class Fleet:
         t0 = time.perf_counter()
         key = key or f"auto-{uuid.uuid4().hex}"
         checks = self._probes(probes)
+        if canary is not None and not isinstance(canary, Canary):
+            raise ValueError(f"canary must be a cluster.Canary, got {type(canary).__name__}")
         pub = publish(weights, self.manifest(), non_finite=NonFinitePolicy.REJECT,
                       strip_prefix=strip_prefix, add_prefix=add_prefix, mapping=mapping,
                       complete=complete, bucket_bytes=self._cfg.get("bucket_bytes", BUCKET_BYTES))
         try:
-            out = self._call(self._coord.refit.remote(pub.refs, pub.specs, pub.checksums, key, checks), key)
+            call = self._coord.refit.remote(pub.refs, pub.specs, pub.checksums, key, checks, canary)
+            out = self._call(call, key)
         finally:
             pub.refs.clear()  # the replicas and the store have their copies (or it aborted)
-        return self._result(out, t0, pub.timings)
+        result = self._result(out, t0, pub.timings, observe=canary is None)
+        if canary is not None:
+            self.router.refresh()
+        return result
+
+    def promote(self, reason: str = "") -> RefitResult:
+        """Activate the running canary's version on the rest of the fleet, with one commit point.
+        Raises ``RefitAborted`` (the canary goes on) if a replica of the rest votes NO, and
+        ``NoCanary`` when no canary runs."""
+        t0 = time.perf_counter()
+        with readable_errors():
+            out = ray.get(self._coord.promote.remote(reason), timeout=self._refit_timeout)
+        result = self._result(out, t0, {})
+        self.router.refresh()
+        return result
+
+    def abort_canary(self, reason: str = "") -> RefitResult:
+        """End the running canary: a new version, on every replica (the cohort included), carrying
+        the weights from before the canary, so no handle sees its versions go back and the rest of
+        the fleet never serves the canary's. ``NoCanary`` when no canary runs."""
+        t0 = time.perf_counter()
+        with readable_errors():
+            out = ray.get(self._coord.abort_canary.remote(reason), timeout=self._refit_timeout)
+        result = self._result(out, t0, {})
+        self.router.refresh()
+        return result
 
     def _probes(self, probes: Sequence[Probe] | None) -> list[Probe] | None:
         """The config's probes file's probes, then ``probes``; ValueError for anything else."""
@@ -298,19 +337,21 @@ class Fleet:
         raise RefitAborted(f"outcome of {key!r} still in doubt after {self._refit_timeout:g}s; "
                            f"ask fleet.outcome({key!r}) later", {}, None)
 
-    def _result(self, out: TxnResult, t0: float, timings: dict[str, float]) -> RefitResult:
+    def _result(self, out: TxnResult, t0: float, timings: dict[str, float], *,
+                observe: bool = True) -> RefitResult:
         if out.status == "aborted":
             raise RefitAborted(out.reason or "aborted", out.votes, out.txn)
         if out.status in ("in_doubt", "unknown") or (out.status == "committed" and not out.activated):
             raise RefitAborted(f"transaction {out.txn} is still in progress ({out.phase or 'in doubt'}); "
                                f"ask fleet.outcome() later", {}, out.txn)
         assert out.version is not None
-        self.router.observe(out.version)
+        if observe:
+            self.router.observe(out.version)
         return RefitResult(version=out.version, txn=out.txn, duration_s=time.perf_counter() - t0,
                            noop=out.status == "noop", duplicate=out.duplicate, replicas=out.replicas,
                            timings={**timings, "coordinator_s": out.duration_s, "prepare_s": out.prepare_s,
                                     **{f"coordinator.{k}": v for k, v in out.phases.items()}},
-                           excluded=list(out.excluded), persisted=out.persisted)
+                           excluded=list(out.excluded), persisted=out.persisted, canary=out.canary)
 
     def wait_persisted(self, version: int, timeout: float = 300.0) -> bool:
         """Wait until ``version``'s checkpoint is durable (under ``durability: replicated`` it is

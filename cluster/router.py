@@ -16,6 +16,14 @@ Contract:
 - A request whose inference raises inside the replica (a bad input) is not retried elsewhere: the
   caller gets ``InferenceFailed`` at once, the replica's own error first, and the replica is not
   marked unhealthy.
+- Canaries: while the coordinator's routing table names a canary (its version, cohort and traffic
+  share), a request of a handle that has not seen the canary's version goes to the cohort with
+  probability ``traffic``, else to the rest; once the handle has seen the canary's version (a
+  response, or ``observe``), every request goes to the cohort: it sticks to the canary until the
+  canary ends, so monotonic reads hold. A request whose group has no replica left to try goes to
+  any member (one behind answers stale, as above).
+- The member list and routing table are re-read every ``refresh_s`` (in the background, so no
+  request waits for it) and whenever a request runs out of members to try.
 - Thread-safe: one handle may serve many client threads.
 """
 
@@ -50,10 +58,14 @@ class Router:
 
     def __init__(self, refresh: Callable[[], dict[str, Any]], *, max_queue: int, request_timeout_s: float,
                  retries_on_stale: int, unhealthy_s: float = 2.0,
-                 unhealthy_max_s: float = 16.0) -> None:
+                 unhealthy_max_s: float = 16.0, refresh_s: float = 2.0) -> None:
         self._refresh_fn = refresh
         self._lock = threading.Lock()
         self._members: dict[str, Any] = {}
+        self.canary: dict[str, Any] | None = None  # version, cohort, traffic of the running canary
+        self.refresh_s = refresh_s
+        self._refreshed_at = 0.0
+        self._refreshing = False
         self._outstanding: dict[str, int] = {}
         self._unhealthy_until: dict[str, float] = {}
         self._failures_in_a_row: dict[str, int] = {}
@@ -68,15 +80,47 @@ class Router:
     def refresh(self) -> None:
         """Re-read the member list; keep the old one while the coordinator cannot answer."""
         try:
-            members = self._refresh_fn()
+            table = self._refresh_fn()
         except Exception:  # noqa: BLE001  (coordinator restarting: route over what we know)
             if self._members:
                 return
             raise
+        canary = None
+        if isinstance(table, dict) and set(table) == {"handles", "canary"}:  # Coordinator.routing
+            table, canary = table["handles"], table["canary"]
         with self._lock:
-            self._members = dict(members)
-            for rid in members:
+            self._members = dict(table)
+            self.canary = canary
+            self._refreshed_at = time.monotonic()
+            for rid in table:
                 self._outstanding.setdefault(rid, 0)
+
+    def _refresh_if_old(self) -> None:
+        if time.monotonic() - self._refreshed_at < self.refresh_s or self._refreshing:
+            return
+        self._refreshing = True
+
+        def run() -> None:
+            try:
+                self.refresh()
+            except Exception:  # noqa: BLE001  (the next request tries again)
+                pass
+            finally:
+                self._refreshed_at = time.monotonic()
+                self._refreshing = False
+
+        threading.Thread(target=run, name="router-refresh", daemon=True).start()
+
+    def _group(self) -> frozenset[str] | None:
+        """The replicas this request should go to (a canary's cohort or the rest), None: any."""
+        with self._lock:
+            canary = self.canary
+            if canary is None:
+                return None
+            cohort = frozenset(canary["cohort"])
+            if self.seen_version >= canary["version"] or random.random() < canary["traffic"]:
+                return cohort
+            return frozenset(self._members) - cohort
 
     def observe(self, version: int) -> None:
         """Raise this handle's floor (e.g. after ``refit`` returned version ``version``)."""
@@ -88,13 +132,16 @@ class Router:
         with self._lock:
             return dict(self._outstanding)
 
-    def _pick(self, skip: set[str]) -> tuple[str, Any, int]:
+    def _pick(self, skip: set[str], group: frozenset[str] | None = None) -> tuple[str, Any, int]:
         now = time.monotonic()
         with self._lock:
-            candidates = [r for r in self._members
+            members = [r for r in self._members if group is None or r in group]
+            if not any(r not in skip for r in members):
+                members = list(self._members)
+            candidates = [r for r in members
                           if r not in skip and self._unhealthy_until.get(r, 0) <= now]
             if not candidates:
-                candidates = [r for r in self._members if r not in skip]
+                candidates = [r for r in members if r not in skip]
             if not candidates:
                 raise NoReplicaAvailable(
                     f"no replica could serve the request (tried {sorted(skip) or 'none'}; "
@@ -142,16 +189,19 @@ class Router:
         skip: set[str] = set()
         stale = 0
         last_error = ""
+        self._refresh_if_old()
+        group = self._group()
         while True:
             if time.monotonic() > deadline:
                 raise NoReplicaAvailable(f"request timed out after {timeout:g}s ({last_error})")
             try:
-                rid, handle, floor = self._pick(skip)
+                rid, handle, floor = self._pick(skip, group)
             except NoReplicaAvailable as exc:
                 if stale >= self.retries_on_stale or not skip:
                     raise NoReplicaAvailable(f"{exc}; last: {last_error or 'none'}") from None
                 self.refresh()
                 skip.clear()
+                group = self._group()
                 stale += 1
                 continue
             # one attempt may not take the whole deadline: leave time to try the other members

@@ -704,9 +704,9 @@ def run_row(size_mib: float, n: int, engine_path: Path, weights: dict[str, torch
     raws: list[dict[str, Any]] = []
     orig_result = getattr(fleet, "_result", None)
 
-    def capture(out: Any, t0: float, timings: dict[str, float]) -> Any:
+    def capture(out: Any, t0: float, timings: dict[str, float], **kw: Any) -> Any:
         raws.append(dataclasses.asdict(out))  # the coordinator's own report, for the breakdown
-        return orig_result(out, t0, timings)
+        return orig_result(out, t0, timings, **kw)
 
     if callable(orig_result):
         fleet._result = capture  # instance-level instrumentation of this benchmark's handle only

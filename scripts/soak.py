@@ -15,7 +15,7 @@ settled. Always:
 - ``rollback``: to an explicit stored version or the default target (the new version must carry
   the target's value).
 
-``--faults`` (a comma list; default ``crashes``) adds:
+``--faults`` (a comma list; default ``crashes,canaries``) adds:
 
 - ``crashes``: replica kills (``ray.kill(no_restart=False)`` while idle or in the middle of a refit,
   or a failpoint armed with ``exit``: replica.before_vote / before_commit / before_activate /
@@ -24,6 +24,9 @@ settled. Always:
 - ``messages``: one protocol message (prepare, commit, activate, abort, sync_to, renew_lease) to or
   from one replica is lost (``drop:S``) or delayed (``sleep:S``) during one refit or rollback, S drawn
   around the timeout that bounds it (``scripts/soak_faults.py``, ``MessageFaults``);
+- ``canaries``: canary episodes (``scripts/soak_faults.py``, ``CanaryEpisodes``): a canary refit on
+  one replica with half of new requests under the client load, ended by promote, abort, a judge,
+  or a kill of the canary replica or the coordinator followed by promote or abort;
 - ``disk``: the state dir is a size-limited tmpfs the soak mounts (root), with a second one at
   ``<state_dir>/checkpoints``; an episode fills one of them, runs a refit or rollback (it must abort
   with "disk full", or commit if its bytes fitted), checks the fleet kept serving, frees the space
@@ -81,9 +84,11 @@ import torch  # noqa: E402
 from fleet_models import PROBE_WEIGHTS, PROBE_WIDTH, build_probe_engine, fleet_config  # noqa: E402
 from soak_checks import Checker, Clients, Model, Transactions  # noqa: E402
 from soak_faults import (  # noqa: E402
+    CANARY_ACTIONS,
     CRASH_ACTIONS,
     DISK_ACTIONS,
     MESSAGE_ACTIONS,
+    CanaryEpisodes,
     CrashFaults,
     DiskFaults,
     MessageFaults,
@@ -102,7 +107,7 @@ RAY_SYSTEM_CONFIG = {
 # As tests/test_faults.py.
 TIMEOUTS = {"prepare_s": 4, "commit_s": 4, "activate_s": 4, "request_s": 15, "lease_s": 2,
             "launch_s": 60}
-FAULT_KINDS = ("crashes", "messages", "disk")
+FAULT_KINDS = ("crashes", "messages", "disk", "canaries")
 DISK_PROBE_WEIGHTS = 160  # a BEGIN record of ~4.5 KB: more than one page
 PUSH_TASK = "CoreWorkerService.grpc_client.PushTask"
 
@@ -126,6 +131,8 @@ def action_table(faults: list[str]) -> dict[str, int]:
         table.update(MESSAGE_ACTIONS)
     if "disk" in faults:
         table.update(DISK_ACTIONS)
+    if "canaries" in faults:
+        table.update(CANARY_ACTIONS)
     return table
 
 
@@ -142,6 +149,7 @@ class Soak:
         self.clients = Clients(self.m, fleet, self.checker.members, args.clients, args.threads, args.seed)
         self.crashes = CrashFaults(self.m, self.checker, self.tx, self.rng)
         self.messages = MessageFaults(self.m, self.checker, self.tx, self.rng, TIMEOUTS)
+        self.canaries = CanaryEpisodes(self.m, self.checker, self.tx, self.crashes, self.rng)
         self.disk = DiskFaults(self.m, self.checker, self.tx, self.rng, state_dir,
                                lenient=args.rpc_loss > 0)
         self.table = action_table(args.faults)
@@ -163,6 +171,8 @@ class Soak:
             self.messages.run(action.partition(".")[2], key, note)
         elif action.startswith("disk."):
             self.disk.run(action.partition(".")[2], key, note)
+        elif action.startswith("canary."):
+            self.canaries.run(action.partition(".")[2], key, note)
         else:
             post = self.crashes.run(action, key, note)
         self.checker.settle(note)
@@ -188,6 +198,9 @@ class Soak:
             bits.append(f"{op} value={note.get('value')} -> {res} in {note.get('duration_s')}s")
             if note["status"] != "committed" and note.get("reason"):
                 bits.append(f"({note['reason'][:90]})")
+        if note.get("status") == "canary":
+            bits.append(f"canary v{note.get('version')} value={note.get('value')} on {note.get('cohort')} "
+                        f"-> {note.get('end', 'not ended')} v{note.get('ended')}")
         for k in ("reached", "fired", "served_while_full", "after"):
             if k in note:
                 bits.append(f"{k}={note[k]}")
@@ -275,6 +288,8 @@ rpc loss {s['rpc_loss']:g}, probe {s['probe']['weights']}x{s['probe']['width']}
 aborted "disk full" {c['disk_full_aborted']}, committed {c['disk_full_committed']}; committed after \
 freeing {c['disk_recovered']}
     by filesystem:       {_cells(s['disk_episodes'])}
+  canary episodes:       {c['canaries']} (promoted {c['canaries_promoted']}, aborted \
+{c['canaries_aborted']}, refused {c['canaries_refused']})
   requests served:       {c['requests_served']}
   requests failed:       {c['requests_failed']}
   served by replica:     {s['served_by_replica']}
@@ -298,8 +313,9 @@ v{s['final']['last_committed']}""", flush=True)
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--minutes", type=float, required=True, help="how long to draw actions")
-    p.add_argument("--faults", default="crashes",
-                   help=f"comma list of fault kinds from {', '.join(FAULT_KINDS)} (default: crashes)")
+    p.add_argument("--faults", default="crashes,canaries",
+                   help=f"comma list of fault kinds from {', '.join(FAULT_KINDS)} "
+                        "(default: crashes,canaries)")
     p.add_argument("--rpc-loss", type=float, default=0.0, metavar="P",
                    help="lose each request/reply of the coordinator's actor calls with probability P")
     p.add_argument("--replicas", type=int, default=3)

@@ -36,7 +36,9 @@ COUNTS = (
     # disk-full episodes: which filesystem was full, what the refit/rollback while full did,
     # whether the one after freeing the space committed
     "disk_episodes_log", "disk_episodes_store", "disk_full_aborted", "disk_full_committed",
-    "disk_recovered", "settle_retries_unreachable", "disarm_failed")
+    "disk_recovered", "settle_retries_unreachable", "disarm_failed",
+    # canary episodes: started, refused, and how they ended
+    "canaries", "canaries_refused", "canaries_promoted", "canaries_aborted")
 
 
 class Model:

@@ -19,7 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import ray
+from fleet_models import probe_weights
 from soak_checks import Checker, Model, Transactions
+
+from cluster import Canary, CanaryJudge, RefitAborted
 
 REPLICA_FAILPOINTS = ["replica.before_vote", "replica.before_commit", "replica.before_activate",
                       "replica.during_activate"]
@@ -43,6 +46,8 @@ CRASH_ACTIONS = {
 MESSAGES = ("prepare", "commit", "activate", "abort", "sync_to", "renew_lease")
 MESSAGE_ACTIONS = {f"message.{m}": w for m, w in zip(MESSAGES, (12, 8, 8, 6, 5, 4), strict=True)}
 DISK_ACTIONS = {"disk.log": 7, "disk.store": 7}
+CANARY_ACTIONS = {"canary.promote": 5, "canary.abort": 5, "canary.judge": 4, "canary.kill_replica": 3,
+                  "canary.kill_coordinator": 3}
 
 PostCheck = Callable[[dict[str, Any]], None]
 
@@ -385,3 +390,85 @@ class DiskFaults:
         if unwritten:
             self.m.violation("log_records_unwritten", f"{which}: {unwritten} log record(s) still kept in "
                                                       f"memory after a commit on a disk with space")
+
+
+class CanaryEpisodes:
+    """A canary refit of a fresh value on one replica with half of new requests, under the client
+    load, then its end: ``promote``, ``abort``, ``judge`` (a 1 s window: it promotes a healthy
+    canary), or a kill first (``kill_replica``: the canary replica, which must come back on the
+    canary's version; ``kill_coordinator``: the restarted coordinator must still hold the canary)
+    and then promote or abort. The model records the canary's version when it commits (no floor:
+    it is not fleet-wide), and the version that ends it with the value it must carry."""
+
+    def __init__(self, model: Model, checker: Checker, tx: Transactions, crashes: CrashFaults,
+                 rng: random.Random) -> None:
+        self.m = model
+        self.checker = checker
+        self.tx = tx
+        self.crashes = crashes
+        self.rng = rng
+
+    def _status(self) -> dict[str, Any]:
+        return ray.get(self.checker.coord.status.remote(), timeout=15)
+
+    def _wait(self, what: str, ok: Callable[[dict[str, Any]], bool], timeout_s: float = 90.0) -> bool:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                if ok(self._status()):
+                    return True
+            except Exception:  # noqa: BLE001  (the coordinator restarting)
+                pass
+            time.sleep(0.3)
+        self.m.violation("canary", f"timed out waiting for {what}")
+        return False
+
+    def run(self, how: str, key: str, note: dict[str, Any]) -> None:
+        m, fleet = self.m, self.tx.fleet
+        with m.lock:
+            value = m.next_value
+            m.next_value += 1.0
+        base = int(self._status()["version"])
+        with m.lock:
+            base_value, base_origin = m.values.get(base), m.origins.get(base)
+        judge = CanaryJudge(window_s=1.0, max_error_rate=0.0) if how == "judge" else None
+        try:
+            res = fleet.refit(probe_weights(value, m.weights, m.width), key=key,
+                              canary=Canary(replicas=1, traffic=0.5, judge=judge))
+        except RefitAborted as exc:
+            note.update(status="aborted", reason=exc.reason[:300])
+            m.count("canaries_refused")
+            return
+        v, cohort = res.version, res.canary["cohort"] if res.canary else []
+        m.record_commit(v, value, v, returned=False)
+        note.update(status="canary", version=v, value=value, cohort=cohort)
+        self.m.count("canaries")
+        time.sleep(0.5)  # serve both cohorts for a while (load, not synchronisation)
+        if how == "kill_replica":
+            self.crashes.kill_replica(cohort[0])
+            m.count("kills_replica")
+            self._wait(f"{cohort[0]} back on the canary's v{v}", lambda st: any(
+                r["id"] == cohort[0] and r["version"] == v and r["healthy"] for r in st["replicas"]))
+        elif how == "kill_coordinator":
+            self.crashes.kill_coordinator()
+            m.count("kills_coordinator")
+            self._wait("the restarted coordinator's canary",
+                       lambda st: (st.get("canary") or {}).get("version") == v)
+        if how == "judge":
+            self._wait("the judge's decision", lambda st: st.get("canary") is None)
+            ended = int(self._status()["version"])
+            promoted = ended == v
+        else:
+            promoted = how == "promote" or (how != "abort" and self.rng.random() < 0.5)
+            try:
+                ended = (fleet.promote() if promoted else fleet.abort_canary("soak")).version
+            except Exception as exc:  # noqa: BLE001  (a violation: the fleet was settled)
+                m.violation("canary", f"{'promote' if promoted else 'abort'} of v{v} failed: "
+                                      f"{type(exc).__name__}: {str(exc)[:300]}")
+                return
+        if promoted:
+            m.record_commit(v, value, v, returned=True)
+        else:
+            m.record_commit(ended, base_value, base_origin, returned=True)
+        note.update(ended=ended, end="promoted" if promoted else "aborted")
+        m.count("canaries_promoted" if promoted else "canaries_aborted")

@@ -137,7 +137,8 @@ class FakeReplicas(ReplicaClient):
         return self._each("export", [rid], put)[rid]
 
     def renew(self, rid: str, epoch: int, lease_s: float, generation: int,
-              on_reply: Callable[[str, LeaseReply | Failed], None] | None = None) -> None:
+              on_reply: Callable[[str, LeaseReply | Failed], None] | None = None,
+              cohort: str = "main") -> None:
         r = self.replicas.get(rid)
         if r is None:
             return

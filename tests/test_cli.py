@@ -110,6 +110,29 @@ def test_cli_end_to_end(tmp_path: Path) -> None:
         assert "probe 'overflow' output 0" in p.stderr
         assert json.loads(wr("status", "--fleet", "clifleet", "--json").stdout)["version"] == 4
 
+        # a canary on one replica with half of new requests, then promoted; another, aborted
+        fives = _weights(tmp_path / "fives.safetensors", 5.0)
+        p = wr("refit", "-f", "clifleet", str(fives), "--canary", "1", "--traffic", "50%")
+        assert "canary: version 6 on r0 with 50% of new requests; the rest stays on version 4" in p.stdout
+        table = wr("status", "-f", "clifleet").stdout
+        assert "canary running: version 6 on r0 with 50% of new requests; the rest on version 4" in table
+        assert [line.split("│")[8].strip() for line in table.splitlines() if line.startswith("│ r")] \
+            == ["canary", "main", "main"]
+        p = wr("refit", "-f", "clifleet", str(ones), code=4)
+        assert "a canary of v6 is running on r0" in p.stderr
+        assert json.loads(wr("promote", "-f", "clifleet", "--json").stdout)["version"] == 6
+        st = json.loads(wr("status", "-f", "clifleet", "--json").stdout)
+        assert [r["version"] for r in st["replicas"]] == [6, 6, 6] and st["canary"] is None
+        wr("refit", "-f", "clifleet", str(ones), "--canary", "34%", "--json")
+        out = json.loads(wr("abort-canary", "-f", "clifleet", "--reason", "cli test", "--json").stdout)
+        assert out["version"] == 8 and out["status"] == "committed"
+        hist = {h["version"]: h for h in json.loads(wr("history", "-f", "clifleet", "--json").stdout)}
+        assert "aborted (cli test); ended by v8" in hist[7]["canary"]
+        p = wr("promote", "-f", "clifleet", code=1)
+        assert "no canary is running" in p.stderr
+        p = wr("refit", "-f", "clifleet", str(ones), "--canary", "150%", code=1)
+        assert "--canary must be above 0% and at most 100%" in p.stderr
+
         wr("shutdown", "--fleet", "clifleet")
         wr("status", "--fleet", "clifleet", code=3)
 

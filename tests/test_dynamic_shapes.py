@@ -210,8 +210,8 @@ def test_a_bad_input_reaches_the_caller_as_its_input_error_at_once_without_retri
     picked: list[str] = []
     pick = router._pick
 
-    def counting(skip: set[str]) -> Any:
-        out = pick(skip)
+    def counting(skip: set[str], group: Any = None) -> Any:
+        out = pick(skip, group)
         picked.append(out[0])
         return out
 

@@ -78,3 +78,29 @@ def test_refit_duration_version_gauge_requests_and_failures(fleet: Fleet) -> Non
     assert served >= 5
     assert _value(text, "ray_weight_refit_request_latency_seconds_count", fleet="metricsfleet",
                   replica="r0") is not None
+
+
+def test_request_metrics_carry_the_replicas_cohort_never_a_version(fleet: Fleet) -> None:
+    from cluster import Canary
+
+    res = fleet.refit(probe_weights(4.0), canary=Canary(replicas=1, traffic=0.5))
+    handles = ray.get(fleet._coord.member_handles.remote())
+
+    def labelled() -> str | None:
+        for rid in ("r0", "r1"):  # the cohort reaches a replica with its next lease renewal
+            ray.get(handles[rid].infer.remote([probe_input()], 0))
+        text = _scrape()
+        ok = (_value(text, "ray_weight_refit_requests_total", fleet="metricsfleet", replica="r0",
+                     cohort="canary")
+              and _value(text, "ray_weight_refit_requests_total", fleet="metricsfleet", replica="r1",
+                         cohort="main"))
+        return text if ok else None
+
+    try:
+        text = wait_for(labelled, 60, "requests labelled by cohort")
+    finally:
+        fleet.promote()
+    assert res.canary is not None and res.canary["cohort"] == ["r0"]
+    lines = [ln for ln in text.splitlines() if ln.startswith("ray_weight_refit_request")]
+    assert lines and not any(re.search(r'[{,]version="', ln) for ln in lines)
+    assert all('cohort="' in ln for ln in lines if 'fleet="metricsfleet"' in ln)
