@@ -498,7 +498,7 @@ class TwoPhaseCommit:
             if isinstance(reply, Ack):
                 per_replica[rid].update(reply.timings)
         persist = {k[len("persist_"):]: v for k, v in txn.timings.items() if k.startswith("persist_")}
-        return TxnResult(status="committed", txn=txn.txn, version=txn.version, key=txn.key,
+        return TxnResult(status="committed", txn=txn.logged_as or txn.txn, version=txn.version, key=txn.key,
                          activated=True, duration_s=duration, prepare_s=txn.timings.get("prepare_s", 0.0),
                          persist=persist, excluded=list(txn.excluded), replicas=per_replica,
                          persisted=self._ledger.state.is_persisted(txn.version), phases=dict(txn.laps))

@@ -494,7 +494,7 @@ def history(fleet_name: str = FleetOpt, namespace: str = NamespaceOpt, address: 
         table.add_row(_ago(h["ts"]), h["txn"], str(h["version"]), h["status"],
                       f"{h['duration_s']:.3f}s" if h.get("duration_s") is not None else "-",
                       str(h.get("origin_version") or "-"), persisted if h["status"] == "committed" else "-",
-                      (h.get("lost") or h.get("canary") or h.get("reason") or "")[:80])
+                      (h.get("lost") or h.get("canary") or h.get("reason") or "")[:160])
     out.print(table)
     if len(rows) == limit:
         out.print(f"the newest {limit} shown: --limit N for more, --since VERSION for those after one")
