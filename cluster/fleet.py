@@ -251,22 +251,20 @@ class Fleet:
         """Activate the running canary's version on the rest of the fleet, with one commit point.
         Raises ``RefitAborted`` (the canary goes on) if a replica of the rest votes NO, and
         ``NoCanary`` when no canary runs."""
-        t0 = time.perf_counter()
-        with readable_errors():
-            out = ray.get(self._coord.promote.remote(reason), timeout=self._refit_timeout)
-        result = self._result(out, t0, {})
-        self.router.refresh()
-        return result
+        return self._end_canary(self._coord.promote, reason)
 
     def abort_canary(self, reason: str = "") -> RefitResult:
         """End the running canary: a new version, on every replica (the cohort included), carrying
         the weights from before the canary, so no handle sees its versions go back and the rest of
         the fleet never serves the canary's. ``NoCanary`` when no canary runs."""
+        return self._end_canary(self._coord.abort_canary, reason)
+
+    def _end_canary(self, method: Any, reason: str) -> RefitResult:
         t0 = time.perf_counter()
         with readable_errors():
-            out = ray.get(self._coord.abort_canary.remote(reason), timeout=self._refit_timeout)
+            out = ray.get(method.remote(reason), timeout=self._refit_timeout)
         result = self._result(out, t0, {})
-        self.router.refresh()
+        self.router.refresh()  # the canary has ended: stop splitting traffic now
         return result
 
     def _probes(self, probes: Sequence[Probe] | None) -> list[Probe] | None:
