@@ -277,3 +277,14 @@ def test_a_coordinator_killed_after_deciding_an_abort_finishes_it_when_it_recove
     load.check(min_responses=1)
     converged(fleet)
     assert _value(fleet) == before
+
+
+def test_a_canary_of_every_member_is_refused_naming_them_and_nothing_changes(fleet: Any) -> None:
+    from cluster import CanaryRefused
+
+    before = converged(fleet)
+    with pytest.raises(CanaryRefused, match="would take every one of the 3 members"):
+        fleet.refit(probe_weights(11.0), canary=Canary(replicas=3))
+    after = converged(fleet)
+    assert after["version"] == before["version"] and after["canary"] is None
+    assert after["last_version"] == before["last_version"]  # no version number was used
