@@ -6,7 +6,8 @@ Contract:
   everywhere), refits and rollbacks are refused with a reason that says how to end it.
 - ``start`` turns a refit into a canary refit: the cohort is picked from the members now
   (``actors.canary.cohort``), the pre-canary version's checkpoint must be durable (an abort
-  re-installs it), and a judge's probes are saved in ``<state_dir>/canary/`` so that a restarted
+  re-installs it), and a judge's probes are saved in ``<state_dir>/canary/`` (a URL state: there,
+  from a working copy on the coordinator's node) so that a restarted
   coordinator judges with them too.
 - ``promote`` and ``abort`` run under the caller's refit lock. ``abort`` logs its decision first, so
   a coordinator that dies before the re-install commits finishes it when it recovers (``resume``);
@@ -24,12 +25,14 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from .canary import Canary, CohortStats, Verdict, cohort, verdict
 from .errors import CanaryRefused, NoCanary
 from .ledger import Ledger
 from .log import CanarySpec, CanaryState
 from .membership import Membership
+from .object_state import is_url, open_url
 from .replica_client import ReplicaClient
 from .replies import Failed
 from .requests import Requests
@@ -47,8 +50,11 @@ class CanaryControl:
     def __init__(self, state_dir: str, ledger: Ledger, txns: TwoPhaseCommit, client: ReplicaClient,
                  membership: Membership, requests: Requests, store: CheckpointStore, *,
                  refit_lock: threading.Lock, stop: threading.Event, request_s: float,
-                 wait_stored: Callable[[int], None]) -> None:
+                 wait_stored: Callable[[int], None], url: str | None = None,
+                 options: dict[str, Any] | None = None) -> None:
         self._dir = Path(state_dir) / "canary"
+        self._url = f"{url.rstrip('/')}/canary" if url else None  # a URL state: probes are kept there
+        self._options = options or {}
         self._ledger = ledger
         self._txns = txns
         self._client = client
@@ -103,7 +109,7 @@ class CanaryControl:
                 self._dir.mkdir(parents=True, exist_ok=True)
                 path = self._dir / f"v{state.last_version + 1}.probes.safetensors"
                 save_probes(list(canary.judge.probes), path)
-                judge["probes_file"] = str(path)
+                judge["probes_file"] = self._keep(path)
         spec = CanarySpec(cohort=members, traffic=canary.traffic, judge=judge)
         return dataclasses.replace(req, canary=spec)
 
@@ -237,6 +243,22 @@ class CanaryControl:
         logger.info("canary of v%s: %s", c.version, decided.reason)
         return decided
 
+    def _keep(self, path: Path) -> str:
+        """Where a restarted coordinator finds the probes file: the state's URL, or ``path``."""
+        if self._url is None:
+            return str(path)
+        fs, key = open_url(f"{self._url}/{path.name}", self._options)
+        fs.put_file(str(path), key)
+        return f"{self._url}/{path.name}"
+
+    def _fetched(self, path: str) -> Path:
+        local = self._dir / path.rsplit("/", 1)[-1]
+        if is_url(path) and not local.exists():  # restarted on another node
+            self._dir.mkdir(parents=True, exist_ok=True)
+            fs, key = open_url(path, self._options)
+            fs.get_file(key, str(local))
+        return local if is_url(path) else Path(path)
+
     def _probe(self, c: CanaryState, canaries: list[str], rest: list[str]) -> list[str]:
         path = (c.judge or {}).get("probes_file")
         if not path:
@@ -244,7 +266,7 @@ class CanaryControl:
         from engines.probes import check_probe_outputs, load_probes
 
         failures: list[str] = []
-        for probe in load_probes(path):
+        for probe in load_probes(self._fetched(path)):
             live = None
             if probe.needs_live and rest:
                 answer = self._client.infer(rest[0], list(probe.inputs), 0, self._request_s)

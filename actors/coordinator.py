@@ -16,6 +16,9 @@ Guarantees, stated the way Ray Serve's controller states its own:
   membership calls run on other threads and never queue behind a refit.
 - The coordinator handles object refs, manifests and checksums, never fetches weight bytes (a
   version of at most 64 KiB travels inside its calls, ``actors.payload``).
+- The coordinator is the log's only reader as well as its only writer: replicas learn the version
+  to serve, its checksums and the peers that serve it from its ``catch_up_plan`` and the plan
+  sent with every catch-up (``actors.catch_up``).
 - Canaries (``actors.canary_control``): a refit with ``canary`` commits on a cohort only; until
   ``promote`` or ``abort_canary`` ends it, other refits and rollbacks are refused, ``routing``
   names the cohort and its traffic share for drivers' routers, and each replica is told (renewals,
@@ -33,17 +36,21 @@ import logging
 import os
 import socket
 import threading
+from pathlib import Path
 from typing import Any
 
 import ray
 
 from .canary_control import CanaryControl
+from .catch_up import CatchUpPlan
 from .durable import StateDirLock
 from .failpoints import Failpoints
 from .leases import LeaseKeeper, Repairer, run_loop
 from .ledger import Ledger
-from .log import MemberRecord
+from .log import LOG_NAME, MemberRecord
+from .log_mirror import LogMirror
 from .membership import Membership
+from .object_state import checkpoint_store, is_url, local_dir
 from .persist import Persister
 from .persistence import PersistTracker, export_job, newest_stored
 from .recovery import Recovery, finish_the_log, persist_the_log, restore_membership, sync_members
@@ -52,7 +59,6 @@ from .replies import Ack
 from .requests import Requests
 from .retention import Retention
 from .settings import CoordinatorSettings
-from .store import CheckpointStore
 from .two_phase import TwoPhaseCommit, TxnResult
 
 logger = logging.getLogger("weight_refit.coordinator")
@@ -68,7 +74,7 @@ class Coordinator:
         self.settings = settings
         self.t = settings.timeouts
         self.fp = Failpoints(settings.failpoints, owner="coordinator")
-        self.client = RayReplicaClient(settings.fleet, settings.namespace)
+        self.client = RayReplicaClient(settings.fleet, settings.namespace, planner=self._plan_for)
         self.membership = Membership()
         self.persister = Persister(self.t.launch_s, settings.failpoints)
         self._refit_lock = threading.Lock()
@@ -82,16 +88,25 @@ class Coordinator:
     # ------------------------------------------------------------------ recovery
 
     def _open(self) -> None:
-        """Own the state dir, open the log (bumping the epoch), the store and the parts on them."""
+        """Own the state dir, open the log (bumping the epoch), the store and the parts on them.
+        A URL state: the log is restored from object storage into a local working copy, and
+        mirrored back before each durable record counts (``actors.log_mirror``)."""
+        s = self.settings
+        node = ray.get_runtime_context().get_node_id()
+        work = local_dir(s.fleet, s.state_dir, node) if is_url(s.state_dir) else Path(s.state_dir)
         if self._state_lock is None:
-            lock = StateDirLock(self.settings.state_dir)
-            lock.acquire(f"fleet {self.settings.fleet}, pid {os.getpid()} on {socket.gethostname()}, "
+            lock = StateDirLock(work)
+            lock.acquire(f"fleet {s.fleet}, pid {os.getpid()} on {socket.gethostname()}, "
                          f"Ray {ray.get_runtime_context().gcs_address}")
             self._state_lock = lock
-        ledger = Ledger.open(self.settings.state_dir, self.fp)
+        mirror = LogMirror(f"{s.state_dir.rstrip('/')}/log", s.state_options) if is_url(s.state_dir) else None
+        restored = mirror.restore(work / LOG_NAME) if mirror is not None else b""
+        ledger = Ledger.open(work, self.fp)
         try:
+            if mirror is not None:
+                ledger.mirror_to(mirror, restored)
             ledger.bump_epoch()
-            self.store = CheckpointStore.in_state_dir(self.settings.state_dir, fp=self.fp)
+            self.store = checkpoint_store(s.state_dir, s.state_options, fp=self.fp)
         except BaseException:
             ledger.close()
             raise
@@ -111,10 +126,12 @@ class Coordinator:
                                       drop=self.retention.drop, on_lost=self._on_lost, stop=self._stop,
                                       on_persisted=lambda: self.txns.compact_if_due() if self.txns else None)
         self.txns.tracker = self.tracker
-        self.canaries = CanaryControl(self.settings.state_dir, ledger, self.txns, self.client,
+        self.canaries = CanaryControl(str(work), ledger, self.txns, self.client,
                                       self.membership, self.requests, self.store, refit_lock=self._refit_lock,
                                       stop=self._stop, request_s=self.t.request_s,
-                                      wait_stored=self._wait_stored_in(ledger))
+                                      wait_stored=self._wait_stored_in(ledger),
+                                      url=s.state_dir if is_url(s.state_dir) else None,
+                                      options=s.state_options)
         self.repairer = Repairer(self.client, self.membership, self.leases,
                                  active_version=lambda: ledger.state.active_version,
                                  admit=self._readmit, refit_lock=self._refit_lock,
@@ -196,11 +213,13 @@ class Coordinator:
         if not self.client.attach(rid):
             raise ValueError(f"no running replica {replica_actor_name(self.settings.fleet, rid)!r}")
         assert self.ledger is not None
-        self._wait_stored(self.ledger.state.active_version)  # a newcomer catches up from the store
         with self._refit_lock:
             version = self.ledger.state.active_version
-            self._wait_stored(version)
-            reply = self.client.catch_up([rid], version, self.t.launch_s)[rid]
+            reply = self.client.catch_up([rid], version, self.t.launch_s)[rid]  # from a peer, or the store
+            if not (isinstance(reply, Ack) and reply.version == version) and \
+                    not self.ledger.state.is_persisted(version):
+                self._wait_stored(version)  # no peer gave it: the store, once the checkpoint is written
+                reply = self.client.catch_up([rid], version, self.t.launch_s)[rid]
             if not (isinstance(reply, Ack) and reply.version == version):
                 raise RuntimeError(f"replica {rid} could not catch up to v{version}: "
                                    f"{getattr(reply, 'reason', reply)}")
@@ -249,6 +268,22 @@ class Coordinator:
             self.membership.renewed(rid, seat.generation)
         return {"member": member, "active_version": ledger.state.version_for(rid), "epoch": ledger.epoch,
                 "generation": seat.generation if seat else 0}
+
+    def catch_up_plan(self, rid: str) -> CatchUpPlan | None:
+        """For a replica that starts: the version it must serve, that version's checksums and the
+        members last seen serving it. None while the coordinator cannot tell (it is recovering)."""
+        ledger = self.ledger
+        if ledger is None or not self.recovery.ready:
+            return None
+        return self._plan_for(ledger.state.version_for(rid))
+
+    def _plan_for(self, version: int) -> CatchUpPlan | None:
+        ledger = self.ledger
+        if ledger is None:
+            return None
+        info = ledger.state.versions.get(version)
+        return CatchUpPlan(version, dict(info.checksums) if info is not None else {},
+                           self.client.sightings.serving(version, self.membership.members()))
 
     def member_handles(self) -> dict[str, Any]:
         """Handles of the members (for drivers' routers). While recovering: every running replica
@@ -394,7 +429,7 @@ class Coordinator:
     def manifest(self) -> dict[str, Any]:
         """name -> {shape, dtype} of every refittable weight (from the base version's checkpoint),
         and ``tied``: the other names of the same tensor, for weights the engine ties."""
-        store = CheckpointStore.in_state_dir(self.settings.state_dir, cleanup=False)
+        store = checkpoint_store(self.settings.state_dir, self.settings.state_options, cleanup=False)
         m = store.manifest(min(store.versions()))
         out: dict[str, Any] = {n: {"shape": list(e.shape), "dtype": e.dtype} for n, e in m.tensors.items()}
         for group in self.settings.tied:

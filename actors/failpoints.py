@@ -38,6 +38,7 @@ KNOWN = frozenset({
     "replica.before_activate",
     "replica.during_activate",
     "replica.on_start",
+    "replica.export",
     "coordinator.after_begin",
     "coordinator.after_decision_logged",
     "coordinator.mid_activate",

@@ -61,6 +61,12 @@ class Ledger:
     def open(cls, state_dir: str | Path, fp: Failpoints | None = None) -> Ledger:
         return cls(TxnLog.open(state_dir, fp=fp))
 
+    def mirror_to(self, mirror: Any, data: bytes) -> None:
+        """Copy the log to object storage from now on (``actors.log_mirror``): a new generation
+        holding ``data`` (the log as opened), then every sync'd record before it counts."""
+        mirror.start(data)
+        self._log.mirror = mirror
+
     @property
     def epoch(self) -> int:
         return self._log.epoch

@@ -365,6 +365,7 @@ class TxnLog:
         self._file_epoch = 0  # highest EPOCH seen in the file
         self._epoch = 0  # this incarnation's epoch (after bump_epoch); file's highest at open
         self.cut_tails: list[CutTail] = []
+        self.mirror: Any = None  # a ``LogMirror`` (state on a URL): sync'd writes are shipped to it
 
     @classmethod
     def open(cls, state_dir: Path | str, *, readonly: bool = False, fp: Failpoints | None = None) -> TxnLog:
@@ -457,6 +458,8 @@ class TxnLog:
         data = b"".join(dump_record(r) for r in records)
         with self._locked(exclusive=True):
             self._refresh()
+            if self.mirror is not None:
+                self.mirror.replace(data)
             tmp = self._path.with_name(f".{self._path.name}.compact.{os.getpid()}")
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             try:
@@ -577,6 +580,8 @@ class TxnLog:
                 if self._fp is not None:
                     self._fp.hit("log.fsync", path)
                 _fdatasync(self._fd)
+                if self.mirror is not None:  # durable only once in object storage too
+                    self.mirror.ship(self._read, start + len(line))
         except BaseException as e:
             if isinstance(e, OSError) and e.filename is None:
                 e.filename = path

@@ -28,7 +28,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import ray
@@ -39,7 +39,7 @@ from engines.threads import lower_priority
 
 from .durable import describe_os_error
 from .failpoints import Failpoints
-from .store import CheckpointStore
+from .object_state import checkpoint_store
 
 logger = logging.getLogger("weight_refit.coordinator")
 
@@ -58,6 +58,7 @@ class PersistJob:
     base_version: int | None
     from_version: int | None
     fsync: bool
+    state_options: dict[str, Any] = field(default_factory=dict)
 
 
 def persist(job: PersistJob, fp: Failpoints | None = None) -> dict[str, float]:
@@ -65,7 +66,7 @@ def persist(job: PersistJob, fp: Failpoints | None = None) -> dict[str, float]:
     from .payload import fetch, tensors_from_wire  # torch: only in the worker, on its first write
 
     t0 = time.perf_counter()
-    store = CheckpointStore.in_state_dir(job.state_dir, cleanup=False, fp=fp)
+    store = checkpoint_store(job.state_dir, job.state_options, cleanup=False, fp=fp)
     if job.from_version is not None:
         tensors = store.load(job.from_version)
         sums = store.manifest(job.from_version).checksums

@@ -64,7 +64,7 @@ def export_job(version: int, *, ledger: Ledger, client: ReplicaClient, membershi
             refs, specs = got
             return PersistJob(state_dir=settings.state_dir, version=version, refs=refs, specs=specs,
                               checksums=dict(info.checksums), base_version=None, from_version=None,
-                              fsync=settings.persist_fsync), False
+                              fsync=settings.persist_fsync, state_options=settings.state_options), False
     answered = all(isinstance(st, dict) for st in statuses.values())
     return None, answered and not holders
 

@@ -19,20 +19,23 @@ Contract:
   labels its request metrics; ``serving_stats`` tells the canary's judge what it served (requests,
   errors, latencies: ``actors.serving_stats``). A canary replica counts outputs that are not finite
   as errors.
-- On start (and on every Ray restart) the replica loads the engine file, then catches up to the
-  version the coordinator's log names for it (read-only: the active version, or the canary's
-  version for a member of a canary's cohort), from the checkpoint store
-  with checksums verified. If it cannot (a corrupted checkpoint, an unreadable log), it starts in
+- On start (and on every Ray restart) the replica loads the engine file and serves nothing
+  (lifecycle ``loading``) until it learned from the coordinator which version to serve (the
+  active version, or the canary's for a member of a canary's cohort): it asks
+  (``catch_up_plan``) until the coordinator answers, or the coordinator catches it up first
+  (``sync_to``). It never reads the coordinator's log. It then catches up from a live peer
+  (its own node first) or else the checkpoint store, checksums verified (``actors.catch_up``);
+  ``status`` names the source. If it cannot (a corrupted checkpoint and no peer), it is in
   lifecycle ``failed``: it serves nothing, and ``status`` and lease renewals say why.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import threading
 import time
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -42,17 +45,17 @@ from engines.checksum import tensor_checksum
 from engines.errors import InputError
 
 from .batcher import Batcher
+from .catch_up import CatchUpPlan
 from .failpoints import Failpoints
-from .log import LOG_NAME, TxnLog
+from .object_state import checkpoint_store
 from .payload import fetch
-from .replica_client import coordinator_actor_name
-from .replica_core import ReplicaCore, reason_of
+from .replica_client import coordinator_actor_name, replica_actor_name
+from .replica_core import ReplicaCore
 from .replica_protocol import Lifecycle, TxnState
 from .replies import Ack, LeaseReply, PrepareReply
 from .serving_lease import LeaseVerdict, ServingLease
 from .serving_stats import ServingStats
 from .settings import ReplicaSettings
-from .store import CheckpointStore
 from .telemetry import observe_request, set_version
 
 if TYPE_CHECKING:
@@ -81,10 +84,11 @@ class ReplicaActor:
         self._coordinator: Any = None
         self._background: threading.Thread | None = None
         self._background_lock = threading.Lock()
-        store = CheckpointStore.in_state_dir(settings.state_dir, cleanup=False, fp=self.fp)
+        store = checkpoint_store(settings.state_dir, settings.state_options, cleanup=False, fp=self.fp)
         self.core = ReplicaCore(replica_id, self._load_engine, store, self._fetch, self.fp)
         self.core.node = ray.get_runtime_context().get_node_id()
         self.core.on_version = lambda v: set_version(settings.fleet, replica_id, v)
+        self.core.from_peer = self._from_peer
         self.batcher = None if settings.batch_size is None else Batcher(
             self._run_batch, max_batch_size=settings.batch_size, max_wait_s=settings.batch_wait_s)
         if settings.prefill_sets:
@@ -111,15 +115,39 @@ class ReplicaActor:
         return fetch(refs, self.s.fetch_timeout_s)
 
     def _start_serving(self) -> None:
-        try:
-            version = 0
-            if (Path(self.s.state_dir) / LOG_NAME).exists():
-                with TxnLog.open(self.s.state_dir, readonly=True) as log:
-                    version = log.state().version_for(self.replica_id)
-            self.core.sync(version)
-        except Exception as exc:  # noqa: BLE001  (recorded: it serves nothing and says why)
-            self.core.lifecycle.move(Lifecycle.FAILED, reason_of(exc))
         set_version(self.s.fleet, self.replica_id, self.engine.version)
+        with self._background_lock:
+            self._background = threading.Thread(target=self._learn_version, name="start-up", daemon=True)
+            self._background.start()
+
+    def _learn_version(self) -> None:
+        """Ask the coordinator which version to serve until it answers (or caught this replica up
+        itself), then catch up to it."""
+        wait = 0.05
+        while self.core.lifecycle.state is Lifecycle.LOADING:
+            plan = self._ask_plan()
+            if plan is not None:
+                with self.core.ctl:
+                    if self.core.lifecycle.state is Lifecycle.LOADING:
+                        self._sync_quietly(plan.version, plan)
+                return
+            time.sleep(wait)
+            wait = min(1.0, wait * 2)
+
+    def _ask_plan(self) -> CatchUpPlan | None:
+        """The coordinator's catch-up plan for this replica; None while it cannot say."""
+        try:
+            if self._coordinator is None:
+                self._coordinator = ray.get_actor(coordinator_actor_name(self.s.fleet), self.s.namespace)
+            return ray.get(self._coordinator.catch_up_plan.remote(self.replica_id),
+                           timeout=self.lease.confirm_s)
+        except Exception:  # noqa: BLE001  (not there yet, restarting or recovering: ask again)
+            self._coordinator = None
+            return None
+
+    def _from_peer(self, peer: str, version: int) -> tuple[list[Any], dict[str, Any]] | None:
+        handle = ray.get_actor(replica_actor_name(self.s.fleet, peer), self.s.namespace)
+        return ray.get(handle.export.remote(version), timeout=self.s.fetch_timeout_s)
 
     def _catch_up_in_background(self, version: int) -> None:
         """Found behind on the serving path: catch up off it (one catch-up at a time)."""
@@ -127,18 +155,20 @@ class ReplicaActor:
             if self._background is not None and self._background.is_alive():
                 return
             self.core.lifecycle.move(Lifecycle.CATCHING_UP)
-            self._background = threading.Thread(target=self._sync_quietly, args=(version,), daemon=True)
+            self._background = threading.Thread(target=self._catch_up, args=(version,), daemon=True)
             self._background.start()
 
-    def _sync_quietly(self, version: int) -> None:
-        try:
-            with self.core.ctl:
-                if self.engine.version < version:
-                    self.core.sync(version)
-                else:
-                    self.core.lifecycle.move(Lifecycle.SERVING)
-        except Exception:  # noqa: BLE001  (state failed, with the reason, for status and renewals)
-            pass
+    def _catch_up(self, version: int) -> None:
+        plan = self._ask_plan()
+        with self.core.ctl:
+            if self.engine.version < version:
+                self._sync_quietly(version, plan)
+            else:
+                self.core.lifecycle.move(Lifecycle.SERVING)
+
+    def _sync_quietly(self, version: int, plan: CatchUpPlan | None) -> None:
+        with contextlib.suppress(Exception):  # state failed, with the reason, for status and renewals
+            self.core.sync(version, plan)
 
     # ------------------------------------------------------------------ serving
 
@@ -219,7 +249,7 @@ class ReplicaActor:
         lifecycle = self.core.lifecycle
         prepared = tuple(r.txn for r in self.core.participant.pending() if r.state is TxnState.PREPARED)
         return LeaseReply(self.replica_id, accepted, self.engine.version, lifecycle.state.value,
-                          lifecycle.error, prepared)
+                          lifecycle.error, prepared, self.core.node)
 
     @ray.method(concurrency_group="control")
     def exclude(self, epoch: int = 0, generation: int = 0) -> bool:
@@ -299,11 +329,11 @@ class ReplicaActor:
         return ack
 
     @ray.method(concurrency_group="control")
-    def sync_to(self, version: int) -> Ack:
-        """Catch up to ``version`` from the checkpoint store (checksums verified). Raises (and the
-        replica's state is ``failed``, with the reason) if it cannot."""
+    def sync_to(self, version: int, plan: CatchUpPlan | None = None) -> Ack:
+        """Catch up to ``version`` from the plan's peers, else the checkpoint store (checksums
+        verified). Raises (and the replica's state is ``failed``, with the reason) if it cannot."""
         self.fp.hit("message.sync_to")
-        ack = self.core.sync(version)
+        ack = self.core.sync(version, plan)
         self.fp.hit("reply.sync_to")
         return ack
 
@@ -311,6 +341,7 @@ class ReplicaActor:
     def export(self, version: int) -> tuple[list[Any], dict[str, Any]] | None:
         """Put the weights of ``version`` into the object store, if this replica holds them
         (the coordinator re-persists a version nobody has written yet): ``([ref], specs)``."""
+        self.fp.hit("replica.export")
         exported = self.core.export(version)
         if exported is None:
             return None
@@ -341,6 +372,7 @@ class ReplicaActor:
                 "max_batch_size": self.batcher.max_batch_size, "max_wait_s": self.batcher.max_wait_s,
                 **self.batcher.stats.as_dict()},
             "epoch": core.participant.epoch, "last_refit_at": core.last_refit_at, "cohort": self.cohort,
+            "caught_up_from": core.caught_up.as_dict(),
         }
 
     @ray.method(concurrency_group="control")

@@ -10,6 +10,9 @@ Ray calls. Contract of every method:
 - A call that times out is cancelled (``ray.cancel``), so work still queued on the replica's
   control threads does not pile up; work already running finishes and its answer is dropped.
 - Fan-outs send to every replica at once and wait until the one deadline.
+- What replicas say of themselves (node, version, state: lease replies, status answers) is noted in
+  ``sightings``; every catch-up carries the plan ``planner`` makes for its version
+  (``actors.catch_up``), so replicas catch up from peers without reading the log.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from typing import Any
 import ray
 from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError, RayTaskError
 
+from .catch_up import CatchUpPlan, Sightings
 from .replies import Ack, Failed, FailureKind, LeaseReply, PrepareReply
 
 logger = logging.getLogger("weight_refit.coordinator")
@@ -139,9 +143,12 @@ def _failure(method: str, exc: BaseException, timeout: float) -> Failed:
 class RayReplicaClient(ReplicaClient):
     """``ReplicaClient`` over Ray actor handles of one fleet's named, detached replicas."""
 
-    def __init__(self, fleet: str, namespace: str) -> None:
+    def __init__(self, fleet: str, namespace: str, sightings: Sightings | None = None,
+                 planner: Callable[[int], CatchUpPlan | None] | None = None) -> None:
         self._fleet = fleet
         self._namespace = namespace
+        self.sightings = sightings or Sightings()
+        self.planner = planner or (lambda version: None)
         self._handles: dict[str, Any] = {}
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="replica-client")
@@ -160,6 +167,7 @@ class RayReplicaClient(ReplicaClient):
     def forget(self, rid: str) -> None:
         with self._lock:
             self._handles.pop(rid, None)
+        self.sightings.forget(rid)
 
     def running(self) -> dict[str, Any]:
         """Handles of every replica actor of the fleet that Ray knows by name, member or not."""
@@ -242,19 +250,28 @@ class RayReplicaClient(ReplicaClient):
 
     def commit(self, rids: list[str], timeout: float, epoch: int, txn: str,
                on_reply: OnReply | None = None, *, activate: bool = True) -> dict[str, Ack | Failed]:
-        return self._fan_out("commit", rids, timeout, epoch, txn, activate, on_reply=on_reply)
+        acks = self._fan_out("commit", rids, timeout, epoch, txn, activate, on_reply=on_reply)
+        self.sightings.saw_acks(acks)
+        return acks
 
     def abort(self, rids: list[str], timeout: float, epoch: int, txn: str, reason: str,
               on_reply: OnReply | None = None) -> dict[str, Ack | Failed]:
         return self._fan_out("abort", rids, timeout, epoch, txn, reason, on_reply=on_reply)
 
     def catch_up(self, rids: list[str], version: int, timeout: float) -> dict[str, Ack | Failed]:
-        futures = {rid: self._pool.submit(self._call_until, rid, "sync_to", timeout, version)
+        plan = self.planner(version)
+        futures = {rid: self._pool.submit(self._call_until, rid, "sync_to", timeout, version, plan)
                    for rid in rids}
-        return {rid: f.result() for rid, f in futures.items()}
+        acks = {rid: f.result() for rid, f in futures.items()}
+        self.sightings.saw_acks(acks)
+        return acks
 
     def status(self, rids: list[str], timeout: float) -> dict[str, dict[str, Any] | Failed]:
-        return self._fan_out("status", rids, timeout)
+        out = self._fan_out("status", rids, timeout)
+        for rid, st in out.items():
+            if isinstance(st, dict):
+                self.sightings.saw_status(rid, st)
+        return out
 
     def export(self, rid: str, version: int, timeout: float) -> Exported | None | Failed:
         return self._call(rid, "export", timeout, version)
@@ -274,6 +291,8 @@ class RayReplicaClient(ReplicaClient):
                 reply = future.result()
             except Exception as exc:  # noqa: BLE001
                 reply = _failure("renew_lease", exc, lease_s)
+            if isinstance(reply, LeaseReply):
+                self.sightings.saw(rid, reply.node, reply.version, reply.state)
             on_reply(rid, reply)
 
         ref.future().add_done_callback(done)

@@ -19,9 +19,11 @@ Contract:
   store, and this replica's own copy of it (swap, copy) is trusted as any memory copy is.
 - Every staged set lives in its transaction's record; every move that ends a record's hold on it
   (ABORTED, SUPERSEDED, an epoch change, ACTIVE) frees or commits it right there.
-- ``sync`` serves exactly the given version (from the store, checksums verified), supersedes every
-  staged set, and leaves the lifecycle ``serving`` (``draining`` stays draining), or ``failed``
-  with the reason and raises.
+- ``sync`` serves exactly the given version, supersedes every staged set, and leaves the lifecycle
+  ``serving`` (``draining`` stays draining), or ``failed`` with the reason and raises. The set
+  comes from a live peer named by the coordinator's ``CatchUpPlan`` (checksums verified against
+  the plan's), else from the checkpoint store (verified against its manifest): ``actors.catch_up``.
+  ``caught_up`` says which.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 from engines.checksum import ChecksumMismatch, ChecksumMissing
 from engines.errors import NotRetainedError
 
+from .catch_up import ENGINE_FILE, PEER, STORE, CatchUpPlan, CaughtUp
 from .failpoints import Failpoints
 from .payload import Wire, packed_checksums, spec_dict, tensors_from_wire, to_wire
 from .replica_protocol import (
@@ -54,6 +57,7 @@ if TYPE_CHECKING:
 __all__ = ["ReplicaCore"]
 
 Fetch = Callable[[list[Any]], list[Any]]  # refs -> buckets (``actors.payload``)
+FromPeer = Callable[[str, int], "tuple[list[Any], dict[str, Any]] | None"]  # (peer, version) -> export
 
 
 def reason_of(exc: BaseException) -> str:
@@ -75,19 +79,21 @@ class ReplicaCore:
         self.ctl = threading.RLock()
         self.last_refit_at: float | None = None
         self.on_version: Callable[[int], None] = lambda version: None
+        self.from_peer: FromPeer = lambda peer, version: None  # a peer's ``export`` (set by the actor)
+        self.caught_up = CaughtUp(self.engine.version, ENGINE_FILE)
 
     # ------------------------------------------------------------------ catch-up
 
-    def sync(self, version: int) -> Ack:
+    def sync(self, version: int, plan: CatchUpPlan | None = None) -> Ack:
         with self.ctl:
             t = time.perf_counter()
-            self._sync(version)
+            self._sync(version, plan if plan is not None and plan.version == version else None)
             took = time.perf_counter() - t
             phase_log("replica", "sync", None, self.engine.version, took, replica=self.replica_id)
             return Ack(self.replica_id, None, self.engine.version, self.lifecycle.state.value,
                        {"sync_s": took})
 
-    def _sync(self, version: int) -> None:
+    def _sync(self, version: int, plan: CatchUpPlan | None) -> None:
         if self.engine.version == version and self.lifecycle.state in (Lifecycle.SERVING,
                                                                        Lifecycle.DRAINING):
             return
@@ -97,13 +103,41 @@ class ReplicaCore:
                 self._free(self.participant.supersede_all(f"caught up to v{version}"))
                 if version < self.engine.version:
                     self.engine = self._load_engine()  # versions only grow within one engine
+                    self.caught_up = CaughtUp(self.engine.version, ENGINE_FILE)
                 if version != self.engine.version:
-                    self.engine.commit(self.engine.stage(self.store.load(version), version))
+                    staged, self.caught_up = self._fetch_set(version, plan)
+                    self.engine.commit(staged)
                 self.on_version(self.engine.version)
         except Exception as exc:
             self.lifecycle.move(Lifecycle.FAILED, reason_of(exc))
             raise
         self.lifecycle.move(Lifecycle.SERVING)
+
+    def _fetch_set(self, version: int, plan: CatchUpPlan | None) -> tuple[StagedSet, CaughtUp]:
+        """The staged set of ``version`` from the first source that has it, checked."""
+        t = time.perf_counter()
+        skipped: list[str] = []
+        for peer in plan.peers_for(self.replica_id, self.node) if plan else []:
+            try:
+                staged = self._from_peer(peer.replica, version, plan.checksums)  # type: ignore[union-attr]
+            except Exception as exc:  # noqa: BLE001  (the next source is tried; the reason is kept)
+                skipped.append(f"{peer.replica}: {reason_of(exc)}")
+                continue
+            return staged, CaughtUp(version, PEER, peer.replica, peer.node == self.node,
+                                    time.perf_counter() - t, tuple(skipped))
+        staged = self.engine.stage(self.store.load(version), version)
+        return staged, CaughtUp(version, STORE, seconds=time.perf_counter() - t, skipped=tuple(skipped))
+
+    def _from_peer(self, peer: str, version: int, checksums: dict[str, str]) -> StagedSet:
+        exported = self.from_peer(peer, version)
+        if exported is None:
+            raise LookupError(f"does not hold v{version}")
+        refs, specs = exported
+        if set(specs) != set(checksums):  # a partial set would build on this replica's own
+            odd = sorted(set(specs) ^ set(checksums))
+            raise ProtocolViolation(f"its v{version} differs from the committed set in {odd[:3]}")
+        # its own copy: the peer's object may go when the peer does
+        return self._stage(version, refs, specs, checksums, None, {}, borrow=False)
 
     # ------------------------------------------------------------------ PREPARE
 
@@ -163,7 +197,7 @@ class ReplicaCore:
 
     def _stage(self, version: int, refs: list[Any] | None, specs: dict[str, Any],
                checksums: dict[str, str], source: dict[str, Any] | None,
-               timings: dict[str, float], verify: bool = True) -> StagedSet:
+               timings: dict[str, float], verify: bool = True, borrow: bool = True) -> StagedSet:
         if source and source.get("from_version") is not None:
             from_version = int(source["from_version"])
             try:
@@ -184,12 +218,12 @@ class ReplicaCore:
             # copied (one pass over the bytes); the store's copy is immutable
             if not verify:  # a peer on this node verifies the object-store copy both read
                 timings["verified"] = 0.0
-                staged = self.engine.stage(tensors, version, borrow=True, values_checked=True)
+                staged = self.engine.stage(tensors, version, borrow=borrow, values_checked=True)
                 timings["stage_s"] = time.perf_counter() - t
                 return staged
             try:
                 verified = self._verify_packed(wires, checksums)
-                staged = self.engine.stage(tensors, version, borrow=True, values_checked=True,
+                staged = self.engine.stage(tensors, version, borrow=borrow, values_checked=True,
                                            checksums=checksums, verified=verified)
             except (ChecksumMismatch, ChecksumMissing) as exc:
                 raise ChecksumMismatch(exc.name, str(checksums.get(exc.name)),

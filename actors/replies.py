@@ -50,6 +50,7 @@ class LeaseReply:
     state: str
     error: str = ""
     prepared: tuple[str, ...] = ()  # transactions holding a staged set and still waiting for a decision
+    node: str = ""  # the Ray node it runs on (where peers catch up from: ``actors.catch_up``)
 
 
 class FailureKind(str, Enum):

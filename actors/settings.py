@@ -58,6 +58,7 @@ class _Settings(BaseModel):
     fleet: str = Field(min_length=1)
     namespace: str = Field(min_length=1)
     state_dir: str = Field(min_length=1)
+    state_options: dict[str, Any] = Field(default_factory=dict)  # fsspec's, for a URL state_dir
     failpoints: dict[str, str] = Field(default_factory=dict)
 
 

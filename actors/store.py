@@ -324,22 +324,27 @@ class CheckpointStore:
         manifest = CheckpointManifest(
             version=version,
             digest=set_digest(checksums),
-            file=self.data_path(version).name,
+            file=f"v{version}.safetensors",
             size=size,
             created=time.time(),
             tensors=entries,
         )
-        mpath = self.manifest_path(version)
+        dpath = self.data_path(version)
+        mbytes = manifest.model_dump_json(indent=1).encode() + b"\n"
+        self._write_version(version, [head, *views], write_data, mbytes, fsync)
+        return dpath
+
+    def _write_version(self, version: int, views: list[memoryview | bytes],
+                       write_data: Callable[[BinaryIO], None], mbytes: bytes, fsync: bool) -> None:
+        """The data file, then the manifest, each atomically."""
+        mpath, dpath = self.manifest_path(version), self.data_path(version)
         if mpath.exists():  # re-save: the version stops counting until its new manifest lands
             mpath.unlink()
             if fsync:
                 fsync_dir(self._root)
-        dpath = self.data_path(version)
-        if not (fsync and self._direct_io and self._direct_write(dpath, [head, *views])):
+        if not (fsync and self._direct_io and self._direct_write(dpath, views)):
             self._atomic_write(dpath, write_data, fsync)
-        mbytes = manifest.model_dump_json(indent=1).encode() + b"\n"
         self._atomic_write(mpath, lambda f: _write_all(f, mbytes), fsync)
-        return dpath
 
     def _temp_path(self, path: Path) -> Path:
         return path.with_name(
@@ -409,6 +414,11 @@ class CheckpointStore:
             tensors = load_file(dpath, device="cpu")
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
             raise CheckpointCorrupted(version, str(dpath), f"unreadable safetensors: {e}") from None
+        return self._checked(version, m, tensors, str(dpath), device)
+
+    def _checked(self, version: int, m: CheckpointManifest, tensors: dict[str, torch.Tensor], dpath: str,
+                 device: str | torch.device) -> dict[str, torch.Tensor]:
+        """``tensors`` read from ``dpath``, checked against the manifest and every checksum."""
         if set(tensors) != set(m.tensors):
             missing = sorted(set(m.tensors) - set(tensors))
             extra = sorted(set(tensors) - set(m.tensors))

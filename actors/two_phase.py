@@ -218,7 +218,8 @@ class TwoPhaseCommit:
     def _persist_job(self, txn: CoordinatorTxn, req: RefitRequest) -> PersistJob:
         return PersistJob(state_dir=self._s.state_dir, version=txn.version, refs=req.refs,
                           specs=req.specs, checksums=req.checksums, base_version=req.base_version,
-                          from_version=req.from_version, fsync=self._s.persist_fsync)
+                          from_version=req.from_version, fsync=self._s.persist_fsync,
+                          state_options=self._s.state_options)
 
     def _start_persist(self, txn: CoordinatorTxn, req: RefitRequest) -> tuple[Any, float]:
         self._persister.ensure()
@@ -396,7 +397,7 @@ class TwoPhaseCommit:
                                             durability="disk"))
             job = PersistJob(state_dir=self._s.state_dir, version=txn.version, refs=None, specs={},
                              checksums=source_checksums, base_version=None, from_version=source,
-                             fsync=self._s.persist_fsync)
+                             fsync=self._s.persist_fsync, state_options=self._s.state_options)
             _, error = self._persister.wait(self._persister.start(job), time.monotonic() + self._t.persist_s)
             txn.move(Phase.PREPARING)
             if error:

@@ -179,7 +179,7 @@ def launch(config: Path = typer.Option(..., "--config", "-c", help="fleet config
         _guard(lambda: StateDirLock(cfg.state_dir).check_free(wait_s=0.0))
     _guard(lambda: check_engine(cfg))
     if fresh:
-        shutil.rmtree(cfg.state_dir, ignore_errors=True)
+        _remove_state(cfg.state_dir, cfg.state_options)
     target = address or os.environ.get("RAY_ADDRESS") or cfg.address
     if target:
         _guard(lambda: join(target))
@@ -430,6 +430,22 @@ def _ago(ts: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
 
 
+def _remove_state(state_dir: str, options: dict[str, Any]) -> None:
+    """``launch --fresh``: the fleet's state goes, on a filesystem or at a URL."""
+    from actors.object_state import is_url, open_url
+
+    if not is_url(state_dir):
+        shutil.rmtree(state_dir, ignore_errors=True)
+        return
+    fs, key = _guard(lambda: open_url(state_dir, options))
+    if fs.exists(key):
+        fs.rm(key, recursive=True)
+
+
+def _catch_up_text(caught: dict[str, Any] | None) -> str:
+    return "-" if not caught else f"v{caught['version']} from {caught['text']}"
+
+
 @app.command()
 def status(fleet_name: str = FleetOpt, namespace: str = NamespaceOpt, address: str = AddressOpt,
            json_out: bool = JsonOpt) -> None:
@@ -459,13 +475,13 @@ def status(fleet_name: str = FleetOpt, namespace: str = NamespaceOpt, address: s
         out.print(f"coordinator {recovery['state']}: {recovery.get('error') or 'in progress'}",
                   markup=False, highlight=False)
     table = Table("replica", "node", "card", "device", "version", "state", "member", "cohort", "healthy",
-                  "last refit")
+                  "last refit", "last catch-up")
     for r in st["replicas"]:
         card = "-" if r.get("card") is None else str(r["card"])
         table.add_row(r["id"], (r.get("node") or "-")[:12], card,
                       r.get("device", "-"), str(r.get("version")), r.get("state", "-"),
                       r.get("membership", "-"), r.get("cohort", "main"), "yes" if r.get("healthy") else "NO",
-                      _ago(r.get("last_refit_at")))
+                      _ago(r.get("last_refit_at")), _catch_up_text(r.get("caught_up_from")))
     out.print(table)
     inputs = next((r["inputs"] for r in st["replicas"] if r.get("inputs")), None)
     if inputs:

@@ -30,6 +30,7 @@ from pydantic import (
 )
 
 from actors.failpoints import check_action
+from actors.object_state import is_url
 from actors.settings import Timeouts as TimeoutConfig
 from actors.store import validate_label
 
@@ -168,8 +169,12 @@ class FleetConfig(BaseModel):
     device: Literal["cpu", "cuda", "mlu"] = Field(default="cpu", description="card kind each replica pins")
     placement: PlacementConfig = Field(default_factory=PlacementConfig)
     state_dir: str = Field(min_length=1,
-        description="durable log + checkpoint store (shared filesystem on multi-node); "
+        description="durable log + checkpoint store: a local path (a shared filesystem on multi-node) "
+                    "or an object-storage URL (s3://bucket/prefix, gs://, file://); "
                     "default ~/.weight-refit/<name>")
+    state_options: dict[str, Any] = Field(default_factory=dict,
+        description="fsspec storage options for a URL state_dir (s3: key, secret, "
+                    "client_kwargs.endpoint_url); credentials may come from the environment instead")
     timeouts: TimeoutConfig = Field(default_factory=TimeoutConfig)
     routing: RoutingConfig = Field(default_factory=RoutingConfig)
     commit_policy: Literal["strict", "exclude"] = Field(
@@ -198,6 +203,10 @@ class FleetConfig(BaseModel):
         description="fault injection (tests): name -> action")
     ray_init: dict[str, Any] = Field(default_factory=dict,
         description="extra ray.init kwargs for a local Ray")
+    coordinator_resources: dict[str, float] = Field(default_factory=dict,
+        description="custom Ray resources the coordinator needs: it runs only on nodes that have them "
+                    "(e.g. {coordinator: 1} on a node group you choose); empty: Ray places it, "
+                    "preferring the head node")
     coordinator_env: dict[str, str] = Field(default_factory=dict,
         description="extra environment variables of the coordinator's process (fault tests: Ray's "
                     "RAY_testing_rpc_failure there loses the coordinator's calls to replicas)")
@@ -259,6 +268,8 @@ class FleetConfig(BaseModel):
     def _resolve_path(cls, value: str) -> str:
         if "\x00" in value:
             raise ValueError("path contains a NUL character")
+        if is_url(value):
+            return value.rstrip("/")
         return _abs_path(value)
 
     @field_validator("failpoints")

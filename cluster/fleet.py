@@ -367,7 +367,8 @@ class Fleet:
 
     def status(self) -> dict[str, Any]:
         """Version, epoch, in-flight txn, recovery, log; per replica: id, node, card, device,
-        version, state, membership, healthy."""
+        version, state, membership, healthy, and ``caught_up_from`` (where its version came from:
+        ``source`` peer, store or engine file, the ``peer``, ``same_node``, ``seconds``)."""
         with readable_errors():
             return ray.get(self._coord.status.remote(), timeout=self._request_s * 2)
 

@@ -30,10 +30,10 @@ import ray
 
 from actors.coordinator import Coordinator
 from actors.durable import StateDirLock, describe_os_error
+from actors.object_state import checkpoint_store, is_url, open_url
 from actors.replica import SERVE_THREADS, Replica, replica_class
 from actors.replica_client import coordinator_actor_name, replica_actor_name
 from actors.settings import CoordinatorSettings, ReplicaSettings
-from actors.store import CheckpointStore
 from engines.checksum import bytes_checksum
 from engines.engine_file import EngineMetadata, read_engine_metadata, read_engine_weight_bytes
 from engines.errors import EngineFileError
@@ -62,6 +62,7 @@ def replica_settings(cfg: FleetConfig, card: int | None) -> ReplicaSettings:
     spare = 2 if cfg.keep_previous else 1
     return ReplicaSettings(
         fleet=cfg.name, namespace=cfg.namespace, state_dir=cfg.state_dir,
+        state_options=dict(cfg.state_options),
         failpoints=dict(cfg.failpoints), engine=cfg.engine, device=device, card=card,
         memory_mode=cfg.memory_mode, keep_previous=cfg.keep_previous,
         memory_budget_bytes=cfg.memory_budget_bytes, torch_threads=cfg.torch_threads,
@@ -83,6 +84,7 @@ def replica_actor_class(cfg: FleetConfig) -> Any:
 def coordinator_settings(cfg: FleetConfig, tied: list[list[str]] | None = None) -> CoordinatorSettings:
     return CoordinatorSettings(tied=tied or [],
         fleet=cfg.name, namespace=cfg.namespace, state_dir=cfg.state_dir,
+        state_options=dict(cfg.state_options),
         failpoints=dict(cfg.failpoints), timeouts=cfg.timeouts, commit_policy=cfg.commit_policy,
         max_exclude=cfg.max_exclude, retain_versions=cfg.retain_versions, persist_fsync=cfg.persist_fsync,
         durability=cfg.durability, history_window=cfg.history_window,
@@ -144,8 +146,21 @@ def check_batchable(engine: str, inputs: list[dict] | None, max_batch_size: int)
                                   f"{sorted(dims)}")
 
 
-def check_state_dir(path: str) -> None:
-    """``state_dir`` is a directory this process can create and write, or a ValueError says why."""
+def check_state_dir(path: str, options: Mapping[str, Any] | None = None) -> None:
+    """``state_dir`` is a directory (or object-storage URL) this process can create and write, or
+    a ValueError says why."""
+    if is_url(path):
+        fs, key = open_url(path, options)
+        probe = f"{key.rstrip('/')}/.write-test.{os.getpid()}"
+        try:
+            fs.makedirs(key, exist_ok=True)
+            fs.pipe_file(probe, b"")
+            fs.rm_file(probe)
+        except Exception as exc:  # noqa: BLE001  (the store's own error, named)
+            raise ValueError(f"state_dir {path!r} cannot be used: {type(exc).__name__}: {exc} (it must be "
+                             "object storage this process can write, with state_options giving the "
+                             "endpoint and credentials where the environment does not)") from None
+        return
     p = Path(path)
     if p.exists() and not p.is_dir():
         raise ValueError(f"state_dir {path!r} exists and is not a directory")
@@ -173,7 +188,7 @@ class BaseVersion:
 
     def _write(self) -> None:
         try:
-            store = CheckpointStore.in_state_dir(self._cfg.state_dir, cleanup=False)
+            store = checkpoint_store(self._cfg.state_dir, self._cfg.state_options, cleanup=False)
             if store.has(0):
                 return
             weights = read_engine_weight_bytes(self._cfg.engine)  # byte for byte: no torch here
@@ -243,7 +258,7 @@ class Launch:
         self._meta = check_engine(cfg)
         if cfg.probes is not None:
             load_probes(cfg.probes)  # a ValueError naming the file before anything starts
-        check_state_dir(cfg.state_dir)
+        check_state_dir(cfg.state_dir, cfg.state_options)
         base = BaseVersion(cfg)  # a new fleet's version 0, written while Ray starts
         self._lap("checks_s")
         try:
@@ -253,7 +268,7 @@ class Launch:
         running = _named(coordinator_actor_name(cfg.name), cfg.namespace)
         if running is not None:
             self._check_same_config(running)
-        else:
+        elif not is_url(cfg.state_dir):  # a URL state: fenced in object storage (actors.log_mirror)
             StateDirLock(cfg.state_dir).check_free()
         try:
             return self._start(running, base)
@@ -292,7 +307,8 @@ class Launch:
         if coord is None:
             coord = Coordinator.options(
                 name=coordinator_actor_name(cfg.name), namespace=cfg.namespace, lifetime="detached",
-                get_if_exists=True, num_cpus=0, scheduling_strategy=_head_node_strategy(),
+                get_if_exists=True, num_cpus=0, resources=dict(cfg.coordinator_resources) or None,
+                scheduling_strategy="DEFAULT" if cfg.coordinator_resources else _head_node_strategy(),
                 runtime_env={"env_vars": dict(cfg.coordinator_env)} if cfg.coordinator_env else None,
             ).remote(coordinator_settings(cfg, self._meta.tied))
             self._actors.append(coord)

@@ -289,7 +289,10 @@ def test_a_replica_restarting_onto_a_corrupted_checkpoint_serves_nothing_until_a
     active = fleet.refit(probe_weights(2.0)).version
     assert fleet.wait_persisted(active, 60)  # replicated: the checkpoint follows the refit
     _flip_bit(Path(fleet._cfg["state_dir"]) / "checkpoints" / f"v{active}.safetensors")
-    r2 = _handles(fleet)["r2"]
+    handles = _handles(fleet)
+    r2 = handles["r2"]
+    for peer in ("r0", "r1"):  # no peer gives it the version: the store is its only source
+        ray.get(handles[peer].arm_failpoint.remote("replica.export", "raise"))
     with ClientLoad(fleet) as load:
         ray.kill(r2, no_restart=False)
 
@@ -301,6 +304,8 @@ def test_a_replica_restarting_onto_a_corrupted_checkpoint_serves_nothing_until_a
         assert "ChecksumMismatch" in row["excluded_reason"] and "ChecksumMismatch" in row["error"]
         direct = ray.get(r2.infer.remote([probe_input()], 0), timeout=30)
         assert direct["stale"] and direct["reason"].startswith("failed: ChecksumMismatch"), direct
+        for peer in ("r0", "r1"):
+            ray.get(handles[peer].arm_failpoint.remote("replica.export", None))
         res = fleet.refit(probe_weights(3.0))  # a full set: commits among the others
         assert set(res.replicas) == {"r0", "r1"}
         wait_for(lambda: "r2" in _handles(fleet), 60, "r2 re-admitted at the new version")

@@ -66,3 +66,31 @@ def test_node_removed_replicas_come_back_and_no_request_failed(node_removed: dic
     # the clients kept being answered; how often depends on how long the lost replicas take to
     # restart elsewhere (requests sent to a restarting replica wait for it, up to one attempt)
     assert node_removed["torn_or_backwards"] == "" and node_removed["responses"] > 0
+    # they came back from a surviving peer, not the checkpoint store (issue 15)
+    for rid, caught in node_removed["victims_caught_up_from"].items():
+        assert (caught["source"], caught["version"]) == ("peer", node_removed["version_after"]), (rid, caught)
+
+
+@pytest.fixture(scope="module")
+def on_object_storage() -> dict:
+    return _run_check("object_state.py")
+
+
+def test_a_fleet_with_its_state_in_s3_loses_a_node_mid_refit_and_commits_among_survivors(
+        on_object_storage: dict) -> None:
+    seen = on_object_storage
+    assert seen["coordinator_on_worker_1"] and seen["keys"] > 0
+    assert seen["victim_1"] is not None and seen["victim_1"] in seen["excluded_1"]
+    caught = seen["victim_1_caught_up_from"]
+    assert (caught["source"], caught["version"]) == ("peer", seen["v2"]), caught
+
+
+def test_a_coordinator_restarted_on_another_node_recovers_its_log_from_s3(on_object_storage: dict) -> None:
+    seen = on_object_storage
+    assert seen["coordinator_node_after"] == seen["head"]  # worker 1 is gone; its directory with it
+    assert seen["victim_2"], "worker 1 held no replica"
+    for rid, caught in seen["victim_2_caught_up_from"].items():
+        assert (caught["source"], caught["version"]) == ("peer", seen["v2"]), (rid, caught)
+    assert seen["v3"] == seen["v2"] + 1 and seen["version_after"] == seen["v3"] and seen["values"] == [3.0]
+    assert seen["history"][-2:] == [seen["v2"], seen["v3"]]
+    assert seen["client_failures"] == [] and seen["torn_or_backwards"] == "" and seen["responses"] > 0

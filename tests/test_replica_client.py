@@ -39,7 +39,7 @@ class OneThreadReplica:
         self.status_runs = 0
 
     @ray.method(concurrency_group="control")
-    def sync_to(self, version: int) -> Ack:
+    def sync_to(self, version: int, plan: Any = None) -> Ack:
         ray.get(self.gate.wait.remote())
         return Ack(self.rid, None, version, "serving")
 

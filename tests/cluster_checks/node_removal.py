@@ -2,8 +2,9 @@
 
 Two worker nodes with two replicas each (commit policy ``exclude``, up to 2). One replica on the
 doomed node is held in PREPARE by a failpoint, so the node's removal lands mid-refit. The refit
-commits among the survivors, the lost replicas restart on the remaining node, catch up from the
-checkpoint store and are re-admitted; clients never see a failed request. Prints one JSON object.
+commits among the survivors, the lost replicas restart on the remaining node, catch up from their
+surviving peers (checksums verified) and are re-admitted; clients never see a failed request.
+Prints one JSON object.
 """
 
 from __future__ import annotations
@@ -74,6 +75,8 @@ def main() -> None:
         st = converged(fleet)
         out["version_after"] = st["version"]
         out["members_after"] = len(st["replicas"])
+        out["victims_caught_up_from"] = {r["id"]: r["caught_up_from"] for r in st["replicas"]
+                                         if r["id"] in victims}
         out["values"] = sorted({probe_value(fleet.infer(probe_input()).outputs) for _ in range(12)})
     out["client_failures"] = load.failures[:5]
     out["responses"] = sum(len(m) for m in load.responses)
