@@ -14,12 +14,24 @@ from ray_head import free_port
 ACCESS = {"key": "testing", "secret": "testing"}
 
 
+def _die_with_parent() -> None:
+    """In the server's process: exit when the test process does, even if it never calls stop."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:  # not Linux: stop() is the only way
+        pass
+
+
 class S3Server:
     def __init__(self) -> None:
         self.port = free_port()
         self.endpoint = f"http://127.0.0.1:{self.port}"
         self._proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
-                                       str(self.port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                       str(self.port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                      preexec_fn=_die_with_parent)
         deadline = time.monotonic() + 60
         while True:
             try:

@@ -68,6 +68,13 @@ def _all_back(fleet: Fleet, version: int, count: int) -> dict[str, dict[str, Any
 
 def main() -> None:
     s3 = S3Server()
+    try:
+        run(s3)
+    finally:
+        s3.stop()
+
+
+def run(s3: S3Server) -> None:
     tmp = Path(tempfile.mkdtemp())
     cluster_ = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 3, "object_store_memory": 128 << 20, "_system_config": SYSTEM,
@@ -147,7 +154,6 @@ def main() -> None:
     print("RESULT " + json.dumps(out))
     ray.shutdown()
     cluster_.shutdown()
-    s3.stop()
 
 
 if __name__ == "__main__":
