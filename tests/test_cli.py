@@ -77,8 +77,10 @@ def test_cli_end_to_end(tmp_path: Path) -> None:
         assert scaled["added"] == ["r2"]
         st = json.loads(wr("status", "--fleet", "clifleet", "--json").stdout)
         assert [r["version"] for r in st["replicas"]] == [3, 3, 3]
+        newcomer = next(r for r in st["replicas"] if r["id"] == "r2")["caught_up_from"]
+        assert (newcomer["source"], newcomer["version"]) == ("peer", 3)  # a newcomer catches up from a peer
         table = wr("status", "--fleet", "clifleet").stdout
-        assert "r2" in table and "version 3" in table
+        assert "r2" in table and "version 3" in table and "last catch-up" in table
 
         # errors: one line on stderr, exit codes scripts can rely on, nothing changed
         bad = _weights(tmp_path / "bad.safetensors", 1.0, shape=(2, 2))
