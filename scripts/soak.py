@@ -1,7 +1,7 @@
 """Soak test: random refits, rollbacks and faults against a live fleet under client load.
 
     python scripts/soak.py --minutes 10 [--faults crashes,messages,disk] [--replicas 3] [--clients 2]
-                           [--threads 3] [--seed S] [--rpc-loss P] [--json PATH]
+                           [--threads 3] [--seed S] [--rpc-loss P] [--state local|s3] [--json PATH]
 
 Starts a local Ray (failure detection tuned down, as in the tests), builds the probe engine of
 ``tests/fleet_models.py`` (every output is x * w_i, and every w_i of a version holds that version's
@@ -32,6 +32,10 @@ settled. Always:
   with "disk full", or commit if its bytes fitted), checks the fleet kept serving, frees the space
   and runs a refit that must commit. The probe model then has 160 tensors, so that a BEGIN record
   (every tensor's checksum) is larger than a page and cannot hide in the log file's last page.
+
+``--state s3`` keeps the fleet's state (the log's copy and the checkpoints) in moto's S3 server on
+127.0.0.1 (the test extra) instead of a local directory: coordinator kills then recover from
+object storage (not with the disk faults).
 
 ``--rpc-loss P`` launches the coordinator with Ray's ``RAY_testing_rpc_failure``: every actor call
 it makes (to replicas, the persistence worker) loses its request or its reply with probability P
@@ -331,12 +335,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--probe-width", type=int, default=None,
                    help=f"elements per tensor (default {PROBE_WIDTH}; 16 with more than 16 tensors)")
     p.add_argument("--tmpfs-size", default="32m", help="size of each tmpfs of the disk faults")
+    p.add_argument("--state", choices=["local", "s3"], default="local",
+                   help="where the fleet's state is: a local directory, or moto's S3 server on 127.0.0.1 "
+                        "(the test extra; not with the disk faults)")
     p.add_argument("--keep-state", action="store_true", help="keep the state dir (always kept on failure)")
     args = p.parse_args(argv)
     args.faults = [f.strip() for f in args.faults.split(",") if f.strip()]
     bad = [f for f in args.faults if f not in FAULT_KINDS]
     if bad or not args.faults:
         p.error(f"--faults: unknown kind(s) {bad}; choose from {', '.join(FAULT_KINDS)}")
+    if args.state == "s3" and "disk" in args.faults:
+        p.error("--state s3: the disk faults fill a local tmpfs; leave them out")
     if not 0.0 <= args.rpc_loss < 1.0 or abs(args.rpc_loss * 100 - round(args.rpc_loss * 100)) > 1e-9:
         p.error("--rpc-loss must be in [0, 1) and a whole percentage (Ray takes integer percents)")
     if args.seed is None:
@@ -401,8 +410,17 @@ def main(argv: list[str] | None = None) -> int:
                 "num_failures": -1, "req_failure_prob": pct, "resp_failure_prob": pct,
                 "in_flight_failure_prob": 0}}),
             "RAY_timeout_ms_task_wait_for_death_info": "0"}
+    s3 = None
+    state = str(state_dir)
+    if args.state == "s3":
+        from s3_server import S3Server
+
+        s3 = S3Server()
+        atexit.register(s3.stop)
+        state = s3.bucket(f"soak-{args.seed}") + "/state"
+        extra["state_options"] = s3.options
     cfg = fleet_config(engine, work, name=name, replicas=args.replicas, timeouts=TIMEOUTS,
-                       state_dir=str(state_dir), **extra)
+                       state_dir=state, **extra)
     print(f"soak: seed {args.seed}, {args.replicas} replicas, {args.clients} client handles x "
           f"{args.threads} threads, {args.minutes:g} min, faults {','.join(args.faults)}, rpc loss "
           f"{args.rpc_loss:g}, probe {args.probe_weights}x{args.probe_width}; state dir {cfg.state_dir}"
@@ -414,7 +432,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         soak.run(args.minutes)
         s = soak.summary(args.minutes, time.monotonic() - t0)
-        s["begin_record_bytes"] = begin_record_bytes(state_dir)
+        s["begin_record_bytes"] = begin_record_bytes(state_dir) if s3 is None else None
         if args.rpc_loss > 0:
             s["rpc_failures_injected"] = rpc_failures_injected()
             s["lost_aborts"] = sorted(f"{rid}:{txn}" for rid, txn in soak.checker.lingering)
