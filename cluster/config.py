@@ -146,8 +146,9 @@ class FleetConfig(BaseModel):
         rule every command uses): it names the coordinator actor, the
         placement group and the default state directory.
       - ``engine`` and ``state_dir`` are absolute path strings after validation (``~`` expanded,
-        relative paths resolved against the current working directory). ``state_dir`` defaults
-        to ``~/.weight-refit/<name>``. Neither has to exist yet.
+        relative paths resolved against the current working directory), except a ``state_dir``
+        that is an object-storage URL (``scheme://``), kept as given without a trailing slash.
+        ``state_dir`` defaults to ``~/.weight-refit/<name>``. Neither has to exist yet.
       - ``max_exclude < replicas``; ``ray_init`` may not carry ``address`` or ``namespace`` (use the
         fields of the same name).
       - Impossible placements that the config alone proves are rejected: a single-node fleet
