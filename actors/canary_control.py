@@ -32,7 +32,7 @@ from .errors import CanaryRefused, NoCanary
 from .ledger import Ledger
 from .log import CanarySpec, CanaryState
 from .membership import Membership
-from .object_state import is_url, open_url
+from .object_state import kept, local_copy
 from .replica_client import ReplicaClient
 from .replies import Failed
 from .requests import Requests
@@ -109,7 +109,7 @@ class CanaryControl:
                 self._dir.mkdir(parents=True, exist_ok=True)
                 path = self._dir / f"v{state.last_version + 1}.probes.safetensors"
                 save_probes(list(canary.judge.probes), path)
-                judge["probes_file"] = self._keep(path)
+                judge["probes_file"] = kept(path, self._url, self._options)
         spec = CanarySpec(cohort=members, traffic=canary.traffic, judge=judge)
         return dataclasses.replace(req, canary=spec)
 
@@ -243,22 +243,6 @@ class CanaryControl:
         logger.info("canary of v%s: %s", c.version, decided.reason)
         return decided
 
-    def _keep(self, path: Path) -> str:
-        """Where a restarted coordinator finds the probes file: the state's URL, or ``path``."""
-        if self._url is None:
-            return str(path)
-        fs, key = open_url(f"{self._url}/{path.name}", self._options)
-        fs.put_file(str(path), key)
-        return f"{self._url}/{path.name}"
-
-    def _fetched(self, path: str) -> Path:
-        local = self._dir / path.rsplit("/", 1)[-1]
-        if is_url(path) and not local.exists():  # restarted on another node
-            self._dir.mkdir(parents=True, exist_ok=True)
-            fs, key = open_url(path, self._options)
-            fs.get_file(key, str(local))
-        return local if is_url(path) else Path(path)
-
     def _probe(self, c: CanaryState, canaries: list[str], rest: list[str]) -> list[str]:
         path = (c.judge or {}).get("probes_file")
         if not path:
@@ -266,7 +250,7 @@ class CanaryControl:
         from engines.probes import check_probe_outputs, load_probes
 
         failures: list[str] = []
-        for probe in load_probes(self._fetched(path)):
+        for probe in load_probes(local_copy(path, self._dir, self._options)):
             live = None
             if probe.needs_live and rest:
                 answer = self._client.infer(rest[0], list(probe.inputs), 0, self._request_s)

@@ -92,14 +92,14 @@ class Coordinator:
         A URL state: the log is restored from object storage into a local working copy, and
         mirrored back before each durable record counts (``actors.log_mirror``)."""
         s = self.settings
-        node = ray.get_runtime_context().get_node_id()
-        work = local_dir(s.fleet, s.state_dir, node) if is_url(s.state_dir) else Path(s.state_dir)
+        url = s.state_dir if is_url(s.state_dir) else None
+        work = local_dir(s.fleet, url, ray.get_runtime_context().get_node_id()) if url else Path(s.state_dir)
         if self._state_lock is None:
             lock = StateDirLock(work)
             lock.acquire(f"fleet {s.fleet}, pid {os.getpid()} on {socket.gethostname()}, "
                          f"Ray {ray.get_runtime_context().gcs_address}")
             self._state_lock = lock
-        mirror = LogMirror(f"{s.state_dir.rstrip('/')}/log", s.state_options) if is_url(s.state_dir) else None
+        mirror = LogMirror(f"{url}/log", s.state_options) if url else None
         restored = mirror.restore(work / LOG_NAME) if mirror is not None else b""
         ledger = Ledger.open(work, self.fp)
         try:
@@ -130,8 +130,7 @@ class Coordinator:
                                       self.membership, self.requests, self.store, refit_lock=self._refit_lock,
                                       stop=self._stop, request_s=self.t.request_s,
                                       wait_stored=self._wait_stored_in(ledger),
-                                      url=s.state_dir if is_url(s.state_dir) else None,
-                                      options=s.state_options)
+                                      url=url, options=s.state_options)
         self.repairer = Repairer(self.client, self.membership, self.leases,
                                  active_version=lambda: ledger.state.active_version,
                                  admit=self._readmit, refit_lock=self._refit_lock,

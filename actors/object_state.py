@@ -12,6 +12,8 @@ Contract:
 - ``checkpoint_store(state_dir, options)`` opens the store of either kind.
 - ``local_dir(fleet, state_dir)``: where a coordinator keeps its working copy of the log for a
   URL state (on its own node; the URL holds the copy that counts: ``actors.log_mirror``).
+- ``kept``/``local_copy``: a small file the coordinator must find again after a restart on another
+  node (a canary's probes) goes to the URL, and comes back into a local cache when needed.
 - ``storage_options`` are fsspec's (for S3 through s3fs: ``key``, ``secret``,
   ``client_kwargs={"endpoint_url": ...}``); credentials may as well come from the environment.
 """
@@ -39,7 +41,8 @@ from .store import (
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["ObjectCheckpointStore", "checkpoint_store", "is_url", "local_dir", "open_url"]
+__all__ = ["ObjectCheckpointStore", "checkpoint_store", "is_url", "kept", "local_copy", "local_dir",
+           "open_url"]
 
 _URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 _VERSION_OBJECT = re.compile(r"^v(0|[1-9][0-9]*)\.(safetensors|json)$")
@@ -66,6 +69,28 @@ def local_dir(fleet: str, state_dir: str, node: str = "") -> Path:
     path = Path(tempfile.gettempdir()) / "weight-refit" / f"{fleet}-{tag}" / (node[:16] or "local")
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def kept(path: Path, url_dir: str | None, options: Mapping[str, Any] | None = None) -> str:
+    """Where a coordinator restarted on any node finds the file ``path``: a copy uploaded into
+    ``url_dir`` (a URL state), or ``path`` itself (a filesystem state)."""
+    if url_dir is None:
+        return str(path)
+    fs, key = open_url(f"{url_dir}/{path.name}", options)
+    fs.put_file(str(path), key)
+    return f"{url_dir}/{path.name}"
+
+
+def local_copy(where: str, cache: Path, options: Mapping[str, Any] | None = None) -> Path:
+    """A local path of what ``kept`` returned: downloaded into ``cache`` once if it is a URL."""
+    if not is_url(where):
+        return Path(where)
+    local = cache / where.rsplit("/", 1)[-1]
+    if not local.exists():  # restarted on another node
+        cache.mkdir(parents=True, exist_ok=True)
+        fs, key = open_url(where, options)
+        fs.get_file(key, str(local))
+    return local
 
 
 def checkpoint_store(state_dir: str | Path, options: Mapping[str, Any] | None = None, *,
@@ -121,22 +146,12 @@ class ObjectCheckpointStore(CheckpointStore):
         return sorted(v for v, kinds in found.items() if kinds == {"safetensors", "json"})
 
     def manifest(self, version: int) -> CheckpointManifest:
-        from pydantic import ValidationError
-
         key = self.manifest_path(version)
         try:
             raw = self._fs.cat_file(key)
         except FileNotFoundError:
             raise CheckpointMissing(version, self._where(key)) from None
-        try:
-            m = CheckpointManifest.model_validate_json(raw)
-        except ValidationError as e:
-            why = f"bad manifest: {e.errors()[0]['msg']}"
-            raise CheckpointCorrupted(version, self._where(key), why) from None
-        if m.version != version:
-            why = f"manifest is for v{m.version}, expected v{version}"
-            raise CheckpointCorrupted(version, self._where(key), why)
-        return m
+        return self._parsed_manifest(version, raw, self._where(key))
 
     def _where(self, key: str) -> str:
         return f"{self._url}/{key.rsplit('/', 1)[-1]}"

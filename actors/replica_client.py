@@ -143,11 +143,11 @@ def _failure(method: str, exc: BaseException, timeout: float) -> Failed:
 class RayReplicaClient(ReplicaClient):
     """``ReplicaClient`` over Ray actor handles of one fleet's named, detached replicas."""
 
-    def __init__(self, fleet: str, namespace: str, sightings: Sightings | None = None,
+    def __init__(self, fleet: str, namespace: str,
                  planner: Callable[[int], CatchUpPlan | None] | None = None) -> None:
         self._fleet = fleet
         self._namespace = namespace
-        self.sightings = sightings or Sightings()
+        self.sightings = Sightings()
         self.planner = planner or (lambda version: None)
         self._handles: dict[str, Any] = {}
         self._lock = threading.Lock()

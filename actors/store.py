@@ -233,14 +233,18 @@ class CheckpointStore:
             raw = path.read_bytes()
         except FileNotFoundError:
             raise CheckpointMissing(version, str(path)) from None
+        return self._parsed_manifest(version, raw, str(path))
+
+    @staticmethod
+    def _parsed_manifest(version: int, raw: bytes, where: str) -> CheckpointManifest:
+        """``raw`` as the manifest of ``version`` read from ``where`` (CheckpointCorrupted)."""
         try:
             m = CheckpointManifest.model_validate_json(raw)
         except ValidationError as e:
-            raise CheckpointCorrupted(version, str(path), f"bad manifest: {e.errors()[0]['msg']}") from None
+            raise CheckpointCorrupted(version, where, f"bad manifest: {e.errors()[0]['msg']}") from None
         if m.format != MANIFEST_FORMAT or m.version != version:
-            raise CheckpointCorrupted(
-                version, str(path), f"manifest is for {m.format} v{m.version}, expected v{version}"
-            )
+            why = f"manifest is for {m.format} v{m.version}, expected v{version}"
+            raise CheckpointCorrupted(version, where, why)
         return m
 
     # -- save ------------------------------------------------------------------------------------

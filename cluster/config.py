@@ -297,6 +297,9 @@ class FleetConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check_consistency(self) -> FleetConfig:
+        if self.state_options and not is_url(self.state_dir):
+            raise ValueError(f"state_options apply to an object-storage state_dir (s3://, gs://, file://); "
+                             f"state_dir {self.state_dir!r} is a local path")
         if self.max_exclude >= self.replicas:
             raise ValueError(
                 f"max_exclude ({self.max_exclude}) must be less than replicas ({self.replicas}): "

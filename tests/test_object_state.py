@@ -28,7 +28,7 @@ from s3_server import S3Server
 from actors.failpoints import Failpoints
 from actors.log import LOG_NAME, AbortRecord, EpochRecord, TxnLog, replay
 from actors.log_mirror import LogFenced, LogMirror
-from actors.object_state import ObjectCheckpointStore, checkpoint_store, is_url, local_dir
+from actors.object_state import ObjectCheckpointStore, checkpoint_store, is_url, kept, local_copy, local_dir
 from actors.store import CheckpointCorrupted, CheckpointMissing
 from engines.checksum import ChecksumMismatch, checksums
 
@@ -203,7 +203,33 @@ def test_a_fleet_on_s3_refits_and_its_restarted_coordinator_recovers_from_object
         fleet.shutdown()
 
 
-def test_the_config_keeps_a_url_state_dir_as_it_is(probe_engine_path: Path, tmp_path: Path) -> None:
+def test_the_config_keeps_a_url_state_dir_as_it_is_and_refuses_options_for_a_path(
+        probe_engine_path: Path, tmp_path: Path) -> None:
+    from pydantic import ValidationError
+
     cfg: Any = fleet_config(probe_engine_path, tmp_path, state_dir="s3://bucket/prefix/",
                             state_options={"anon": False})
     assert cfg.state_dir == "s3://bucket/prefix" and cfg.state_options == {"anon": False}
+    with pytest.raises(ValidationError, match="state_options apply to an object-storage state_dir"):
+        fleet_config(probe_engine_path, tmp_path, state_options={"anon": False})
+
+
+def test_a_file_kept_in_s3_comes_back_on_a_node_that_never_had_it(url: str, s3: S3Server,
+                                                                   tmp_path: Path) -> None:
+    made = tmp_path / "node-a" / "v3.probes.safetensors"
+    made.parent.mkdir()
+    made.write_bytes(b"probes")
+    where = kept(made, url + "/canary", s3.options)
+    assert where == url + "/canary/v3.probes.safetensors"
+    back = local_copy(where, tmp_path / "node-b", s3.options)
+    assert back.read_bytes() == b"probes" and back.parent == tmp_path / "node-b"
+    assert kept(made, None) == str(made) and local_copy(str(made), tmp_path / "x") == made
+
+
+def test_launch_fresh_removes_a_url_state(tmp_path: Path) -> None:
+    from cluster.cli import _remove_state
+
+    store = checkpoint_store(f"file://{tmp_path}/st")
+    store.save(1, _set(1.0), checksums(_set(1.0)))
+    _remove_state(f"file://{tmp_path}/st", {})
+    assert not (tmp_path / "st").exists()
