@@ -66,10 +66,19 @@ SERVE_THREADS = 32  # requests a replica holds at once (more with batching: ``re
 CONTROL_THREADS = 4
 
 
+def _torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
 class ReplicaActor:
     """A Ray actor owning one engine on one card. See the module docstring for its contract."""
 
     def __init__(self, replica_id: str, settings: ReplicaSettings) -> None:
+        # set here, not in a runtime_env: any runtime_env makes Ray start a new worker process for
+        # the replica instead of one it started ahead. OpenMP reads it when torch loads.
+        os.environ["OMP_NUM_THREADS"] = str(settings.torch_threads)
         import torch
 
         torch.set_num_threads(settings.torch_threads)
@@ -358,6 +367,7 @@ class ReplicaActor:
         return {
             "id": self.replica_id, "node": ray.get_runtime_context().get_node_id(),
             "host": socket.gethostname(), "pid": os.getpid(), "card": self.s.card, "device": self.s.device,
+            "torch_threads": _torch_threads(),
             "visible_devices": {k: os.environ.get(k) for k in
                                 ("CUDA_VISIBLE_DEVICES", "MLU_VISIBLE_DEVICES") if os.environ.get(k)},
             "version": self.engine.version, "state": state.value, "error": core.lifecycle.error,

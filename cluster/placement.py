@@ -77,8 +77,10 @@ class ReplicaPlacement:
         resolution: ``num_cpus``, and ``num_gpus`` or ``resources``; ``scheduling_strategy`` is a
         string (``"SPREAD"``/``"DEFAULT"``) or ``None`` when the replica goes into bundle
         ``bundle_index`` of the plan's placement group (filled in by :func:`actor_options`).
-      - ``env``: environment variables known at plan time (``OMP_NUM_THREADS``); the card variable
-        (``MLU_VISIBLE_DEVICES``) is added by :func:`actor_options` once the card index is known.
+      - ``env``: environment variables known at plan time (none today: a replica sets its own
+        thread count, since any ``runtime_env`` keeps Ray from giving a replica one of the worker
+        processes it started ahead); the card variable (``MLU_VISIBLE_DEVICES``) is added by
+        :func:`actor_options` once the card index is known.
       - ``bundle_index``: the replica's bundle in the placement group, or ``None`` without one.
     """
 
@@ -202,7 +204,7 @@ def plan_placement(cfg: FleetConfig, *, mlu_manager: bool | None = None) -> Plac
     cpus = float(pc.cpus_per_replica)
     frac = float(pc.gpu_fraction)
     ids = replica_ids(cfg.replicas)
-    env = {"OMP_NUM_THREADS": str(cfg.torch_threads)}
+    env: dict[str, str] = {}  # torch_threads is the replica's own (actors.replica): no runtime_env on cpu
     spread = "SPREAD" if pc.strategy == "SPREAD" else "DEFAULT"
 
     if cfg.device == "cpu":

@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="module")
 def fleet(ray_session: None, probe_engine_path: Path, tmp_path_factory: pytest.TempPathFactory):
-    cfg = fleet_config(probe_engine_path, tmp_path_factory.mktemp("state"), replicas=3)
+    cfg = fleet_config(probe_engine_path, tmp_path_factory.mktemp("state"), replicas=3, torch_threads=2)
     f = Fleet.launch(cfg)
     yield f
     f.shutdown()
@@ -52,6 +52,13 @@ def test_happy_path_every_replica_switches(fleet: Fleet) -> None:
     sums = _checksums(fleet)
     assert all(s == sums[0] for s in sums)
     assert set(res.replicas) == {"r0", "r1", "r2"}
+
+
+def test_each_replica_runs_torch_with_the_configured_threads(fleet: Fleet) -> None:
+    handles = ray.get(fleet._coord.member_handles.remote())
+    assert len(handles) == 3
+    for handle in handles.values():
+        assert ray.get(handle.status.remote())["torch_threads"] == 2
 
 
 def test_identical_refit_is_a_noop(fleet: Fleet) -> None:

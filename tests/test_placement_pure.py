@@ -139,15 +139,11 @@ def test_plan_cpu() -> None:
     assert [r.replica_id for r in plan.replicas] == ["r0", "r1", "r2"]
     for rp in plan.replicas:
         assert rp.actor_options == {"num_cpus": 0.01, "scheduling_strategy": "SPREAD"}
-        assert rp.env == {"OMP_NUM_THREADS": "2"}
+        assert rp.env == {}  # the thread count is the replica's own: no runtime_env, so no new worker
         assert rp.bundle_index is None
     assert plan.demand() == {"CPU": pytest.approx(0.03)}
     opts = actor_options(plan.replicas[0])
-    assert opts == {
-        "num_cpus": 0.01,
-        "scheduling_strategy": "SPREAD",
-        "runtime_env": {"env_vars": {"OMP_NUM_THREADS": "2"}},
-    }
+    assert opts == {"num_cpus": 0.01, "scheduling_strategy": "SPREAD"}
     packed = plan_placement(_cfg(placement={"strategy": "PACK"}))
     assert packed.replicas[0].actor_options["scheduling_strategy"] == "DEFAULT"
 
@@ -189,7 +185,7 @@ def test_actor_options_with_placement_group_and_card() -> None:
     strat = opts["scheduling_strategy"]
     assert isinstance(strat, PlacementGroupSchedulingStrategy)
     assert strat.placement_group is fake_pg and strat.placement_group_bundle_index == 1
-    assert opts["runtime_env"] == {"env_vars": {"OMP_NUM_THREADS": "1", MLU_VISIBLE_DEVICES: "5"}}
+    assert opts["runtime_env"] == {"env_vars": {MLU_VISIBLE_DEVICES: "5"}}
     assert opts["resources"] == {"MLU": 1.0}
     # The plan itself is not mutated.
     assert plan.replicas[1].actor_options["scheduling_strategy"] is None
