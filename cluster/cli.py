@@ -134,10 +134,12 @@ def demo(interval: float = typer.Option(0.2, help="seconds between refits (multi
 def _start_head(cfg: Any, port: int) -> None:
     """``ray start --head`` for a fleet that must outlive this command; remembered, so that
     ``shutdown --stop-ray`` can stop exactly this head later."""
+    from cluster.placement import local_ray_init_kwargs
     from cluster.ray_session import HeadRecord, connect_timeout_s, join, session_dir
 
-    init = cfg.ray_init
-    args = ["start", "--head", "--disable-usage-stats", f"--port={port}"]
+    init = local_ray_init_kwargs(cfg)
+    args = ["start", "--head", "--disable-usage-stats", f"--port={port}",
+            f"--system-config={json.dumps(init['_system_config'])}"]
     if "num_cpus" in init:
         args.append(f"--num-cpus={init['num_cpus']}")
     if "object_store_memory" in init:

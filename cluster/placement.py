@@ -50,6 +50,7 @@ __all__ = [
     "create_placement_group",
     "discover_mlu_cards",
     "local_ray_init_kwargs",
+    "SPILL_THRESHOLD",
     "mlu_accelerator_manager",
     "mlu_env",
     "plan_placement",
@@ -326,6 +327,13 @@ def assign_card_indexes(
     return result
 
 
+# Ray starts spilling objects to disk once its object store is 80% full. A refit puts one version
+# while the previous one may still be held by its background checkpoint write (durability
+# replicated): a store sized for two versions then spilled one of them to disk on every refit
+# (0.3-1.5 s at 256 MiB here, docs/benchmarks.md). A store that is really full still spills.
+SPILL_THRESHOLD = 0.95
+
+
 def local_ray_init_kwargs(
     cfg: FleetConfig,
     *,
@@ -334,13 +342,17 @@ def local_ray_init_kwargs(
 ) -> dict[str, Any]:
     """Keyword arguments for ``ray.init`` when the fleet starts its own single-node Ray.
 
-    ``cfg.ray_init`` wins for every key it sets. Added where absent: ``num_gpus`` from
+    ``cfg.ray_init`` wins for every key it sets, and in ``_system_config`` for every key it sets
+    there. Added where absent: ``object_spilling_threshold`` (``SPILL_THRESHOLD``) in
+    ``_system_config``; ``num_gpus`` from
     ``cards_per_node`` on cuda; on mlu, the card resource (``{mlu_resource: cards}``, with cards
     from ``cards_per_node`` or :func:`discover_mlu_cards`) in ``resources`` when Ray has no MLU
     manager (a manager discovers cards itself; ``cards_per_node`` then overrides it). Never
     contains ``address`` or ``namespace``.
     """
     kwargs: dict[str, Any] = dict(cfg.ray_init)
+    kwargs["_system_config"] = {"object_spilling_threshold": SPILL_THRESHOLD,
+                                **dict(kwargs.get("_system_config") or {})}
     pc = cfg.placement
     if cfg.device == "cuda" and pc.cards_per_node is not None:
         kwargs.setdefault("num_gpus", pc.cards_per_node)

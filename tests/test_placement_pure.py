@@ -9,6 +9,7 @@ import pytest
 from cluster.config import FleetConfig
 from cluster.placement import (
     MLU_VISIBLE_DEVICES,
+    SPILL_THRESHOLD,
     PlacementError,
     actor_options,
     assign_card_indexes,
@@ -234,16 +235,34 @@ def test_check_capacity_cpu() -> None:
 
 
 def test_local_ray_init_kwargs(tmp_path: Path) -> None:
+    def without_spill(kwargs: dict) -> dict:
+        assert kwargs.pop("_system_config") == {"object_spilling_threshold": SPILL_THRESHOLD}
+        return kwargs
+
     cpu = _cfg(ray_init={"num_cpus": 2})
-    assert local_ray_init_kwargs(cpu) == {"num_cpus": 2}
+    assert without_spill(local_ray_init_kwargs(cpu)) == {"num_cpus": 2}
     cuda = _cfg(device="cuda", placement={"cards_per_node": 2})
-    assert local_ray_init_kwargs(cuda) == {"num_gpus": 2}
+    assert without_spill(local_ray_init_kwargs(cuda)) == {"num_gpus": 2}
     mlu = _cfg(device="mlu", replicas=2, placement={"cards_per_node": 2}, ray_init={"resources": {"X": 1}})
-    assert local_ray_init_kwargs(mlu, mlu_manager=False) == {"resources": {"X": 1, "MLU": 2}}
+    assert without_spill(local_ray_init_kwargs(mlu, mlu_manager=False)) == {"resources": {"X": 1, "MLU": 2}}
     for i in range(3):
         (tmp_path / f"cambricon_dev{i}").touch()
     discovered = _cfg(device="mlu", replicas=2)
-    assert local_ray_init_kwargs(discovered, mlu_manager=False, dev_dir=tmp_path) == {"resources": {"MLU": 3}}
-    assert local_ray_init_kwargs(discovered, mlu_manager=False, dev_dir=tmp_path / "none") == {}
+    assert without_spill(local_ray_init_kwargs(discovered, mlu_manager=False, dev_dir=tmp_path)) == \
+        {"resources": {"MLU": 3}}
+    nowhere = tmp_path / "none"
+    assert without_spill(local_ray_init_kwargs(discovered, mlu_manager=False, dev_dir=nowhere)) == {}
     explicit = _cfg(device="mlu", replicas=2, ray_init={"resources": {"MLU": 1}})
-    assert local_ray_init_kwargs(explicit, mlu_manager=False, dev_dir=tmp_path) == {"resources": {"MLU": 1}}
+    assert without_spill(local_ray_init_kwargs(explicit, mlu_manager=False, dev_dir=tmp_path)) == \
+        {"resources": {"MLU": 1}}
+
+
+def test_a_local_ray_spills_late_unless_the_config_says_otherwise() -> None:
+    mine = _cfg(ray_init={"_system_config": {"object_spilling_threshold": 0.5,
+                                             "preallocate_plasma_memory": True}})
+    assert local_ray_init_kwargs(mine)["_system_config"] == {"object_spilling_threshold": 0.5,
+                                                            "preallocate_plasma_memory": True}
+    other = _cfg(ray_init={"_system_config": {"preallocate_plasma_memory": True}})
+    assert local_ray_init_kwargs(other)["_system_config"] == {"object_spilling_threshold": SPILL_THRESHOLD,
+                                                             "preallocate_plasma_memory": True}
+    assert 0.8 < SPILL_THRESHOLD < 1.0  # above Ray's default 0.8
