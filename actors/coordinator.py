@@ -181,11 +181,12 @@ class Coordinator:
 
         threading.Thread(target=reinstall, name="reinstall", daemon=True).start()
 
-    def wait_persisted(self, version: int, timeout: float) -> bool:
-        """Wait until ``version``'s checkpoint is durable; False at the timeout."""
+    def wait_persisted(self, version: int, timeout: float, unless_failing: bool = False) -> bool:
+        """Wait until ``version``'s checkpoint is durable; False at the timeout, or (with
+        ``unless_failing``) as soon as a checkpoint write is failing."""
         if self._ready(timeout) or self.ledger is None:
             return False
-        return self.tracker.wait(version, timeout)
+        return self.tracker.wait(version, timeout, unless_failing=unless_failing)
 
     def _ready(self, timeout: float) -> str:
         return self.recovery.wait(timeout)

@@ -15,7 +15,7 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError
 
 from actors.canary import Canary
-from actors.payload import BUCKET_BYTES
+from actors.payload import BUCKET_BYTES, is_inline
 from actors.replica_client import coordinator_actor_name
 from actors.settings import Timeouts
 from actors.store import validate_label
@@ -79,6 +79,8 @@ class Fleet:
         routing = cfg["routing"]
         self._refit_timeout = timeouts.refit_call_s()
         self._request_s = timeouts.request_s
+        self._persist_s = timeouts.persist_s
+        self._unwritten: list[int] = []  # this handle's stored versions whose checkpoint may be behind
         self._lock = threading.Lock()
         self.launch_timings: dict[str, float] = {}  # seconds per launch step (set by ``launch``)
         self.router = Router(self._members, max_queue=routing["max_queue_per_replica"],
@@ -234,15 +236,20 @@ class Fleet:
         checks = self._probes(probes)
         if canary is not None and not isinstance(canary, Canary):
             raise ValueError(f"canary must be a cluster.Canary, got {type(canary).__name__}")
+        waited = self._let_checkpoints_catch_up()
         pub = publish(weights, self.manifest(), non_finite=NonFinitePolicy.REJECT,
                       strip_prefix=strip_prefix, add_prefix=add_prefix, mapping=mapping,
                       complete=complete, bucket_bytes=self._cfg.get("bucket_bytes", BUCKET_BYTES))
+        stored = any(not is_inline(r) for r in pub.refs)
         try:
             call = self._coord.refit.remote(pub.refs, pub.specs, pub.checksums, key, checks, canary)
             out = self._call(call, key)
         finally:
             pub.refs.clear()  # the replicas and the store have their copies (or it aborted)
-        result = self._result(out, t0, pub.timings, observe=canary is None)
+        result = self._result(out, t0, {**pub.timings, "checkpoint_wait_s": waited}, observe=canary is None)
+        if stored and not (result.persisted or result.noop or result.duplicate):
+            with self._lock:
+                self._unwritten.append(result.version)
         if canary is not None:
             self.router.refresh()
         return result
@@ -350,6 +357,23 @@ class Fleet:
                            timings={**timings, "coordinator_s": out.duration_s, "prepare_s": out.prepare_s,
                                     **{f"coordinator.{k}": v for k, v in out.phases.items()}},
                            excluded=list(out.excluded), persisted=out.persisted, canary=out.canary)
+
+    def _let_checkpoints_catch_up(self) -> float:
+        """Before putting a version into the object store, wait (seconds waited) until at most one
+        version this handle put there may still have its checkpoint to write. Under ``durability:
+        replicated`` each version stays in the store until its background write ends, and writes
+        go in commit order: refits faster than the disk would pile versions up in the store, and
+        Ray would spill them to disk. So the store holds at most two versions of this handle, and
+        such refits go at the disk's pace. A write that is failing (a full disk) is not waited for."""
+        with self._lock:
+            if len(self._unwritten) < 2:
+                return 0.0
+            older, self._unwritten = self._unwritten[-2], self._unwritten[-1:]
+        t = time.perf_counter()
+        with readable_errors():
+            ray.get(self._coord.wait_persisted.remote(older, self._persist_s, True),
+                    timeout=self._persist_s + 30)
+        return time.perf_counter() - t
 
     def wait_persisted(self, version: int, timeout: float = 300.0) -> bool:
         """Wait until ``version``'s checkpoint is durable (under ``durability: replicated`` it is

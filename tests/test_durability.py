@@ -13,6 +13,7 @@ import pytest
 import ray
 from fleet_models import (
     ClientLoad,
+    build_probe_engine,
     converged,
     fleet_config,
     probe_input,
@@ -69,6 +70,31 @@ def test_a_replicated_refit_commits_without_waiting_for_its_checkpoint_which_fol
     assert fleet.wait_persisted(res.version, 120)
     assert res.version in _stored(fleet) and _row(fleet, res.version)["persisted"] is True
     assert fleet.status()["persistence"]["unpersisted"] == []
+
+
+def test_refits_faster_than_their_checkpoints_keep_at_most_two_versions_behind_and_lose_none(
+        ray_session: None, tmp_path: Path) -> None:
+    wide = 64 << 10  # 4 weights of 256 KiB: put into the object store, not carried inside the calls
+    engine = tmp_path / "wide.engine"
+    build_probe_engine(engine, width=wide)
+    fleet = Fleet.launch(fleet_config(engine, tmp_path, replicas=2, timeouts=TIMEOUTS,
+                                      failpoints={"persist.before_save": "sleep:0.5"}))  # a slow disk
+    try:
+        behind, waited, versions = [], [], []
+        for value in (1.0, 2.0, 3.0, 4.0, 5.0):
+            res = fleet.refit(probe_weights(value, width=wide))
+            versions.append(res.version)
+            waited.append(res.timings["checkpoint_wait_s"])
+            behind.append(fleet.status()["persistence"]["unpersisted"])
+        # each refit waited for the write of the version two before it: never more than two behind
+        assert all(len(b) <= 2 for b in behind), behind
+        assert waited[:2] == [0.0, 0.0] and all(w > 0 for w in waited[2:]), waited
+        assert fleet.wait_persisted(versions[-1], 30)
+        persistence = fleet.status()["persistence"]
+        assert persistence["unpersisted"] == [] and persistence["given_up"] == {}
+        assert all(_row(fleet, v)["persisted"] for v in versions)
+    finally:
+        fleet.shutdown()
 
 
 def test_a_replica_added_before_the_checkpoint_is_written_waits_for_it_and_serves_the_active_version(
