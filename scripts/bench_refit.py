@@ -666,6 +666,7 @@ def refit_breakdown(res: Any, raw: dict[str, Any], wall: float) -> dict[str, Any
         "refit_s": wall,
         "validate_s": t.get("load_validate_s", 0.0), "checksum_s": t.get("checksum_s", 0.0),
         "put_s": t.get("put_s", 0.0), "publish_s": publish,
+        "checkpoint_wait_s": t.get("checkpoint_wait_s", 0.0),
         "coordinator_s": coord, "prepare_s": prepare,
         "replica_fetch_s": mx("fetch_s"), "replica_verify_s": mx("verify_s"),
         "replica_stage_s": mx("stage_s"),
@@ -675,7 +676,7 @@ def refit_breakdown(res: Any, raw: dict[str, Any], wall: float) -> dict[str, Any
         "persist_exposed_s": persist_exposed,
         "commit_activate_s": max(0.0, coord - prepare - persist_exposed),
         "activate_s": mx("activate_s"), "swap_ns": mx("swap_ns"),
-        "driver_rpc_s": max(0.0, wall - publish - coord),
+        "driver_rpc_s": max(0.0, wall - publish - coord - t.get("checkpoint_wait_s", 0.0)),
     }
 
 
