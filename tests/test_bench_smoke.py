@@ -77,3 +77,16 @@ def test_bench_serving_measures_both_modes_idle_and_during_refits_without_failur
     for row in rows:
         assert row["errors"] == 0 and row["requests"] > 0 and row["p99_ms"] >= row["p50_ms"] > 0
         assert row["load"] == "idle" or row["refits"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_bench_launch_times_each_step_of_a_launch_from_a_fresh_command(tmp_path: Path) -> None:
+    out = tmp_path / "launch.json"
+    _run_script("bench_launch.py", "--reps", "1", "--json", str(out))
+    result = json.loads(out.read_text())
+    (run,) = result["runs"]["this"]
+    steps = ("imports_s", "ray_s", "replicas_start_s", "replicas_join_s", "first_response_s")
+    assert all(run[k] > 0 for k in steps), run
+    assert run["total_s"] >= sum(run[k] for k in steps)
+    assert result["medians"]["this"]["total_s"] == run["total_s"]
