@@ -52,8 +52,9 @@ def _stored(fleet: Fleet) -> set[int]:
     return set(ray.get(fleet._coord.versions.remote())["stored"])
 
 
-def _values(fleet: Fleet) -> set[float | None]:
-    return {probe_value(fleet.infer(probe_input()).outputs) for _ in range(6)}
+def _values(fleet: Fleet, x: Any = None) -> set[float | None]:
+    x = probe_input() if x is None else x
+    return {probe_value(fleet.infer(x).outputs) for _ in range(6)}
 
 
 def _row(fleet: Fleet, version: int) -> dict[str, Any]:
@@ -93,6 +94,13 @@ def test_refits_faster_than_their_checkpoints_keep_at_most_two_versions_behind_a
         persistence = fleet.status()["persistence"]
         assert persistence["unpersisted"] == [] and persistence["given_up"] == {}
         assert all(_row(fleet, v)["persisted"] for v in versions)
+        # a coordinator restarted between refits: the next refit's wait goes to its successor
+        fleet.refit(probe_weights(6.0, width=wide))
+        epoch = fleet.status()["epoch"]
+        ray.kill(fleet._coord, no_restart=False)
+        wait_for(lambda: fleet.status()["epoch"] == epoch + 1, what="coordinator restart")
+        res = fleet.refit(probe_weights(7.0, width=wide))
+        assert _values(fleet, probe_input(wide)) == {7.0} and fleet.wait_persisted(res.version, 30)
     finally:
         fleet.shutdown()
 
