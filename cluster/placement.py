@@ -329,8 +329,8 @@ def assign_card_indexes(
 
 # Ray starts spilling objects to disk once its object store is 80% full. A refit puts one version
 # while the previous one may still be held by its background checkpoint write (durability
-# replicated): a store sized for two versions then spilled one of them to disk on every refit
-# (0.3-1.5 s at 256 MiB here, docs/benchmarks.md). A store that is really full still spills.
+# replicated): a store sized for two versions then spilled one of them to disk on most refits
+# (docs/benchmarks.md). A store that is really full still spills.
 SPILL_THRESHOLD = 0.95
 
 
