@@ -141,6 +141,15 @@ def wait_for(predicate: Any, timeout_s: float = 60.0, what: str = "condition") -
     raise AssertionError(f"timed out waiting for {what}; last: {last!r}")
 
 
+def serving_again(handle: Any, rid: str, timeout_s: float = 60.0) -> None:
+    """Wait until a restarted replica serves again: it answers, and it has caught up (a replica
+    starts serving nothing, ``loading``, until the coordinator told it which version to serve)."""
+    import ray
+
+    wait_for(lambda: ray.get(handle.status.remote(), timeout=2)["state"] == "serving", timeout_s,
+             what=f"{rid} restarted and serving")
+
+
 def converged(fleet: Any) -> dict[str, Any]:
     """Every member on the coordinator's active version with equal checksums (I5); returns status."""
     import ray

@@ -20,6 +20,7 @@ from fleet_models import (
     probe_input,
     probe_value,
     probe_weights,
+    serving_again,
     wait_for,
 )
 
@@ -58,7 +59,7 @@ def _values(fleet: Fleet, n: int = 6) -> set:
 
 
 def _back(fleet: Fleet, rid: str) -> None:
-    wait_for(lambda: ray.get(_handles(fleet)[rid].ping.remote(), timeout=2) == rid, what=f"{rid} restarted")
+    serving_again(_handles(fleet)[rid], rid)
 
 
 # ----------------------------------------------------------------- replica killed at each step

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import ray
 import torch
-from fleet_models import converged, fleet_config, wait_for
+from fleet_models import converged, fleet_config, serving_again
 from torch.export import Dim
 
 from engines import BuilderConfig, WeightFileError, build_engine, load_engine
@@ -301,7 +301,7 @@ def test_half_precision_engines_refit_catch_up_and_roll_back_through_the_fleet(
         handles = ray.get(fleet._coord.member_handles.remote())
         ray.get(handles["r1"].arm_failpoint.remote("replica.before_commit", "exit"))
         second = fleet.refit({"w": torch.full((64,), 2.25, dtype=dtype)})  # r1 dies; it catches up
-        wait_for(lambda: ray.get(handles["r1"].ping.remote(), timeout=2) == "r1", what="r1 restarted")
+        serving_again(handles["r1"], "r1")
         assert converged(fleet)["version"] == second.version and values() == {2.25}
         back = fleet.rollback()  # to the stored half-precision weights of the first refit
         assert back.version > second.version and converged(fleet)["version"] == back.version
