@@ -205,13 +205,17 @@ def _put_group(tensors: dict[str, torch.Tensor], sums: dict[str, str], scan: boo
     """Checksum, scan and put one group of tensors in buckets (or inline); their refs."""
     groups = [tensors] if inline else buckets(tensors, bucket_bytes)
     wires = [to_wire(g) for g in groups]  # small tensors packed (one copy of them), views of the rest
-    checks = [_BucketChecks(g, w, scan) for g, w in zip(groups, wires, strict=True)]
+    # one bucket ahead, no further: the helper pool runs its jobs in order, so checks queued for
+    # every bucket at once would hold the first put back until all of them had run
+    checks: list[_BucketChecks | None] = [None] * len(groups)
+    checks[0] = _BucketChecks(groups[0], wires[0], scan)
     refs: list[Any] = []
     try:
-        for k, (wire, check) in enumerate(zip(wires, checks, strict=True)):
+        for k, wire in enumerate(wires):
             t = time.perf_counter()
-            got, bad = check.result()  # bucket k+1's checks run meanwhile on the helper threads
+            got, bad = checks[k].result()  # type: ignore[union-attr]
             timings["checksum_s"] += time.perf_counter() - t
+            checks[k] = None  # its tensors are not needed any more
             if bad:
                 first = next(n for n in tensors if n in bad)
                 raise non_finite_error(first, tensors[first])
@@ -219,9 +223,11 @@ def _put_group(tensors: dict[str, torch.Tensor], sums: dict[str, str], scan: boo
             t = time.perf_counter()
             # the copy into the object store runs on a refit-helper thread: at lower priority than
             # the threads that serve requests on this machine (engines.threads)
-            refs.append(wire if inline else helpers().submit(ray.put, wire).result())
+            put = None if inline else helpers().submit(ray.put, wire)
+            if k + 1 < len(wires):  # bucket k+1's checks run while bucket k is put
+                checks[k + 1] = _BucketChecks(groups[k + 1], wires[k + 1], scan)
+            refs.append(wire if put is None else put.result())
             timings["put_s"] += time.perf_counter() - t
-            checks[k] = None  # type: ignore[call-overload]  (its tensors are not needed any more)
     except BaseException:
         for c in checks:
             if c is not None:

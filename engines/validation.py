@@ -2,8 +2,8 @@
 
 ``check_spec`` checks a name, shape and dtype alone, so a file reader can refuse a weight from
 its header before reading its data; ``check_weight`` adds the value check (non-finite policy).
-``checksums_and_non_finite`` checksums a set and finds its non-finite weights, hashing and
-scanning the large tensors on two threads at once (xxhash and torch release the GIL).
+``checksums_and_non_finite`` checksums a set and finds its non-finite weights, each large tensor
+hashed and scanned in one pass on a helper thread (xxhash and torch release the GIL).
 """
 
 from __future__ import annotations
@@ -134,43 +134,66 @@ def check_weights(weights: Mapping[str, torch.Tensor], manifest: Mapping[str, Te
 
 
 _PARALLEL_NUMEL = 1 << 20  # tensors from this size are hashed and scanned on the helper threads
+_SCAN_BLOCK_BYTES = 4 << 20  # scanned right after it is hashed, while it is still in cache
+
+
+def checksum_and_all_finite(t: torch.Tensor) -> tuple[str, bool]:
+    """``(tensor_checksum(t), all_finite(t))`` in one pass over memory: block by block, each block
+    scanned right after it is hashed, while it is in cache (a contiguous CPU tensor; any other is
+    hashed, then scanned)."""
+    if not (t.device.type == "cpu" and t.is_contiguous() and t.numel() > 0):
+        return tensor_checksum(t), all_finite(t)
+    raw = tensor_bytes(t)
+    flat = t.detach().reshape(-1)
+    size = t.element_size()
+    step = max(1, _SCAN_BLOCK_BYTES // size)
+    h = xxhash.xxh3_64()
+    finite = True
+    for start in range(0, flat.numel(), step):
+        h.update(raw[start * size:(start + step) * size])
+        finite = finite and all_finite(flat[start:start + step])
+    return h.hexdigest(), finite
 
 
 def checksums_and_non_finite(weights: Mapping[str, torch.Tensor], *,
                              scan_values: bool) -> tuple[dict[str, str], list[str]]:
     """``(checksums, non-finite names)`` of ``weights``: the same values as ``checksum.checksums``
-    and (when ``scan_values``) ``non_finite_names``. Each large CPU tensor's hash and scan are
-    separate tasks on a small thread pool, so that on two or more cores the scan costs no time
-    beside the hash; the small tensors are done here meanwhile."""
+    and (when ``scan_values``) ``non_finite_names``. Each large CPU tensor is one task on a small
+    thread pool, hashed and scanned in one pass over memory; the small tensors are done here
+    meanwhile."""
     return start_checksums_and_non_finite(weights, scan_values=scan_values)()
 
 
 def start_checksums_and_non_finite(weights: Mapping[str, torch.Tensor], *, scan_values: bool
                                    ) -> Callable[[], tuple[dict[str, str], list[str]]]:
-    """``checksums_and_non_finite`` started on the helper threads; the returned function waits for
-    it and returns its result (the small tensors are done then, in the caller's thread)."""
+    """``checksums_and_non_finite`` started on the helper threads, one task per large tensor (its
+    hash and scan in one pass); the returned function waits for it and returns its result (the
+    small tensors are done then, in the caller's thread)."""
     tasks = []
     rest: dict[str, torch.Tensor] = {}
     for name, t in weights.items():
         if t.numel() >= _PARALLEL_NUMEL and t.device.type == "cpu":
-            raw = tensor_bytes(t)  # a view of a contiguous tensor; a copy of any other, made here
-            tasks.append((name, "sum", helpers().submit(xxhash.xxh3_64_hexdigest, raw)))
             if scan_values and t.is_floating_point():
-                tasks.append((name, "finite", helpers().submit(all_finite, t)))
+                tasks.append((name, helpers().submit(checksum_and_all_finite, t)))
+            else:  # a view of a contiguous tensor; a copy of any other, made here
+                tasks.append((name, helpers().submit(_checksum_only, tensor_bytes(t))))
         else:
             rest[name] = t
 
     def result() -> tuple[dict[str, str], list[str]]:
         sums = {name: tensor_checksum(t) for name, t in rest.items()}
         bad = set(non_finite_names(rest)) if scan_values else set()
-        for name, kind, future in tasks:
-            if kind == "sum":
-                sums[name] = future.result()
-            elif not future.result():
+        for name, future in tasks:
+            sums[name], finite = future.result()
+            if not finite:
                 bad.add(name)
         return {n: sums[n] for n in weights}, [n for n in weights if n in bad]
 
     return result
+
+
+def _checksum_only(raw: memoryview) -> tuple[str, bool]:
+    return xxhash.xxh3_64_hexdigest(raw), True
 
 
 def parallel_checksums(tensors: Mapping[str, torch.Tensor]) -> dict[str, str]:
