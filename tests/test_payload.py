@@ -65,3 +65,33 @@ def test_fetch_takes_inline_buckets_as_they_are_and_gets_the_others_from_the_obj
     got = fetch([one, ray.put(two), one], timeout=30)
     assert got[0] is one and got[2] is one
     assert got[1][1] == two[1] and np.array_equal(got[1][0], two[0])
+
+
+def test_a_buckets_checks_start_only_once_the_bucket_two_before_it_is_in_the_store(monkeypatch) -> None:
+    """Checks queued for every bucket at once would run ahead of the first put on the helper pool
+    (it runs jobs in order) and hold it back: bucket k+1's checks start while bucket k is put, so
+    bucket k+2's only after bucket k's put has ended."""
+    import cluster.publish as publish
+
+    events: list[str] = []
+    real_checks = publish._BucketChecks
+
+    def checks(group, wire, scan):
+        events.append("check " + ",".join(group))
+        return real_checks(group, wire, scan)
+
+    def put(wire):
+        events.append("put " + ",".join(wire[2]))
+        return wire
+
+    monkeypatch.setattr(publish, "_BucketChecks", checks)
+    monkeypatch.setattr(publish.ray, "put", put)
+    tensors = {f"w{i}": torch.full((PACK_BYTES // 4 + 1,), float(i)) for i in range(4)}  # a bucket each
+    sums: dict[str, str] = {}
+    refs = publish._put_group(tensors, sums, True, inline=False, bucket_bytes=PACK_BYTES,
+                              timings={"checksum_s": 0.0, "put_s": 0.0})
+    assert [r[2].keys() for r in refs] == [{n} for n in tensors]
+    assert sums == {n: tensor_checksum(t) for n, t in tensors.items()}
+    assert sorted(events) == sorted([f"check w{k}" for k in range(4)] + [f"put w{k}" for k in range(4)])
+    for k in range(2, 4):
+        assert events.index(f"check w{k}") > events.index(f"put w{k - 2}"), events
