@@ -8,7 +8,7 @@ Contract:
   (``actors.canary.cohort``), the pre-canary version's checkpoint must be durable (an abort
   re-installs it), and a judge's probes are saved in ``<state_dir>/canary/`` (a URL state: there,
   from a working copy on the coordinator's node) so that a restarted
-  coordinator judges with them too.
+  coordinator judges with them too; the next canary with probes deletes them.
 - ``promote`` and ``abort`` run under the caller's refit lock. ``abort`` logs its decision first, so
   a coordinator that dies before the re-install commits finishes it when it recovers (``resume``);
   a judge interrupted by a restart resumes with the rest of its window.
@@ -32,7 +32,7 @@ from .errors import CanaryRefused, NoCanary
 from .ledger import Ledger
 from .log import CanarySpec, CanaryState
 from .membership import Membership
-from .object_state import kept, local_copy
+from .object_state import drop_kept, kept, local_copy
 from .replica_client import ReplicaClient
 from .replies import Failed
 from .requests import Requests
@@ -107,6 +107,8 @@ class CanaryControl:
                 from engines.probes import save_probes
 
                 self._dir.mkdir(parents=True, exist_ok=True)
+                # no canary runs now: the probes of those that ended are not needed any more
+                drop_kept(self._dir, self._url, "v*.probes.safetensors", self._options)
                 path = self._dir / f"v{state.last_version + 1}.probes.safetensors"
                 save_probes(list(canary.judge.probes), path)
                 judge["probes_file"] = kept(path, self._url, self._options)

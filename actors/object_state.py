@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import re
 import tempfile
 from collections.abc import Callable, Iterable, Mapping
@@ -41,8 +42,10 @@ from .store import (
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["ObjectCheckpointStore", "checkpoint_store", "is_url", "kept", "local_copy", "local_dir",
-           "open_url"]
+__all__ = ["ObjectCheckpointStore", "checkpoint_store", "drop_kept", "is_url", "kept", "local_copy",
+           "local_dir", "open_url"]
+
+logger = logging.getLogger("weight_refit.state")
 
 _URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 _VERSION_OBJECT = re.compile(r"^v(0|[1-9][0-9]*)\.(safetensors|json)$")
@@ -79,6 +82,29 @@ def kept(path: Path, url_dir: str | None, options: Mapping[str, Any] | None = No
     fs, key = open_url(f"{url_dir}/{path.name}", options)
     fs.put_file(str(path), key)
     return f"{url_dir}/{path.name}"
+
+
+def drop_kept(directory: Path, url_dir: str | None, pattern: str,
+              options: Mapping[str, Any] | None = None) -> list[str]:
+    """Delete the files ``kept`` left in ``directory`` whose names match ``pattern`` (a glob), and
+    their copies in ``url_dir`` (a URL state); the names deleted. Best effort: what cannot be
+    deleted now is tried again next time."""
+    dropped = set()
+    for path in directory.glob(pattern) if directory.is_dir() else []:
+        try:
+            path.unlink()
+            dropped.add(path.name)
+        except OSError as exc:
+            logger.info("could not delete %s: %s", path, exc)
+    if url_dir is not None:
+        try:
+            fs, key = open_url(url_dir, options)
+            for found in fs.glob(f"{key.rstrip('/')}/{pattern}"):
+                fs.rm_file(found)
+                dropped.add(found.rsplit("/", 1)[-1])
+        except Exception as exc:  # noqa: BLE001  (any store error: the files wait for the next time)
+            logger.info("could not delete %s/%s: %s: %s", url_dir, pattern, type(exc).__name__, exc)
+    return sorted(dropped)
 
 
 def local_copy(where: str, cache: Path, options: Mapping[str, Any] | None = None) -> Path:

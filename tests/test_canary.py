@@ -220,6 +220,21 @@ def test_a_judge_aborts_a_canary_whose_probe_fails_and_the_rest_never_serves_it(
     assert "(on r0)" in row["canary"]
 
 
+def test_a_canary_with_probes_deletes_the_probe_files_of_canaries_that_ended(fleet: Any) -> None:
+    from cluster import Probe
+
+    x = probe_input()
+    probes = Path(fleet._cfg["state_dir"]) / "canary"
+    ended = probes / "v999999.probes.safetensors"  # as a canary that ended long ago left it
+    probes.mkdir(parents=True, exist_ok=True)
+    ended.write_bytes(b"old probes")
+    finite = Probe("finite", [x], finite=True)
+    res = _start(fleet, 6.0, judge=CanaryJudge(window_s=600.0, probes=[finite]))
+    assert sorted(p.name for p in probes.iterdir()) == [f"v{res.version}.probes.safetensors"]
+    fleet.abort_canary("ended by the test")
+    assert converged(fleet)["canary"] is None
+
+
 def test_a_scale_up_during_a_canary_joins_the_rest_of_the_fleet(fleet: Any) -> None:
     base = converged(fleet)["version"]
     res = _start(fleet, 6.0)

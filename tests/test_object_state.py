@@ -28,7 +28,15 @@ from s3_server import S3Server
 from actors.failpoints import Failpoints
 from actors.log import LOG_NAME, AbortRecord, EpochRecord, TxnLog, replay
 from actors.log_mirror import LogFenced, LogMirror
-from actors.object_state import ObjectCheckpointStore, checkpoint_store, is_url, kept, local_copy, local_dir
+from actors.object_state import (
+    ObjectCheckpointStore,
+    checkpoint_store,
+    drop_kept,
+    is_url,
+    kept,
+    local_copy,
+    local_dir,
+)
 from actors.store import CheckpointCorrupted, CheckpointMissing
 from engines.checksum import ChecksumMismatch, checksums
 
@@ -224,6 +232,20 @@ def test_a_file_kept_in_s3_comes_back_on_a_node_that_never_had_it(url: str, s3: 
     back = local_copy(where, tmp_path / "node-b", s3.options)
     assert back.read_bytes() == b"probes" and back.parent == tmp_path / "node-b"
     assert kept(made, None) == str(made) and local_copy(str(made), tmp_path / "x") == made
+
+
+def test_files_kept_in_s3_are_dropped_there_and_locally_and_the_others_stay(url: str, s3: S3Server,
+                                                                            tmp_path: Path) -> None:
+    node = tmp_path / "node-a"
+    node.mkdir()
+    for name in ("v3.probes.safetensors", "v4.probes.safetensors", "notes.txt"):
+        (node / name).write_bytes(b"x")
+        kept(node / name, url + "/canary", s3.options)
+    dropped = drop_kept(node, url + "/canary", "v*.probes.safetensors", s3.options)
+    assert dropped == ["v3.probes.safetensors", "v4.probes.safetensors"]
+    assert [p.name for p in node.iterdir()] == ["notes.txt"]
+    assert s3.keys(url[len("s3://"):]) == ["canary/notes.txt"]
+    assert drop_kept(tmp_path / "never-made", None, "v*.probes.safetensors") == []
 
 
 def test_launch_fresh_removes_a_url_state(tmp_path: Path) -> None:
