@@ -114,7 +114,9 @@ class RoutingConfig(BaseModel):
 
     ``policy``: only ``least_outstanding`` (fewest requests in flight) for now;
     ``max_queue_per_replica`` >= 1: requests in flight per replica before the handle answers
-    "overloaded"; ``retries_on_stale`` >= 0: how many other members a "stale" answer is retried on.
+    "overloaded"; ``retries_on_stale`` >= 0: how many other members a "stale" answer is retried on;
+    ``refresh_s`` > 0: how often a handle re-reads the member list and the routing table (a
+    canary's split, members taken out) in the background.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -122,6 +124,9 @@ class RoutingConfig(BaseModel):
     policy: Literal["least_outstanding"] = "least_outstanding"
     max_queue_per_replica: int = Field(strict=True, default=64, ge=1)
     retries_on_stale: int = Field(strict=True, default=3, ge=0)
+    refresh_s: float = Field(default=2.0, gt=0, le=3600,
+                             description="seconds between a handle's background re-reads of the members and "
+                                         "the routing table")
 
 
 class BatchingConfig(BaseModel):

@@ -88,7 +88,8 @@ class Fleet:
         self.launch_timings: dict[str, float] = {}  # seconds per launch step (set by ``launch``)
         self.router = Router(self._members, max_queue=routing["max_queue_per_replica"],
                              request_timeout_s=timeouts.request_s,
-                             retries_on_stale=routing["retries_on_stale"])
+                             retries_on_stale=routing["retries_on_stale"],
+                             refresh_s=routing.get("refresh_s", 2.0))
 
     # ---------------------------------------------------------------- lifecycle
 

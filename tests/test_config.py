@@ -40,7 +40,7 @@ def test_defaults() -> None:
         prepare_s=60, commit_s=10, activate_s=10, request_s=30, lease_s=10, launch_s=120
     )
     assert cfg.routing == RoutingConfig(
-        policy="least_outstanding", max_queue_per_replica=64, retries_on_stale=3
+        policy="least_outstanding", max_queue_per_replica=64, retries_on_stale=3, refresh_s=2.0
     )
 
 
@@ -65,7 +65,7 @@ def test_yaml_round_trip(tmp_path: Path) -> None:
         device="cuda",
         placement={"gpu_fraction": 0.5, "cards_per_node": 2, "strategy": "PACK"},
         timeouts={"prepare_s": 1.5},
-        routing={"max_queue_per_replica": 2, "retries_on_stale": 0},
+        routing={"max_queue_per_replica": 2, "retries_on_stale": 0, "refresh_s": 0.5},
         commit_policy="exclude",
         max_exclude=1,
         memory_mode="copy",
@@ -132,6 +132,7 @@ def test_unknown_key_in_yaml_names_file_and_key(tmp_path: Path) -> None:
         ({"routing": {"policy": "random"}}, "routing.policy"),
         ({"routing": {"max_queue_per_replica": 0}}, "routing.max_queue_per_replica"),
         ({"routing": {"retries_on_stale": -1}}, "routing.retries_on_stale"),
+        ({"routing": {"refresh_s": 0}}, "routing.refresh_s"),
         ({"commit_policy": "majority"}, "commit_policy"),
         ({"max_exclude": -1}, "max_exclude"),
         ({"memory_mode": "mmap"}, "memory_mode"),

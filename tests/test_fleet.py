@@ -25,7 +25,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="module")
 def fleet(ray_session: None, probe_engine_path: Path, tmp_path_factory: pytest.TempPathFactory):
-    cfg = fleet_config(probe_engine_path, tmp_path_factory.mktemp("state"), replicas=3, torch_threads=2)
+    cfg = fleet_config(probe_engine_path, tmp_path_factory.mktemp("state"), replicas=3, torch_threads=2,
+                       routing={"refresh_s": 1.5})
     f = Fleet.launch(cfg)
     yield f
     f.shutdown()
@@ -59,6 +60,11 @@ def test_each_replica_runs_torch_with_the_configured_threads(fleet: Fleet) -> No
     assert len(handles) == 3
     for handle in handles.values():
         assert ray.get(handle.status.remote())["torch_threads"] == 2
+
+
+def test_handles_re_read_the_routing_table_as_often_as_configured(fleet: Fleet) -> None:
+    assert fleet.router.refresh_s == 1.5
+    assert Fleet.connect(fleet.name, fleet.namespace).router.refresh_s == 1.5  # from the coordinator's config
 
 
 def test_identical_refit_is_a_noop(fleet: Fleet) -> None:
