@@ -164,7 +164,7 @@ def test_the_fused_pass_gives_the_checksums_and_the_non_finite_names_of_separate
     g = torch.Generator().manual_seed(0)
     weights = {
         "large": torch.randn(3 << 19, generator=g),  # 1.5 blocks: the last block is partial
-        "large_bf16": torch.randn(1 << 21, generator=g).to(torch.bfloat16),
+        "large_bf16": torch.randn(3 << 20, generator=g).to(torch.bfloat16),
         "large_ints": torch.arange(1 << 20, dtype=torch.int32),
         "transposed": torch.randn(1024, 1024, generator=g).t(),  # not contiguous: the plain path
         "small": torch.randn(7, generator=g),
@@ -172,7 +172,7 @@ def test_the_fused_pass_gives_the_checksums_and_the_non_finite_names_of_separate
         "large_f16": torch.ones(1 << 20, dtype=torch.float16),  # its sums overflow at 65504
     }
     weights["large"][-1] = math.nan  # in the partial block
-    weights["large_bf16"][1 << 20] = math.inf  # the first element of a block
+    weights["large_bf16"][1 << 21] = math.inf  # the first element of its second block (4 MiB of bf16)
     weights["small"][0] = -math.inf
     weights["large_f16"][-1] = math.inf
     sums, bad = checksums_and_non_finite(weights, scan_values=True)
