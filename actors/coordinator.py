@@ -334,6 +334,24 @@ class Coordinator:
             self.canaries.started(result)
         return result
 
+    def announce(self, tag: str, refs: list[Any], specs: dict[str, Any]) -> bool:
+        """Buckets of a version a caller is publishing, each sent as soon as it is in the object
+        store: forwarded to the members (with each node's verifier), which fetch, copy and hash
+        them ahead of the PREPARE (``actors.prefetch``). Best effort: nothing waits for it and no
+        refit depends on it. Ignored (False) while recovering or while a canary runs (its
+        PREPARE goes to a cohort only)."""
+        if self.ledger is None or not self.recovery.ready or self.canaries.running is not None:
+            return False
+        assert self.txns is not None
+        members = self.membership.members()
+        self.client.prefetch(members, tag, refs, specs, self.txns.verifiers_for(members, refs))
+        return True
+
+    def withdraw(self, tag: str) -> None:
+        """The publication ``tag`` failed: the members free what they prefetched for it."""
+        if self.ledger is not None:
+            self.client.withdraw(self.membership.members(), tag)
+
     def promote(self, reason: str = "") -> TxnResult:
         """Activate the running canary's version on the rest of the fleet (one commit point);
         aborted (the canary goes on) if a member of the rest votes NO. ``NoCanary`` if none runs."""

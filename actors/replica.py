@@ -98,6 +98,7 @@ class ReplicaActor:
         self.core.node = ray.get_runtime_context().get_node_id()
         self.core.on_version = lambda v: set_version(settings.fleet, replica_id, v)
         self.core.from_peer = self._from_peer
+        self.core.prefetch_wait_s = settings.fetch_timeout_s
         self.batcher = None if settings.batch_size is None else Batcher(
             self._run_batch, max_batch_size=settings.batch_size, max_wait_s=settings.batch_wait_s)
         if settings.prefill_sets:
@@ -255,6 +256,7 @@ class ReplicaActor:
         if accepted:
             self.cohort = cohort
         self.fp.hit("reply.renew_lease")
+        self.core.prefetch.expire()
         lifecycle = self.core.lifecycle
         prepared = tuple(r.txn for r in self.core.participant.pending() if r.state is TxnState.PREPARED)
         return LeaseReply(self.replica_id, accepted, self.engine.version, lifecycle.state.value,
@@ -304,6 +306,22 @@ class ReplicaActor:
                                  probes if verify else None)
         self.fp.hit("reply.prepare", txn)
         return vote
+
+    @ray.method(concurrency_group="control")
+    def prefetch(self, tag: str, refs: list[Any], specs: dict[str, Any],
+                 verifiers: dict[str, str] | None = None) -> bool:
+        """A bucket of publication ``tag``, announced as soon as it is in the object store: fetch,
+        copy and hash it in the background, for the PREPARE that names it (``actors.prefetch``).
+        Returns at once; False when it is ignored (this memory mode stages at PREPARE only)."""
+        if not self.core.can_prefetch():
+            return False
+        verify = not verifiers or verifiers.get(self.core.node, self.replica_id) == self.replica_id
+        return all([self.core.prefetch.offer(tag, ref, specs, verify) for ref in refs])
+
+    @ray.method(concurrency_group="control")
+    def withdraw(self, tag: str) -> None:
+        """Free what was prefetched for ``tag`` (its publication failed; no PREPARE will come)."""
+        self.core.prefetch.forget(tag)
 
     @ray.method(concurrency_group="control")
     def commit(self, epoch: int, txn: str, activate: bool = False) -> Ack:
@@ -382,7 +400,7 @@ class ReplicaActor:
                 "max_batch_size": self.batcher.max_batch_size, "max_wait_s": self.batcher.max_wait_s,
                 **self.batcher.stats.as_dict()},
             "epoch": core.participant.epoch, "last_refit_at": core.last_refit_at, "cohort": self.cohort,
-            "caught_up_from": core.caught_up.as_dict(),
+            "caught_up_from": core.caught_up.as_dict(), "prefetch": core.prefetch.held(),
         }
 
     @ray.method(concurrency_group="control")

@@ -104,6 +104,16 @@ class ReplicaClient(ABC):
         """What each replica served from wall time ``since`` on (``actors.serving_stats``)."""
         return {rid: Failed(FailureKind.ERROR, "serving_stats is not supported here") for rid in rids}
 
+    @abstractmethod
+    def prefetch(self, rids: list[str], tag: str, refs: list[Any], specs: dict[str, Any],
+                 verifiers: dict[str, str] | None) -> None:
+        """Announce buckets of publication ``tag`` to ``rids`` without waiting (best effort:
+        ``actors.prefetch``)."""
+
+    @abstractmethod
+    def withdraw(self, rids: list[str], tag: str) -> None:
+        """Tell ``rids`` to free what they prefetched for ``tag``, without waiting."""
+
     def infer(self, rid: str, inputs: list[Any], min_version: int, timeout: float) -> dict[str, Any] | Failed:
         """One inference on ``rid`` (a canary judge's probe)."""
         return Failed(FailureKind.ERROR, "infer is not supported here")
@@ -275,6 +285,21 @@ class RayReplicaClient(ReplicaClient):
 
     def export(self, rid: str, version: int, timeout: float) -> Exported | None | Failed:
         return self._call(rid, "export", timeout, version)
+
+    def prefetch(self, rids: list[str], tag: str, refs: list[Any], specs: dict[str, Any],
+                 verifiers: dict[str, str] | None) -> None:
+        self._send(rids, "prefetch", tag, refs, specs, verifiers)
+
+    def withdraw(self, rids: list[str], tag: str) -> None:
+        self._send(rids, "withdraw", tag)
+
+    def _send(self, rids: list[str], method: str, *args: Any) -> None:
+        """Call ``method`` on ``rids`` and wait for nothing (a lost call changes nothing)."""
+        for handle in self.handles(rids).values():
+            try:
+                getattr(handle, method).remote(*args)
+            except Exception:  # noqa: BLE001  (a dead handle can refuse the submission)
+                logger.debug("%s not sent", method, exc_info=True)
 
     def renew(self, rid: str, epoch: int, lease_s: float, generation: int,
               on_reply: Callable[[str, LeaseReply | Failed], None] | None = None,

@@ -19,6 +19,10 @@ Contract:
   store, and this replica's own copy of it (swap, copy) is trusted as any memory copy is.
 - Every staged set lives in its transaction's record; every move that ends a record's hold on it
   (ABORTED, SUPERSEDED, an epoch change, ACTIVE) frees or commits it right there.
+- Buckets announced ahead of their PREPARE are fetched, copied and hashed in the background
+  (``actors.prefetch``); a PREPARE adopts those of its own refs, checked against its checksums
+  like the rest. Only ``swap`` mode without a memory budget copies ahead, and ``shared`` mode
+  hashes ahead; ``copy`` mode stages at PREPARE only.
 - ``sync`` serves exactly the given version, supersedes every staged set, and leaves the lifecycle
   ``serving`` (``draining`` stays draining), or ``failed`` with the reason and raises. The set
   comes from a live peer named by the coordinator's ``CatchUpPlan`` (checksums verified against
@@ -34,11 +38,14 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from engines.checksum import ChecksumMismatch, ChecksumMissing
+from engines.config import MemoryMode
 from engines.errors import NotRetainedError
+from engines.validation import parallel_checksums
 
 from .catch_up import ENGINE_FILE, PEER, STORE, CatchUpPlan, CaughtUp
 from .failpoints import Failpoints
-from .payload import Wire, packed_checksums, spec_dict, tensors_from_wire, to_wire
+from .payload import Wire, from_wire, packed_checksums, spec_dict, tensors_from_wire, to_wire
+from .prefetch import Prefetcher
 from .replica_protocol import (
     Lifecycle,
     ProtocolViolation,
@@ -81,6 +88,28 @@ class ReplicaCore:
         self.on_version: Callable[[int], None] = lambda version: None
         self.from_peer: FromPeer = lambda peer, version: None  # a peer's ``export`` (set by the actor)
         self.caught_up = CaughtUp(self.engine.version, ENGINE_FILE)
+        self.prefetch = Prefetcher(lambda ref, specs: from_wire(self._fetch([ref])[0], specs),
+                                   self._prestage, lambda buffers: self.engine.release_prestaged(buffers))
+        self.prefetch_wait_s = 30.0  # how long a PREPARE waits for a bucket's copy under way
+
+    # ------------------------------------------------------------------ prefetch
+
+    def can_prefetch(self) -> bool:
+        mode, budget = self.engine.config.memory_mode, self.engine.config.memory_budget_bytes
+        return self.lifecycle.state is not Lifecycle.FAILED and (
+            mode is MemoryMode.SHARED or (mode is MemoryMode.SWAP and budget is None))
+
+    def _prestage(self, tensors: dict[str, Any],
+                  verify: bool) -> tuple[dict[str, tuple[Any, str | None]], bool] | None:
+        """Swap mode: copies in the engine's buffers (hashed as copied when ``verify``); shared
+        mode: the fetched views, hashed now when ``verify`` (nothing is copied there)."""
+        copies = self.engine.prestage(tensors, checksum=verify)
+        if copies is not None:
+            return copies, True
+        if self.engine.config.memory_mode is not MemoryMode.SHARED:
+            return None
+        sums = parallel_checksums(tensors) if verify else {}
+        return {n: (t, sums.get(n)) for n, t in tensors.items()}, False
 
     # ------------------------------------------------------------------ catch-up
 
@@ -98,6 +127,7 @@ class ReplicaCore:
                                                                        Lifecycle.DRAINING):
             return
         self.lifecycle.move(Lifecycle.CATCHING_UP)
+        self.prefetch.forget()
         try:
             if self.engine.version != version:
                 self._free(self.participant.supersede_all(f"caught up to v{version}"))
@@ -209,22 +239,34 @@ class ReplicaCore:
                 return self.engine.stage(self.store.load(from_version), version)
         assert refs is not None
         t = time.perf_counter()
-        wires = self._fetch(refs)
-        timings["fetch_s"] = time.perf_counter() - t
+        ahead = self.prefetch.claim(refs, self.prefetch_wait_s)
+        timings["prefetched"], timings["prefetch_wait_s"] = float(len(ahead)), time.perf_counter() - t
+        adopt = {n for p in ahead.values() if p.copied for n in p.tensors}
+        handed = False  # the prefetched copies are the engine's once stage() has them
         try:
+            wires = self._fetch([r for i, r in enumerate(refs) if i not in ahead])
+            timings["fetch_s"] = time.perf_counter() - t
             tensors = tensors_from_wire(wires, specs)
+            for p in ahead.values():
+                tensors.update(p.tensors)
             t = time.perf_counter()
             # packed tensors are hashed where they lie in their bucket, the others as they are
-            # copied (one pass over the bytes); the store's copy is immutable
+            # copied (one pass over the bytes), prefetched ones as they were; the store's copy is
+            # immutable
             if not verify:  # a peer on this node verifies the object-store copy both read
                 timings["verified"] = 0.0
-                staged = self.engine.stage(tensors, version, borrow=borrow, values_checked=True)
+                handed = True
+                staged = self.engine.stage(tensors, version, borrow=borrow, values_checked=True,
+                                           adopt=adopt)
                 timings["stage_s"] = time.perf_counter() - t
                 return staged
             try:
-                verified = self._verify_packed(wires, checksums)
+                hashed = [(n, c) for w in wires for n, c in packed_checksums(w).items()]
+                hashed += [(n, c) for p in ahead.values() for n, c in p.checksums.items()]
+                verified = self._match(hashed, checksums)
+                handed = True
                 staged = self.engine.stage(tensors, version, borrow=borrow, values_checked=True,
-                                           checksums=checksums, verified=verified)
+                                           checksums=checksums, verified=verified, adopt=adopt)
             except (ChecksumMismatch, ChecksumMissing) as exc:
                 raise ChecksumMismatch(exc.name, str(checksums.get(exc.name)),
                                        getattr(exc, "actual", "no checksum"),
@@ -232,19 +274,20 @@ class ReplicaCore:
             timings["stage_s"] = time.perf_counter() - t
             return staged
         finally:
-            del wires
+            if not handed:
+                self.prefetch.release(ahead)
 
     @staticmethod
-    def _verify_packed(wires: list[Any], checksums: dict[str, str]) -> set[str]:
+    def _match(hashed: list[tuple[str, str]], checksums: dict[str, str]) -> set[str]:
+        """The names of ``hashed`` (name, checksum got), each matched to its entry."""
         verified = set()
-        for wire in wires:
-            for name, got in packed_checksums(wire).items():
-                want = checksums.get(name)
-                if want is None:
-                    raise ChecksumMissing(name)
-                if got != want:
-                    raise ChecksumMismatch(name, want, got)
-                verified.add(name)
+        for name, got in hashed:
+            want = checksums.get(name)
+            if want is None:
+                raise ChecksumMissing(name)
+            if got != want:
+                raise ChecksumMismatch(name, want, got)
+            verified.add(name)
         return verified
 
     def refuse(self, txn: str, reason: str) -> PrepareReply:

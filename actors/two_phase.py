@@ -101,6 +101,7 @@ class TxnResult:
     excluded: list[str] = field(default_factory=list)
     replicas: dict[str, dict[str, float]] = field(default_factory=dict)
     persisted: bool = True  # the version's checkpoint was durable when this was answered
+    unpersisted: list[int] | None = None  # versions not yet checkpointed when answered (None: unknown)
     phases: dict[str, float] = field(default_factory=dict)  # seconds in each step, in order
     canary: dict[str, Any] | None = None  # a canary refit: its cohort and traffic share
 
@@ -249,10 +250,13 @@ class TwoPhaseCommit:
                   no={r: v.reason for r, v in txn.votes.items() if not v.yes})
 
     def _verifiers(self, members: list[str], req: RefitRequest) -> dict[str, str] | None:
+        return self.verifiers_for(members, req.refs)
+
+    def verifiers_for(self, members: list[str], refs: list[Any] | None) -> dict[str, str] | None:
         """The members of one node read one object-store copy of a published version, so one of
         them (the first, by id, whose node a vote named) hashes it; the others stage it without
         hashing. A member whose node is not known yet verifies for itself."""
-        if req.refs is None or any(is_inline(b) for b in req.refs):
+        if refs is None or any(is_inline(b) for b in refs):
             return None  # each member reads its own copy: a stored version, or one inside the call
         out: dict[str, str] = {}
         for rid in sorted(members):
@@ -502,7 +506,8 @@ class TwoPhaseCommit:
         return TxnResult(status="committed", txn=txn.logged_as or txn.txn, version=txn.version, key=txn.key,
                          activated=True, duration_s=duration, prepare_s=txn.timings.get("prepare_s", 0.0),
                          persist=persist, excluded=list(txn.excluded), replicas=per_replica,
-                         persisted=self._ledger.state.is_persisted(txn.version), phases=dict(txn.laps))
+                         persisted=self._ledger.state.is_persisted(txn.version), phases=dict(txn.laps),
+                         unpersisted=[v for _, v in self._ledger.state.unpersisted])
 
     def exclude(self, rid: str, reason: str, *, deferrable: bool = True,
                 txn: CoordinatorTxn | None = None) -> bool:

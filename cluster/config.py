@@ -235,6 +235,11 @@ class FleetConfig(BaseModel):
     bucket_bytes: int = Field(strict=True, default=64 << 20, ge=1 << 20,
         description="a refit is put into the object store in buckets of at most this many bytes (a "
                     "larger tensor is a bucket of its own), checksummed one bucket ahead of the put")
+    prefetch: bool = Field(
+        default=False, description="announce each bucket to the replicas as soon as it is put: they copy "
+                                   "and hash it while the next is put, ahead of the PREPARE (swap mode "
+                                   "without a memory budget copies ahead, shared mode hashes ahead); off "
+                                   "by default: slower where the host's cores are few (docs/benchmarks.md)")
     engine_device: str | None = Field(
         default=None, pattern=r"^(cpu|cuda(:\d+)?|mlu(:\d+)?)$",
         description="override the engine's device in replicas (simulated cards in tests)")

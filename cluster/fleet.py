@@ -233,17 +233,16 @@ class Fleet:
         """
         from engines.config import NonFinitePolicy
 
-        from .publish import publish  # torch: imported by the first refit, not by every driver
-
         t0 = time.perf_counter()
         key = key or f"auto-{uuid.uuid4().hex}"
         checks = self._probes(probes)
         if canary is not None and not isinstance(canary, Canary):
             raise ValueError(f"canary must be a cluster.Canary, got {type(canary).__name__}")
         waited = self._let_checkpoints_catch_up()
-        pub = publish(weights, self.manifest(), non_finite=NonFinitePolicy.REJECT,
-                      strip_prefix=strip_prefix, add_prefix=add_prefix, mapping=mapping,
-                      complete=complete, bucket_bytes=self._cfg.get("bucket_bytes", BUCKET_BYTES))
+        pub = self._publish(weights, key, prefetch=canary is None and self._cfg.get("prefetch", False),
+                            non_finite=NonFinitePolicy.REJECT, strip_prefix=strip_prefix,
+                            add_prefix=add_prefix, mapping=mapping, complete=complete,
+                            bucket_bytes=self._cfg.get("bucket_bytes", BUCKET_BYTES))
         stored = any(not is_inline(r) for r in pub.refs)
         try:
             call = self._coord.refit.remote(pub.refs, pub.specs, pub.checksums, key, checks, canary)
@@ -251,12 +250,35 @@ class Fleet:
         finally:
             pub.refs.clear()  # the replicas and the store have their copies (or it aborted)
         result = self._result(out, t0, {**pub.timings, "checkpoint_wait_s": waited}, observe=canary is None)
-        if stored and not (result.persisted or result.noop or result.duplicate):
-            with self._lock:
+        with self._lock:  # the versions whose checkpoint is still to be written, as the answer says
+            if out.unpersisted is not None:
+                self._unwritten = [v for v in self._unwritten if v in out.unpersisted]
+            if stored and not (result.persisted or result.noop or result.duplicate):
                 self._unwritten.append(result.version)
         if canary is not None:
             self.router.refresh()
         return result
+
+    def _publish(self, weights: WeightsLike, key: str, *, prefetch: bool, **options: Any) -> Any:
+        """``cluster.publish.publish``; with ``prefetch`` each bucket is announced to the members as
+        soon as it is put (``Coordinator.announce``: they copy it while the next is put), and a
+        publication that fails withdraws what was announced."""
+        from .publish import publish  # torch: imported by the first refit, not by every driver
+
+        announced: list[Any] = []
+
+        def announce(ref: Any, specs: dict[str, Any]) -> None:
+            announced.append(self._coord.announce.remote(key, [ref], specs))
+
+        try:
+            pub = publish(weights, self.manifest(), on_put=announce if prefetch else None, **options)
+        except BaseException:
+            if announced:
+                self._coord.withdraw.remote(key)
+            raise
+        if announced:  # forwarded to the members before the PREPARE is
+            ray.wait(announced, num_returns=len(announced), timeout=1.0)
+        return pub
 
     def promote(self, reason: str = "") -> RefitResult:
         """Activate the running canary's version on the rest of the fleet, with one commit point.
@@ -386,7 +408,11 @@ class Fleet:
         """Wait until ``version``'s checkpoint is durable (under ``durability: replicated`` it is
         written after ``refit`` returns); False if it is not within ``timeout``."""
         with readable_errors():
-            return bool(ray.get(self._coord.wait_persisted.remote(version, timeout), timeout=timeout + 30))
+            done = bool(ray.get(self._coord.wait_persisted.remote(version, timeout), timeout=timeout + 30))
+        if done:  # checkpoints are written in commit order: none before it is left to wait for
+            with self._lock:
+                self._unwritten = [v for v in self._unwritten if v > version]
+        return done
 
     def outcome(self, key_or_txn: str) -> dict[str, Any]:
         """``{"status": committed | aborted | in_doubt | unknown, "version", "txn", "reason", ...}``."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 import weakref
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import ray
@@ -36,6 +36,8 @@ from engines.weights import WeightsLike, check_header, fill_tied, load_weights, 
 from .errors import ObjectStoreTooSmall
 
 _ALWAYS_FITS = 32 << 20  # bytes: below 80% of the smallest object store Ray allows
+
+OnPut = Callable[[Any, dict[str, Any]], None]  # (a bucket's ref, the specs of its tensors)
 
 
 def manifest_specs(manifest: Mapping[str, Any]) -> dict[str, TensorSpec]:
@@ -155,7 +157,7 @@ def publish(weights: WeightsLike, manifest: Mapping[str, Any], *,
             non_finite: NonFinitePolicy = NonFinitePolicy.REJECT, strip_prefix: str | None = None,
             add_prefix: str | None = None, mapping: Mapping[str, str] | None = None,
             complete: bool = False, inline_bytes: int = INLINE_BYTES,
-            bucket_bytes: int = BUCKET_BYTES) -> Publication:
+            bucket_bytes: int = BUCKET_BYTES, on_put: OnPut | None = None) -> Publication:
     """Validate ``weights`` against the fleet manifest (I4: before any transfer), checksum them
     (xxh3 per tensor) and ``ray.put`` them once, in buckets of at most ``bucket_bytes``: the
     checksums and non-finite scan of bucket k+1 run on helper threads while bucket k is put, and a
@@ -165,7 +167,9 @@ def publish(weights: WeightsLike, manifest: Mapping[str, Any], *,
     ``ObjectStoreTooSmall`` with the numbers when the version cannot fit the object store.
     ``timings``: ``load_validate_s``, ``checksum_s`` (the checks not hidden behind a put),
     ``put_s``, ``buckets``; for a checkpoint directory read shard by shard also ``shards`` and
-    ``shards_held_at_most`` (shards in memory at once, at most)."""
+    ``shards_held_at_most`` (shards in memory at once, at most). ``on_put(ref, specs)`` is called
+    with each bucket as soon as it is in the object store (not for an inline version), with the
+    specs of its tensors; what it raises fails the publication."""
     t0 = time.perf_counter()
     source = _Source(weights, manifest, names=name_fn(strip_prefix, add_prefix, mapping), complete=complete,
                      inline_bytes=inline_bytes,
@@ -187,7 +191,7 @@ def publish(weights: WeightsLike, manifest: Mapping[str, Any], *,
     try:
         for tensors in source.groups():
             refs += _put_group(tensors, sums, scan, inline=nbytes <= inline_bytes, bucket_bytes=bucket_bytes,
-                               timings=timings)
+                               timings=timings, on_put=on_put and _with_specs(on_put, source.specs))
             del tensors  # before the next group is read
     except BaseException:
         refs.clear()  # nothing was sent: what was put is freed
@@ -200,8 +204,13 @@ def publish(weights: WeightsLike, manifest: Mapping[str, Any], *,
                        nbytes=nbytes, timings=timings)
 
 
+def _with_specs(on_put: OnPut, specs: dict[str, Any]) -> Callable[[Any, Wire], None]:
+    return lambda ref, wire: on_put(ref, {n: specs[n] for part in (wire[1], wire[2]) for n in part})
+
+
 def _put_group(tensors: dict[str, torch.Tensor], sums: dict[str, str], scan: bool, *, inline: bool,
-               bucket_bytes: int, timings: dict[str, float]) -> list[Any]:
+               bucket_bytes: int, timings: dict[str, float],
+               on_put: Callable[[Any, Wire], None] | None = None) -> list[Any]:
     """Checksum, scan and put one group of tensors in buckets (or inline); their refs."""
     groups = [tensors] if inline else buckets(tensors, bucket_bytes)
     wires = [to_wire(g) for g in groups]  # small tensors packed (one copy of them), views of the rest
@@ -228,6 +237,8 @@ def _put_group(tensors: dict[str, torch.Tensor], sums: dict[str, str], scan: boo
                 checks[k + 1] = _BucketChecks(groups[k + 1], wires[k + 1], scan)
             refs.append(wire if put is None else put.result())
             timings["put_s"] += time.perf_counter() - t
+            if put is not None and on_put is not None:
+                on_put(refs[-1], wire)
     except BaseException:
         for c in checks:
             if c is not None:

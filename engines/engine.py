@@ -20,6 +20,10 @@ Contract:
   checked before any weight is read. ``stage`` checks a weights file's names, shapes and dtypes
   against the manifest from the file's header before reading its data (``load_weights(expect=)``).
 - ``commit``/``discard`` take only sets this engine staged (``StagedSetError`` otherwise).
+- ``prestage`` copies tensors into spare buffers before their version is known (a fleet's replica
+  copies each bucket as it arrives, ahead of the PREPARE). The caller owns those buffers until it
+  passes them to ``stage(..., adopt=...)``, which then owns them (staged as they are, or pooled on
+  failure), or back with ``release_prestaged``; never both.
 """
 
 from __future__ import annotations
@@ -227,7 +231,8 @@ class Engine:
     def stage(self, weights: WeightsLike, version: int, *, strip_prefix: str | None = None,
               add_prefix: str | None = None, mapping: Mapping[str, str] | None = None,
               borrow: bool = False, values_checked: bool = False,
-              checksums: Mapping[str, str] | None = None, verified: Collection[str] = ()) -> StagedSet:
+              checksums: Mapping[str, str] | None = None, verified: Collection[str] = (),
+              adopt: Collection[str] = ()) -> StagedSet:
         """Validate ``weights`` (a subset is fine) and copy them into spare buffers as ``version``.
 
         ``borrow=True`` says the tensors will never change: in ``shared`` mode the set then holds
@@ -238,19 +243,72 @@ class Engine:
         ``engines.checksum``), checked as it is copied (one pass over the bytes); a tensor without
         one raises ``ChecksumMissing`` and a mismatch ``ChecksumMismatch``, and nothing is staged.
         ``verified`` names tensors the caller has already matched to their ``checksums`` entries
-        (hashed where it holds them): they are copied without hashing again."""
+        (hashed where it holds them): they are copied without hashing again. ``adopt`` names
+        tensors that are buffers ``prestage`` gave out (swap mode): they are staged as they are,
+        without a copy, and belong to this engine from the call on, whatever it raises."""
+        try:
+            self._check_refittable()
+            version = check_version_number(version)
+            self._check_version(version, self._live)  # again under the lock; this one spares a read
+            tensors = fill_tied(load_weights(weights, strip_prefix=strip_prefix, add_prefix=add_prefix,
+                                             mapping=mapping, expect=self._manifest), self._tied)
+            policy = NonFinitePolicy.ALLOW if values_checked else self.config.non_finite
+            check_weights(tensors, self._manifest, policy)
+            if checksums is not None:
+                if missing := [n for n in tensors if n not in checksums]:
+                    raise ChecksumMissing(missing[0], f"staging version {version}")
+                checksums = {n: c for n, c in checksums.items() if n in tensors and n not in verified}
+            if adopt and self.config.memory_mode is not MemoryMode.SWAP:
+                raise EngineError(f"only a swap-mode engine adopts prestaged buffers, this one is "
+                                  f"{self.config.memory_mode.value}")
+        except BaseException:
+            if adopt and isinstance(weights, Mapping):
+                self.release_prestaged({n: weights[n] for n in adopt if n in weights})
+            raise
+        return self._stage_tensors(tensors, version, borrow, checksums, frozenset(adopt))
+
+    def prestage(self, tensors: Mapping[str, torch.Tensor], *,
+                 checksum: bool) -> dict[str, tuple[torch.Tensor, str | None]] | None:
+        """Copies of ``tensors`` (names, shapes and dtypes checked against the manifest) in spare
+        buffers, for a later ``stage(..., adopt=...)``: ``name -> (buffer, checksum)``, each buffer
+        hashed as it is copied when ``checksum`` (else None). None where this engine does not
+        prestage: ``copy`` and ``shared`` mode, or a ``memory_budget_bytes`` (buffers handed out
+        are outside the budget's count). Raises the engine's errors naming the tensor."""
+        if self.config.memory_mode is not MemoryMode.SWAP or self.config.memory_budget_bytes is not None:
+            return None
         self._check_refittable()
-        version = check_version_number(version)
-        self._check_version(version, self._live)  # again under the lock; this one spares a read
-        tensors = fill_tied(load_weights(weights, strip_prefix=strip_prefix, add_prefix=add_prefix,
-                                         mapping=mapping, expect=self._manifest), self._tied)
-        policy = NonFinitePolicy.ALLOW if values_checked else self.config.non_finite
-        check_weights(tensors, self._manifest, policy)
-        if checksums is not None:
-            if missing := [n for n in tensors if n not in checksums]:
-                raise ChecksumMissing(missing[0], f"staging version {version}")
-            checksums = {n: c for n, c in checksums.items() if n in tensors and n not in verified}
-        return self._stage_tensors(tensors, version, borrow, checksums)
+        check_weights(dict(tensors), self._manifest, NonFinitePolicy.ALLOW)
+        out: dict[str, tuple[torch.Tensor, str | None]] = {}
+        jobs: list[tuple[str, torch.Tensor, Future[str]]] = []
+        try:
+            for name, src in tensors.items():
+                buf = self._pool.take(tuple(src.shape), src.dtype, self.device)
+                if buf is None:
+                    buf = torch.empty(src.shape, dtype=src.dtype, device=self.device)
+                if buf.device.type == "cpu" and checksum and _nbytes(src) >= _PARALLEL_BYTES:
+                    jobs.append((name, buf, helpers().submit(copy_and_checksum, buf, src)))
+                    continue
+                if buf.device.type == "cpu" and checksum:
+                    out[name] = (buf, copy_and_checksum(buf, src))
+                    continue
+                got = tensor_checksum(src) if checksum else None  # the host copy, then the card's
+                buf.copy_(src, non_blocking=src.is_pinned())
+                out[name] = (buf, got)
+            for name, buf, job in jobs:
+                out[name] = (buf, job.result())
+            jobs = []
+            self.backend.synchronize()
+        except BaseException:
+            wait([job for _, _, job in jobs])  # no buffer goes back to the pool while a copy writes it
+            self.release_prestaged({n: b for n, (b, _) in out.items()}
+                                   | {n: b for n, b, _ in jobs if n not in out})
+            raise
+        return out
+
+    def release_prestaged(self, buffers: Mapping[str, torch.Tensor]) -> None:
+        """Give back buffers ``prestage`` handed out and no ``stage`` adopted (to the pool)."""
+        for buf in buffers.values():
+            self._pool.put(buf)
 
     def check_probes(self, staged: StagedSet, probes: Sequence[Probe]) -> None:
         """Run each probe on ``staged`` (never on the live set; a ``max_drift`` probe also on the
@@ -305,30 +363,42 @@ class Engine:
             raise VersionOrderError(f"version {version} is not newer than the live version {base.version}")
 
     def _stage_tensors(self, tensors: Mapping[str, torch.Tensor], version: int,
-                       borrow: bool = False, checksums: Mapping[str, str] | None = None) -> StagedSet:
+                       borrow: bool = False, checksums: Mapping[str, str] | None = None,
+                       adopt: frozenset[str] = frozenset()) -> StagedSet:
         t0 = time.perf_counter()
         with self._refit_lock:
             base = self._live
-            self._check_version(version, base)
+            try:
+                self._check_version(version, base)
+            except BaseException:
+                self.release_prestaged({n: tensors[n] for n in adopt if n in tensors})
+                raise
             need = sum(_nbytes(t) for t in tensors.values())
             if self.config.memory_mode is MemoryMode.COPY:
                 staged = self._stage_copy(tensors, version, base, need, checksums)
             elif borrow and self.config.memory_mode is MemoryMode.SHARED:
                 staged = self._stage_borrowed(tensors, version, base, checksums)
             else:
-                staged = self._stage_swap(tensors, version, base, need, checksums)
+                staged = self._stage_swap(tensors, version, base, need, checksums, adopt)
             staged.stage_s = time.perf_counter() - t0
             with self._cond:
                 self._staged[id(staged)] = staged
             return staged
 
     def _stage_swap(self, tensors: Mapping[str, torch.Tensor], version: int, base: WeightSet,
-                    need: int, checksums: Mapping[str, str] | None) -> StagedSet:
-        self._make_room(lambda: need - self._pool.reusable_bytes(tensors.values(), self.device))
+                    need: int, checksums: Mapping[str, str] | None,
+                    adopt: frozenset[str] = frozenset()) -> StagedSet:
         new_tensors = dict(base.tensors)
+        for name in adopt:  # owned by the set from here: pooled below if staging fails
+            new_tensors[name] = tensors[name]
         jobs: list[tuple[str, Future[str]]] = []  # large copies, verified on the helper threads
         try:
+            self._make_room(lambda: need - self._pool.reusable_bytes(tensors.values(), self.device))
             for name, src in tensors.items():
+                if name in adopt:
+                    if checksums is not None and name in checksums:  # prestaged without a hash
+                        _check(name, checksums, tensor_checksum(src), version)
+                    continue
                 buf = self._pool.take(tuple(src.shape), src.dtype, self.device)
                 if buf is None:
                     buf = torch.empty(src.shape, dtype=src.dtype, device=self.device)

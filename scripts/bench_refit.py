@@ -40,6 +40,7 @@ import contextlib
 import dataclasses
 import datetime as _dt
 import gc
+import itertools
 import json
 import os
 import platform
@@ -669,7 +670,8 @@ def refit_breakdown(res: Any, raw: dict[str, Any], wall: float) -> dict[str, Any
         "checkpoint_wait_s": t.get("checkpoint_wait_s", 0.0),
         "coordinator_s": coord, "prepare_s": prepare,
         "replica_fetch_s": mx("fetch_s"), "replica_verify_s": mx("verify_s"),
-        "replica_stage_s": mx("stage_s"),
+        "replica_stage_s": mx("stage_s"), "replica_prefetch_wait_s": mx("prefetch_wait_s"),
+        "replica_prefetched_buckets": mx("prefetched"),
         "replica_prepare_s": mx("prepare_s"),
         "prepare_rpc_s": max(0.0, prepare - mx("prepare_s")),
         "persist_read_s": persist.get("read_s"), "persist_write_s": persist.get("write_s"),
@@ -682,7 +684,7 @@ def refit_breakdown(res: Any, raw: dict[str, Any], wall: float) -> dict[str, Any
 
 def run_row(size_mib: float, n: int, engine_path: Path, weights: dict[str, torch.Tensor], size_bytes: int,
             floors: dict[str, Any], args: argparse.Namespace, workdir: Path, store: StoreProbe,
-            cores: int, budget_bytes: float, memory_mode: str) -> dict[str, Any]:
+            cores: int, budget_bytes: float, memory_mode: str, prefetch: bool = False) -> dict[str, Any]:
     import ray
 
     from cluster import Fleet, FleetConfig
@@ -692,13 +694,14 @@ def run_row(size_mib: float, n: int, engine_path: Path, weights: dict[str, torch
     gib = size_bytes / GiB
     cfg = FleetConfig(
         name=name, engine=str(engine_path), replicas=n, state_dir=str(state_dir), torch_threads=1,
-        persist_fsync=not args.no_fsync, keep_previous=True, memory_mode=memory_mode,
+        persist_fsync=not args.no_fsync, keep_previous=True, memory_mode=memory_mode, prefetch=prefetch,
         timeouts={"prepare_s": 120 + 120 * gib, "commit_s": 30, "activate_s": 30, "request_s": 60,
                   "launch_s": 300 + 60 * gib * n},
     )
     row: dict[str, Any] = {"model_bytes": size_bytes, "model_mib": size_bytes / MiB, "replicas": n,
                            "tensors": len(weights), "persist_fsync": cfg.persist_fsync,
-                           "memory_mode": memory_mode, "loadavg_1m_start": os.getloadavg()[0]}
+                           "memory_mode": memory_mode, "prefetch": prefetch,
+                           "loadavg_1m_start": os.getloadavg()[0]}
     t = time.perf_counter()
     fleet = Fleet.launch(cfg)
     row["launch_s"] = time.perf_counter() - t
@@ -719,6 +722,7 @@ def run_row(size_mib: float, n: int, engine_path: Path, weights: dict[str, torch
 
     value_of: dict[int, float] = {0: 0.0}
     counter = [0]
+    counter_version = [0]  # the version of the last refit
 
     def one_refit() -> dict[str, Any]:
         counter[0] += 1
@@ -731,6 +735,7 @@ def run_row(size_mib: float, n: int, engine_path: Path, weights: dict[str, torch
         wall = time.perf_counter() - t0
         t_ret = time.monotonic()
         value_of[res.version] = value
+        counter_version[0] = res.version
         b = refit_breakdown(res, raws[-1] if raws else {}, wall)
         b.update({"t_call": t_call, "t_return": t_ret, "version": res.version})
         return b
@@ -755,6 +760,12 @@ def run_row(size_mib: float, n: int, engine_path: Path, weights: dict[str, torch
             w["memory"] = sampler.window(w["t_call"], w["t_return"])
             warm.append(w)
         log("  warm refits " + ", ".join(f"{w['refit_s']:.3f}" for w in warm) + " s")
+        settled = []  # each once the previous version's checkpoint is written (not timed)
+        for _ in range(args.warm if args.settled is None else args.settled):
+            fleet.wait_persisted(counter_version[0], timeout=120)
+            settled.append(one_refit())
+        if settled:
+            log("  settled refits " + ", ".join(f"{w['refit_s']:.3f}" for w in settled) + " s")
 
         # serving: idle window, then refits under load
         clients = Clients(name, ray.get_runtime_context().gcs_address, args.concurrency,
@@ -794,6 +805,8 @@ def run_row(size_mib: float, n: int, engine_path: Path, weights: dict[str, torch
     keys = [k for k in warm[0] if k not in ("t_call", "t_return", "version", "memory")]
     profile = {k: median([w[k] for w in warm if w.get(k) is not None]) for k in keys}
     profile_load = {k: median([w[k] for w in loaded if w.get(k) is not None]) for k in keys}
+    profile_settled = {k: median([w[k] for w in settled if w.get(k) is not None])
+                       for k in keys} if settled else {}
     cold_profile = {k: cold[k] for k in keys}
     mems = [w["memory"] for w in warm + loaded if w.get("memory")]
 
@@ -824,6 +837,9 @@ def run_row(size_mib: float, n: int, engine_path: Path, weights: dict[str, torch
     swaps = [w["swap_ns"] for w in [cold] + warm + loaded]
     row.update({
         "refit_s": refit_s, "refit_warm_s": warm_s, "cold_refit_s": cold["refit_s"],
+        "refit_settled_s": median([w["refit_s"] for w in settled]) if settled else None,
+        "refit_settled_all_s": [w["refit_s"] for w in settled],
+        "settled_ratio_to_floor": median([w["refit_s"] for w in settled]) / floor_s if settled else None,
         "warmup_refit_s": warming,
         "cold_over_warm": cold["refit_s"] / refit_s,
         "refit_under_load_s": median([r["refit_s"] for r in loaded]),
@@ -838,6 +854,7 @@ def run_row(size_mib: float, n: int, engine_path: Path, weights: dict[str, torch
         + (floors["persist_fsync_s"] if cfg.persist_fsync else floors["persist_nofsync_s"]),
         "swap_us": max(swaps) / 1e3, "swap_us_median": median(swaps) / 1e3,
         "profile_warm": profile, "profile_cold": cold_profile, "profile_under_load": profile_load,
+        "profile_settled": profile_settled,
         "memory": memory, "unavailable_replicas": 0, "loadavg_1m_end": os.getloadavg()[0],
         "refit_details": {"cold": strip(cold), "warm": [strip(w) for w in warm],
                           "under_load": [strip(r) for r in loaded]},
@@ -954,6 +971,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--memory-mode", choices=["swap", "shared"], nargs="+", default=["swap"],
                    help="the fleets' memory_mode, one row each per size and N (shared: replicas serve "
                         "the object store's copy)")
+    p.add_argument("--prefetch", choices=["on", "off"], nargs="+", default=["off"],
+                   help="the fleets' prefetch (replicas copy each bucket as it is put), one row each: "
+                        "'on off' measures both in one run")
+    p.add_argument("--settled", type=int,
+                   help="refits after the warm ones, each started once the previous version's checkpoint "
+                        "is written, as in a loop refitting every few seconds (default: as many as --warm; "
+                        "the warm ones are 0.1 s apart and overlap that write)")
     p.add_argument("--no-baselines", action="store_true", help="skip the reload and by-value baselines")
     p.add_argument("--no-engine", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--mem-fraction", type=float, default=0.75, help="memory ceiling for a row (of MemTotal)")
@@ -989,7 +1013,8 @@ def fits(size_bytes: int, n: int, frac: float) -> tuple[bool, str]:
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
-    hdr = (f"{'MiB':>6} {'N':>2} {'mode':>6} {'refit_s':>8} {'cold_s':>7} {'floor_s':>8} {'ratio':>6} "
+    hdr = (f"{'MiB':>6} {'N':>2} {'mode':>6} {'pf':>3} {'refit_s':>8} {'settled':>7} {'cold_s':>7} "
+           f"{'floor_s':>8} {'ratio':>6} {'ratio_s':>7} "
            f"{'+extra':>7} "
            f"{'reload_s':>8} {'byval_s':>8} {'p99i':>6} {'p99r':>7} {'swap_us':>7} fail torn mix")
     print(hdr)
@@ -1000,9 +1025,11 @@ def print_table(rows: list[dict[str, Any]]) -> None:
     for r in rows:
         def f(k: str, fmt: str, r: dict[str, Any] = r) -> str:
             return fmt_of(r, k, fmt)
-        print(f"{r['model_mib']:6.0f} {r['replicas']:2d} {r['memory_mode']:>6} {f('refit_s', '8.3f')} "
-              f"{f('cold_refit_s', '7.3f')} "
-              f"{f('floor_s', '8.4f')} {f('ratio_to_floor', '6.1f')} {f('floor_plus_extra_s', '7.3f')} "
+        print(f"{r['model_mib']:6.0f} {r['replicas']:2d} {r['memory_mode']:>6} "
+              f"{'on' if r.get('prefetch') else 'off':>3} {f('refit_s', '8.3f')} "
+              f"{f('refit_settled_s', '7.3f')} "
+              f"{f('cold_refit_s', '7.3f')} {f('floor_s', '8.4f')} {f('ratio_to_floor', '6.1f')} "
+              f"{f('settled_ratio_to_floor', '7.1f')} {f('floor_plus_extra_s', '7.3f')} "
               f"{f('reload_baseline_s', '8.3f')} {f('byvalue_baseline_s', '8.3f')} "
               f"{f('p99_idle_ms', '6.2f')} "
               f"{f('p99_refit_ms', '7.2f')} {f('swap_us', '7.1f')} {r.get('failed', '-'):>4} "
@@ -1083,12 +1110,14 @@ def main(argv: list[str] | None = None) -> int:
                     result["skipped"].append({"model_bytes": size_bytes, "replicas": n, "reason": why})
                     continue
                 mode_rows = []
-                for mode in args.memory_mode:
-                    log(f"-- row {size_bytes / MiB:.0f} MiB x {n} replica(s), memory_mode {mode}")
+                for mode, prefetch in itertools.product(args.memory_mode, args.prefetch):
+                    log(f"-- row {size_bytes / MiB:.0f} MiB x {n} replica(s), memory_mode {mode}, "
+                        f"prefetch {prefetch}")
                     try:
                         mode_rows.append(run_row(size_mib, n, engine_path, weights, size_bytes, floors, args,
                                                  workdir, store, cores,
-                                                 args.mem_fraction * meminfo()["MemTotal"], mode))
+                                                 args.mem_fraction * meminfo()["MemTotal"], mode,
+                                                 prefetch == "on"))
                     except Exception as exc:  # noqa: BLE001
                         log(f"   row failed: {type(exc).__name__}: {exc}")
                         result["skipped"].append({"model_bytes": size_bytes, "replicas": n,
@@ -1107,7 +1136,8 @@ def main(argv: list[str] | None = None) -> int:
                     for key in ("reload_baseline_s", "byvalue_baseline_s"):
                         if row.get(key):
                             row[key.replace("_baseline_s", "_speedup")] = row[key] / row["refit_s"]
-                    log(f"   => {row['memory_mode']}: refit {row['refit_s']:.3f}s "
+                    log(f"   => {row['memory_mode']}, prefetch {row['prefetch']}: "
+                        f"refit {row['refit_s']:.3f}s "
                         f"(cold {row['cold_refit_s']:.3f}s) "
                         f"floor {row['floor_s']:.4f}s ratio {row['ratio_to_floor']:.1f}x; reload "
                         f"{row.get('reload_baseline_s') or float('nan'):.3f}s by-value "

@@ -79,6 +79,13 @@ class FakeReplicas(ReplicaClient):
     def forget(self, rid: str) -> None:
         self.replicas.pop(rid, None)
 
+    def prefetch(self, rids: list[str], tag: str, refs: list[Any], specs: dict[str, Any],
+                 verifiers: dict[str, str] | None) -> None:
+        self.calls.append(("prefetch", tuple(rids)))
+
+    def withdraw(self, rids: list[str], tag: str) -> None:
+        self.calls.append(("withdraw", tuple(rids)))
+
     def handles(self, rids: list[str]) -> dict[str, Any]:
         return {rid: self.replicas[rid] for rid in rids if rid in self.replicas}
 

@@ -94,6 +94,11 @@ def test_refits_faster_than_their_checkpoints_keep_at_most_two_versions_behind_a
         persistence = fleet.status()["persistence"]
         assert persistence["unpersisted"] == [] and persistence["given_up"] == {}
         assert all(_row(fleet, v)["persisted"] for v in versions)
+        # refits spaced so that each starts once the one before is written: each answer says which
+        # versions are still being written, so no refit waits or asks the coordinator
+        for value in (5.25, 5.5, 5.75):
+            wait_for(lambda: fleet.status()["persistence"]["unpersisted"] == [], what="checkpoints")
+            assert fleet.refit(probe_weights(value, width=wide)).timings["checkpoint_wait_s"] == 0.0
         # a coordinator restarted between refits: the next refit's wait goes to its successor
         fleet.refit(probe_weights(6.0, width=wide))
         epoch = fleet.status()["epoch"]

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import ray
 import torch
-from fleet_models import converged, fleet_config, serving_again
+from fleet_models import converged, fleet_config, serving_again, wait_for
 from torch.export import Dim
 
 from engines import BuilderConfig, WeightFileError, build_engine, load_engine
@@ -207,7 +207,7 @@ def gpt2_fleet(ray_session: None, tmp_path_factory: pytest.TempPathFactory) -> A
 
     root = tmp_path_factory.mktemp("gpt2")
     _lm_engine(Decoder(_gpt2(0)), root)
-    fleet = Fleet.launch(fleet_config(root / "Decoder.engine", root, bucket_bytes=1 << 20))
+    fleet = Fleet.launch(fleet_config(root / "Decoder.engine", root, bucket_bytes=1 << 20, prefetch=True))
     yield fleet
     fleet.shutdown()
 
@@ -219,11 +219,45 @@ def test_a_fleet_refits_from_a_sharded_checkpoint_directory_and_serves_the_eager
     res = gpt2_fleet.refit(tmp_path / "ckpt", add_prefix="m.", complete=True)  # the tied head follows
     st = converged(gpt2_fleet)
     assert st["version"] == res.version
+    # prefetch: each replica copied buckets as they were put, shard by shard, ahead of the PREPARE
+    assert all(r["prefetch"]["prefetched"] > 0 for r in st["replicas"]), st["replicas"]
+    assert all(r["prefetch"]["buckets"] == 0 for r in st["replicas"])  # the PREPARE took them all
     ids, _ = _tokens(3, 9)
     eager = Decoder(trained)(ids)
     for _ in range(4):
         r = gpt2_fleet.infer(ids.numpy())
         assert r.version == res.version and _max_diff(r.outputs[0], eager) <= TOL
+
+
+def test_a_publication_refused_part_way_frees_what_the_replicas_prefetched(gpt2_fleet: Any,
+                                                                          tmp_path: Path) -> None:
+    """prefetch: the shards before a refused one were announced; the refusal withdraws them, so
+    no replica keeps their copies until the next refit."""
+    from safetensors.torch import load_file, save_file
+
+    from engines.errors import NonFiniteWeightError
+
+    _gpt2(5).save_pretrained(tmp_path / "ckpt", max_shard_size="40KB")
+    index = json.loads((tmp_path / "ckpt" / "model.safetensors.index.json").read_text())
+    last = tmp_path / "ckpt" / sorted(set(index["weight_map"].values()))[-1]  # read last
+    shard = load_file(last)
+    name = sorted(shard)[0]
+    shard[name] = shard[name].clone()
+    shard[name].view(-1)[0] = float("nan")
+    save_file(shard, last, metadata={"format": "pt"})
+    before = gpt2_fleet.status()
+    seen = {r["id"]: r["prefetch"]["prefetched"] + r["prefetch"]["skipped"] for r in before["replicas"]}
+    with pytest.raises(NonFiniteWeightError, match=name):
+        gpt2_fleet.refit(tmp_path / "ckpt", add_prefix="m.", complete=True)
+
+    def freed() -> dict[str, Any] | None:  # announced buckets arrived, and nothing is held
+        st = gpt2_fleet.status()
+        return st if all(r["prefetch"]["tag"] is None and r["prefetch"]["bytes"] == 0
+                         and r["prefetch"]["prefetched"] + r["prefetch"]["skipped"] > seen[r["id"]]
+                         for r in st["replicas"]) else None
+
+    st = wait_for(freed, 20, "the replicas to free the withdrawn buckets")
+    assert st["version"] == before["version"] and all(r["staged_bytes"] == 0 for r in st["replicas"])
 
 
 def test_a_sharded_checkpoint_is_published_one_shard_at_a_time(gpt2_fleet: Any, tmp_path: Path) -> None:

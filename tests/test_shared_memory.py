@@ -46,7 +46,7 @@ def wide_input() -> np.ndarray:
 def fleet(ray_session: None, tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("shared")
     build_probe_engine(root / "wide.engine", width=WIDTH)
-    cfg = fleet_config(root / "wide.engine", root, memory_mode="shared", keep_previous=True)
+    cfg = fleet_config(root / "wide.engine", root, memory_mode="shared", keep_previous=True, prefetch=True)
     f = Fleet.launch(cfg)
     yield f
     f.shutdown()
@@ -116,6 +116,42 @@ def test_a_replica_named_the_verifier_of_a_node_it_is_not_on_votes_no(fleet: Fle
                                      {"a-node-it-left": "r0"}))
     assert not vote.yes and "named the verifier of node a-node-it-left" in vote.reason
     assert ray.get(r0.status.remote())["pending"] == []
+
+
+def test_announced_buckets_are_hashed_ahead_and_nothing_stays_held_after_the_refits(fleet: Fleet) -> None:
+    """prefetch: the fleet announces each bucket as it is put; its node's verifier hashes it ahead
+    of the PREPARE, and what the PREPARE takes is not held afterwards."""
+    before = {r["id"]: r["prefetch"]["prefetched"] for r in _replicas(fleet)}
+    with ClientLoad(fleet, inputs=wide_input()) as load:
+        for k in range(3):
+            res = fleet.refit(weights(20.0 + k))
+    load.check()
+    st = converged(fleet)
+    assert st["version"] == res.version
+    assert sum(r["prefetch"]["prefetched"] - before[r["id"]] for r in st["replicas"]) >= 3
+    assert all(r["prefetch"]["buckets"] == 0 and r["prefetch"]["bytes"] == 0 for r in st["replicas"])
+    assert probe_value(fleet.infer(wide_input()).outputs) == 22.0
+
+
+def test_a_flipped_bit_in_an_announced_bucket_is_refused_by_its_verifier(fleet: Fleet) -> None:
+    from actors.payload import spec_dict, to_wire
+    from engines.checksum import checksums
+
+    before = fleet.refit(weights(30.0))
+    tensors = {n: torch.from_numpy(a) for n, a in weights(31.0).items()}
+    sums = checksums(tensors)
+    packed, offsets, arrays = to_wire(tensors)
+    packed = packed.copy()
+    packed[offsets["w.2"][0] + 9] ^= 0x10  # "in transit", after the caller's checksums
+    ref = ray.put((packed, offsets, arrays))
+    assert ray.get(fleet._coord.announce.remote("flipped", [ref], spec_dict(tensors)))
+    out = ray.get(fleet._coord.refit.remote([ref], spec_dict(tensors), sums, None))
+    assert out.status == "aborted"
+    assert any("ChecksumMismatch" in why and "w.2" in why for why in out.votes.values()), out.votes
+    st = converged(fleet)
+    assert st["version"] == before.version
+    assert all(r["staged_bytes"] == 0 and r["prefetch"]["buckets"] == 0 for r in st["replicas"])
+    assert {probe_value(fleet.infer(wide_input()).outputs) for _ in range(6)} == {30.0}
 
 
 def test_shared_mode_needs_cpu_replicas(tmp_path: Path) -> None:
