@@ -11,7 +11,8 @@ Contract:
 - Holds one publication (tag) at a time: a bucket of a new tag, a PREPARE (``claim``), ``forget``
   and ``expire`` (entries older than ``max_age_s``) free the others; copies go back to the
   engine's pool, and a bucket still being copied is freed when its copy ends.
-- A bucket announced after its PREPARE claimed the refs is ignored. Nothing here raises to its
+- A bucket announced after its PREPARE claimed the refs, or after its publication was withdrawn
+  (``forget(tag)``: the calls can arrive in either order), is ignored. Nothing here raises to its
   caller: a bucket that cannot be prefetched is simply not there, and the PREPARE fetches it.
 - Buckets are prefetched one at a time, in the order announced, on one thread of its own.
 """
@@ -75,6 +76,7 @@ class Prefetcher:
         self._lock = threading.Lock()
         self._jobs: dict[str, _Job] = {}
         self._claimed: deque[str] = deque(maxlen=_RECENT)
+        self._withdrawn: deque[str] = deque(maxlen=_RECENT)
         self._queue: queue.SimpleQueue[_Job] = queue.SimpleQueue()
         self._worker: threading.Thread | None = None
         self.prefetched = self.skipped = 0
@@ -86,7 +88,8 @@ class Prefetcher:
         is ignored (claimed already, or announced twice)."""
         key = self._key_of(ref)
         with self._lock:
-            if key in self._claimed or key in self._jobs:
+            if key in self._claimed or key in self._jobs or tag in self._withdrawn:
+                self.skipped += 1
                 return False
             self._drop_locked(lambda j: j.tag != tag or self._old(j))
             job = self._jobs[key] = _Job(tag, key, ref, dict(specs), verify)
@@ -119,8 +122,11 @@ class Prefetcher:
         return out
 
     def forget(self, tag: str | None = None) -> None:
-        """Free what is held for ``tag`` (for every tag when None)."""
+        """Free what is held for ``tag`` (for every tag when None); later buckets of ``tag`` are
+        ignored."""
         with self._lock:
+            if tag is not None:
+                self._withdrawn.append(tag)
             self._drop_locked(lambda j: tag is None or j.tag == tag)
 
     def expire(self) -> None:

@@ -40,7 +40,6 @@ from typing import TYPE_CHECKING, Any
 from engines.checksum import ChecksumMismatch, ChecksumMissing
 from engines.config import MemoryMode
 from engines.errors import NotRetainedError
-from engines.validation import parallel_checksums
 
 from .catch_up import ENGINE_FILE, PEER, STORE, CatchUpPlan, CaughtUp
 from .failpoints import Failpoints
@@ -108,6 +107,8 @@ class ReplicaCore:
             return copies, True
         if self.engine.config.memory_mode is not MemoryMode.SHARED:
             return None
+        from engines.validation import parallel_checksums  # torch: not on the coordinator's imports
+
         sums = parallel_checksums(tensors) if verify else {}
         return {n: (t, sums.get(n)) for n, t in tensors.items()}, False
 

@@ -273,7 +273,8 @@ class Fleet:
         try:
             pub = publish(weights, self.manifest(), on_put=announce if prefetch else None, **options)
         except BaseException:
-            if announced:
+            if announced:  # after the announcements, so that the coordinator forwards it last
+                ray.wait(announced, num_returns=len(announced), timeout=1.0)
                 self._coord.withdraw.remote(key)
             raise
         if announced:  # forwarded to the members before the PREPARE is

@@ -149,12 +149,14 @@ def test_a_bucket_of_a_new_publication_frees_the_buckets_of_the_old_one() -> Non
     assert rec.released == (["old.w"] if "old.w" in rec.copied else [])  # copied before the new one
 
 
-def test_a_bucket_announced_after_its_prepare_claimed_it_is_ignored_and_one_announced_twice_once() -> None:
+def test_a_bucket_announced_after_its_prepare_or_its_withdrawal_or_twice_is_ignored() -> None:
     rec = Recorder()
     pf = rec.prefetcher()
     late = Ref("late", None)
     assert pf.claim([late], timeout=0) == {}
     assert not pf.offer("t", late, {}, True)
+    pf.forget("failed")  # the withdrawal overtook the publication's last announcements
+    assert not pf.offer("failed", Ref("y", None), {}, True)
     assert pf.offer("t", Ref("x", None), {}, True)
     assert not pf.offer("t", Ref("x", None), {}, True)
     assert pf.held()["tag"] == "t"
