@@ -608,6 +608,16 @@ def analyse_serving(samples: np.ndarray, names: list[str], t_idle: tuple[float, 
     for r in refits:
         during |= (t0 < r["t_return"]) & (t1 > r["t_call"])
     during &= ok
+    # where the tail comes from: requests overlapping the caller's publish, the rest of the refit
+    # (PREPARE, COMMIT+ACTIVATE), or neither (the gaps, where the background checkpoint writes run)
+    publishing = np.zeros(len(samples), bool)
+    for r in refits:
+        end = r["t_call"] + r.get("publish_s", 0.0)
+        publishing |= (t0 < end) & (t1 > r["t_call"])
+    publishing &= ok
+    coordinating = during & ~publishing
+    span = (min(r["t_call"] for r in refits), max(r["t_return"] for r in refits) + 0.25) if refits else (0, 0)
+    gaps = ok & ~during & (t0 >= span[0]) & (t1 <= span[1])
     torn = ok & np.isnan(val)
     expected = np.array([value_of.get(int(v), np.nan) for v in ver]) if len(ver) else np.array([])
     mixed = ok & ~torn & (val != expected)
@@ -626,6 +636,10 @@ def analyse_serving(samples: np.ndarray, names: list[str], t_idle: tuple[float, 
         "p50_idle_ms": pct(idle, 50), "p99_idle_ms": pct(idle, 99),
         "p50_refit_ms": pct(during, 50), "p99_refit_ms": pct(during, 99),
         "max_refit_ms": float(lat_ms[during].max()) if during.any() else None,
+        "p99_publish_ms": pct(publishing, 99), "p99_prepare_commit_ms": pct(coordinating, 99),
+        "p99_between_refits_ms": pct(gaps, 99),
+        "n_publish": int(publishing.sum()), "n_prepare_commit": int(coordinating.sum()),
+        "n_between": int(gaps.sum()),
         "failed": int((status != 0).sum()), "torn": int(torn.sum()), "mixed": int(mixed.sum()),
         "backwards": backwards,
         "per_replica_responses": {names[int(i)]: int(((rep == i) & ok).sum()) for i in np.unique(rep[ok])},
@@ -783,6 +797,10 @@ def run_row(size_mib: float, n: int, engine_path: Path, weights: dict[str, torch
         for r in loaded:
             r["memory"] = sampler.window(r["t_call"], r["t_return"])
         serving = analyse_serving(samples, names, (idle_a, idle_b), loaded, value_of)
+        log(f"  p99 by phase: publish {serving['p99_publish_ms'] or 0:.2f} ms (n={serving['n_publish']}), "
+            f"PREPARE..ACTIVATE {serving['p99_prepare_commit_ms'] or 0:.2f} ms "
+            f"(n={serving['n_prepare_commit']}), "
+            f"between refits {serving['p99_between_refits_ms'] or 0:.2f} ms (n={serving['n_between']})")
         log(f"  serving: {serving['samples']} responses; p50/p99 idle {serving['p50_idle_ms']:.2f}/"
             f"{serving['p99_idle_ms']:.2f} ms (n={serving['n_idle']}), during {len(loaded)} refits "
             f"{serving['p50_refit_ms']:.2f}/{serving['p99_refit_ms']:.2f} ms (n={serving['n_refit']}); "
