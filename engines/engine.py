@@ -278,6 +278,14 @@ class Engine:
             return None
         self._check_refittable()
         check_weights(dict(tensors), self._manifest, NonFinitePolicy.ALLOW)
+        return self._copies(tensors, tensors.keys() if checksum else ())
+
+    def _copies(self, tensors: Mapping[str, torch.Tensor],
+                hashed: Collection[str]) -> dict[str, tuple[torch.Tensor, str | None]]:
+        """Each tensor copied into a spare buffer (a pooled one, else a new one): ``name ->
+        (buffer, checksum)``, the checksum taken as it is copied for the names in ``hashed`` (the
+        large CPU ones on the helper threads; on a card, of the host copy before it goes), else
+        None. On any error every buffer filled goes back to the pool."""
         out: dict[str, tuple[torch.Tensor, str | None]] = {}
         jobs: list[tuple[str, torch.Tensor, Future[str]]] = []
         try:
@@ -285,15 +293,14 @@ class Engine:
                 buf = self._pool.take(tuple(src.shape), src.dtype, self.device)
                 if buf is None:
                     buf = torch.empty(src.shape, dtype=src.dtype, device=self.device)
-                if buf.device.type == "cpu" and checksum and _nbytes(src) >= _PARALLEL_BYTES:
+                if name in hashed and buf.device.type == "cpu" and _nbytes(src) >= _PARALLEL_BYTES:
                     jobs.append((name, buf, helpers().submit(copy_and_checksum, buf, src)))
-                    continue
-                if buf.device.type == "cpu" and checksum:
+                elif name in hashed and buf.device.type == "cpu":
                     out[name] = (buf, copy_and_checksum(buf, src))
-                    continue
-                got = tensor_checksum(src) if checksum else None  # the host copy, then the card's
-                buf.copy_(src, non_blocking=src.is_pinned())
-                out[name] = (buf, got)
+                else:
+                    got = tensor_checksum(src) if name in hashed else None
+                    buf.copy_(src, non_blocking=src.is_pinned())
+                    out[name] = (buf, got)
             for name, buf, job in jobs:
                 out[name] = (buf, job.result())
             jobs = []
@@ -391,35 +398,19 @@ class Engine:
         new_tensors = dict(base.tensors)
         for name in adopt:  # owned by the set from here: pooled below if staging fails
             new_tensors[name] = tensors[name]
-        jobs: list[tuple[str, Future[str]]] = []  # large copies, verified on the helper threads
         try:
             self._make_room(lambda: need - self._pool.reusable_bytes(tensors.values(), self.device))
-            for name, src in tensors.items():
-                if name in adopt:
-                    if checksums is not None and name in checksums:  # prestaged without a hash
-                        _check(name, checksums, tensor_checksum(src), version)
-                    continue
-                buf = self._pool.take(tuple(src.shape), src.dtype, self.device)
-                if buf is None:
-                    buf = torch.empty(src.shape, dtype=src.dtype, device=self.device)
+            for name in adopt:
+                if checksums is not None and name in checksums:  # prestaged without a hash
+                    _check(name, checksums, tensor_checksum(tensors[name]), version)
+            copies = self._copies({n: t for n, t in tensors.items() if n not in adopt}, checksums or ())
+            for name, (buf, _) in copies.items():
                 new_tensors[name] = buf
-                if checksums is None or name not in checksums:
-                    buf.copy_(src, non_blocking=src.is_pinned())
-                elif buf.device.type == "cpu" and _nbytes(src) >= _PARALLEL_BYTES:
-                    jobs.append((name, helpers().submit(copy_and_checksum, buf, src)))
-                elif buf.device.type == "cpu":
-                    _check(name, checksums, copy_and_checksum(buf, src), version)
-                else:  # hash the host copy, then copy it to the card
-                    _check(name, checksums, tensor_checksum(src), version)
-                    buf.copy_(src, non_blocking=src.is_pinned())
-            done = [(name, job.result()) for name, job in jobs]  # every copy ended: none writes on
-            jobs = []
-            for name, got in done:
-                _check(name, checksums or {}, got, version)
-            self.backend.synchronize()
+            for name, (_, got) in copies.items():
+                if got is not None:
+                    _check(name, checksums or {}, got, version)
             program = self.backend.bind(new_tensors)
-        except BaseException:
-            wait([job for _, job in jobs])  # no buffer goes back to the pool while a copy writes it
+        except BaseException:  # the copies made are pooled already if _copies raised
             for name in tensors:
                 if new_tensors[name] is not base.tensors[name]:
                     self._pool.put(new_tensors[name])
