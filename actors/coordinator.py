@@ -320,13 +320,15 @@ class Coordinator:
             return request if isinstance(request, TxnResult) else self.txns.run(request)
 
     def refit(self, refs: list[Any], specs: dict[str, Any], checksums: dict[str, str],
-              key: str | None = None, probes: list[Any] | None = None, canary: Any = None) -> TxnResult:
+              key: str | None = None, probes: list[Any] | None = None, canary: Any = None,
+              hashed_on: str | None = None) -> TxnResult:
         """Two-phase commit of a published version; returns its outcome (never raises for an abort).
         ``probes`` (``engines.Probe``) run on the staged set in PREPARE: a failing one is a NO vote.
         ``canary`` (``actors.canary.Canary``): commit on its cohort only (``CanaryRefused`` when it
-        cannot be one)."""
+        cannot be one). ``hashed_on``: the node whose object-store copy the caller took the
+        checksums of (``Publication.hashed_on``); the members there stage it without hashing."""
         def make() -> Any:
-            req = self.requests.refit(refs, specs, checksums, key, probes)
+            req = self.requests.refit(refs, specs, checksums, key, probes, hashed_on)
             return req if canary is None or isinstance(req, TxnResult) else self.canaries.request(canary, req)
 
         result = self._run(make, key, checksums, "a refit")
@@ -334,7 +336,8 @@ class Coordinator:
             self.canaries.started(result)
         return result
 
-    def announce(self, tag: str, refs: list[Any], specs: dict[str, Any]) -> bool:
+    def announce(self, tag: str, refs: list[Any], specs: dict[str, Any],
+                 hashed_on: str | None = None) -> bool:
         """Buckets of a version a caller is publishing, each sent as soon as it is in the object
         store: forwarded to the members (with each node's verifier), which fetch, copy and hash
         them ahead of the PREPARE (``actors.prefetch``). Best effort: nothing waits for it and no
@@ -344,7 +347,7 @@ class Coordinator:
             return False
         assert self.txns is not None
         members = self.membership.members()
-        self.client.prefetch(members, tag, refs, specs, self.txns.verifiers_for(members, refs))
+        self.client.prefetch(members, tag, refs, specs, self.txns.verifiers_for(members, refs), hashed_on)
         return True
 
     def withdraw(self, tag: str) -> None:

@@ -229,3 +229,4 @@ class Publication:
     checksums: dict[str, str]
     nbytes: int
     timings: dict[str, float] = field(default_factory=dict)
+    hashed_on: str | None = None  # the node whose object-store copy the checksums were taken of

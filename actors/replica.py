@@ -51,7 +51,7 @@ from .object_state import checkpoint_store
 from .payload import fetch
 from .replica_client import coordinator_actor_name, replica_actor_name
 from .replica_core import ReplicaCore
-from .replica_protocol import Lifecycle, TxnState
+from .replica_protocol import Lifecycle, NodeDuty, TxnState
 from .replies import Ack, LeaseReply, PrepareReply
 from .serving_lease import LeaseVerdict, ServingLease
 from .serving_stats import ServingStats
@@ -286,36 +286,33 @@ class ReplicaActor:
     def prepare(self, epoch: int, txn: str, version: int, refs: list[Any] | None,
                 specs: dict[str, Any], checksums: dict[str, str],
                 source: dict[str, Any] | None = None, base_version: int | None = None,
-                verifiers: dict[str, str] | None = None, probes: list[Any] | None = None) -> PrepareReply:
+                verifiers: dict[str, str] | None = None, probes: list[Any] | None = None,
+                hashed_on: str | None = None) -> PrepareReply:
         """Fetch, verify, stage; vote. ``source`` may name a version to re-stage (rollback).
-        ``verifiers`` (node -> replica) names the one member per node that hashes the node's copy;
-        the others stage it unhashed. A replica named for a node it is not on (it moved) votes NO,
-        so that no node's copy goes unverified. ``probes`` (``engines.Probe``) run on the staged
-        set where it is verified (the verifier of each node, or every member without verifiers):
-        a failing probe is a NO vote naming it."""
+        ``verifiers`` (node -> replica) names the one member per node that checks the node's copy
+        (it hashes it, unless ``hashed_on`` names this node: the caller hashed that copy); the
+        others stage it unhashed. A replica named for a node it is not on (it moved) votes NO, so
+        that no node's copy goes unverified (``NodeDuty``). ``probes`` (``engines.Probe``) run on
+        the staged set of each node's named member (every member without verifiers): a failing
+        probe is a NO vote naming it."""
         self.fp.hit("message.prepare", txn)
-        verify = True
-        if verifiers:
-            node = self.core.node
-            elsewhere = sorted(n for n, rid in verifiers.items() if rid == self.replica_id and n != node)
-            if elsewhere:
-                return self.core.refuse(txn, f"replica {self.replica_id} was named the verifier of node "
-                                             f"{elsewhere[0]} but runs on {self.core.node}")
-            verify = verifiers.get(node, self.replica_id) == self.replica_id
-        vote = self.core.prepare(epoch, txn, version, refs, specs, checksums, source, base_version, verify,
-                                 probes if verify else None)
+        duty = NodeDuty.of(verifiers, hashed_on, self.core.node, self.replica_id)
+        if duty.refused:
+            return self.core.refuse(txn, duty.refused)
+        vote = self.core.prepare(epoch, txn, version, refs, specs, checksums, source, base_version, duty.hash,
+                                 probes if duty.designated else None)
         self.fp.hit("reply.prepare", txn)
         return vote
 
     @ray.method(concurrency_group="control")
     def prefetch(self, tag: str, refs: list[Any], specs: dict[str, Any],
-                 verifiers: dict[str, str] | None = None) -> bool:
+                 verifiers: dict[str, str] | None = None, hashed_on: str | None = None) -> bool:
         """A bucket of publication ``tag``, announced as soon as it is in the object store: fetch,
         copy and hash it in the background, for the PREPARE that names it (``actors.prefetch``).
         Returns at once; False when it is ignored (this memory mode stages at PREPARE only)."""
         if not self.core.can_prefetch():
             return False
-        verify = not verifiers or verifiers.get(self.core.node, self.replica_id) == self.replica_id
+        verify = NodeDuty.of(verifiers, hashed_on, self.core.node, self.replica_id).hash
         return all([self.core.prefetch.offer(tag, ref, specs, verify) for ref in refs])
 
     @ray.method(concurrency_group="control")

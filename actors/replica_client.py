@@ -69,7 +69,8 @@ class ReplicaClient(ABC):
                 source: dict[str, Any] | None, base_version: int | None,
                 on_reply: OnReply | None = None,
                 verifiers: dict[str, str] | None = None,
-                probes: list[Any] | None = None) -> dict[str, PrepareReply | Failed]: ...
+                probes: list[Any] | None = None,
+                hashed_on: str | None = None) -> dict[str, PrepareReply | Failed]: ...
 
     @abstractmethod
     def commit(self, rids: list[str], timeout: float, epoch: int, txn: str,
@@ -106,7 +107,7 @@ class ReplicaClient(ABC):
 
     @abstractmethod
     def prefetch(self, rids: list[str], tag: str, refs: list[Any], specs: dict[str, Any],
-                 verifiers: dict[str, str] | None) -> None:
+                 verifiers: dict[str, str] | None, hashed_on: str | None = None) -> None:
         """Announce buckets of publication ``tag`` to ``rids`` without waiting (best effort:
         ``actors.prefetch``)."""
 
@@ -254,9 +255,10 @@ class RayReplicaClient(ReplicaClient):
                 source: dict[str, Any] | None, base_version: int | None,
                 on_reply: OnReply | None = None,
                 verifiers: dict[str, str] | None = None,
-                probes: list[Any] | None = None) -> dict[str, PrepareReply | Failed]:
+                probes: list[Any] | None = None,
+                hashed_on: str | None = None) -> dict[str, PrepareReply | Failed]:
         return self._fan_out("prepare", rids, timeout, epoch, txn, version, refs, specs, checksums,
-                             source, base_version, verifiers, probes, on_reply=on_reply)
+                             source, base_version, verifiers, probes, hashed_on, on_reply=on_reply)
 
     def commit(self, rids: list[str], timeout: float, epoch: int, txn: str,
                on_reply: OnReply | None = None, *, activate: bool = True) -> dict[str, Ack | Failed]:
@@ -287,8 +289,8 @@ class RayReplicaClient(ReplicaClient):
         return self._call(rid, "export", timeout, version)
 
     def prefetch(self, rids: list[str], tag: str, refs: list[Any], specs: dict[str, Any],
-                 verifiers: dict[str, str] | None) -> None:
-        self._send(rids, "prefetch", tag, refs, specs, verifiers)
+                 verifiers: dict[str, str] | None, hashed_on: str | None = None) -> None:
+        self._send(rids, "prefetch", tag, refs, specs, verifiers, hashed_on)
 
     def withdraw(self, rids: list[str], tag: str) -> None:
         self._send(rids, "withdraw", tag)

@@ -240,6 +240,7 @@ class ReplicaCore:
                 return self.engine.stage(self.store.load(from_version), version)
         assert refs is not None
         t = time.perf_counter()
+        allocated = self.engine.allocated_bytes
         ahead = self.prefetch.claim(refs, self.prefetch_wait_s)
         timings["prefetched"], timings["prefetch_wait_s"] = float(len(ahead)), time.perf_counter() - t
         adopt = {n for p in ahead.values() if p.copied for n in p.tensors}
@@ -260,6 +261,7 @@ class ReplicaCore:
                 staged = self.engine.stage(tensors, version, borrow=borrow, values_checked=True,
                                            adopt=adopt)
                 timings["stage_s"] = time.perf_counter() - t
+                timings["allocated_bytes"] = float(self.engine.allocated_bytes - allocated)
                 return staged
             try:
                 hashed = [(n, c) for w in wires for n, c in packed_checksums(w).items()]
@@ -273,6 +275,7 @@ class ReplicaCore:
                                        getattr(exc, "actual", "no checksum"),
                                        f"replica {self.replica_id}") from None
             timings["stage_s"] = time.perf_counter() - t
+            timings["allocated_bytes"] = float(self.engine.allocated_bytes - allocated)
             return staged
         finally:
             if not handed:

@@ -35,8 +35,35 @@ from .errors import ProtocolViolation, StaleEpoch
 
 __all__ = [
     "DECIDED", "FORGETTABLE", "HOLDING", "LIFECYCLE_TRANSITIONS", "TRANSITIONS", "UNDECIDED", "Lifecycle",
-    "ProtocolViolation", "ReplicaLifecycle", "ReplicaParticipant", "StaleEpoch", "TxnRecord", "TxnState",
+    "NodeDuty", "ProtocolViolation", "ReplicaLifecycle", "ReplicaParticipant", "StaleEpoch", "TxnRecord",
+    "TxnState",
 ]
+
+
+@dataclass(frozen=True)
+class NodeDuty:
+    """What one member does with its node's object-store copy of a published version in PREPARE.
+
+    ``verifiers`` (node -> replica) names the one member per node that checks the node's copy
+    (``designated``: the behaviour probes run there); without it, or for a node it does not
+    name, every member checks its own. The designated member hashes the copy (``hash``) unless the
+    caller took the checksums of that very copy (``hashed_on``, the caller's node). A replica named
+    for a node it is not on (it moved) must vote NO (``refused``), so no node's copy goes unchecked.
+    """
+
+    designated: bool
+    hash: bool
+    refused: str = ""
+
+    @classmethod
+    def of(cls, verifiers: dict[str, str] | None, hashed_on: str | None, node: str,
+           replica_id: str) -> NodeDuty:
+        elsewhere = sorted(n for n, rid in (verifiers or {}).items() if rid == replica_id and n != node)
+        if elsewhere:
+            return cls(False, False, f"replica {replica_id} was named the verifier of node {elsewhere[0]} "
+                                     f"but runs on {node}")
+        designated = (verifiers or {}).get(node, replica_id) == replica_id
+        return cls(designated, designated and node != hashed_on)
 
 
 class TxnState(str, Enum):

@@ -71,7 +71,8 @@ class Requests:
         return self._store.manifest(to).checksums if to is not None and self._store.has(to) else None
 
     def refit(self, refs: list[Any], specs: dict[str, Any], checksums: dict[str, str],
-              key: str | None, probes: list[Any] | None = None) -> RefitRequest | TxnResult:
+              key: str | None, probes: list[Any] | None = None,
+              hashed_on: str | None = None) -> RefitRequest | TxnResult:
         state = self._ledger.state
         active = dict(state.active.checksums) if state.active is not None \
             else self._store.manifest(state.active_version).checksums
@@ -80,7 +81,7 @@ class Requests:
             return TxnResult(status="noop", txn=None, version=state.active_version, key=key,
                              reason="identical to the active version")
         return RefitRequest(refs, specs, checksums, full, key, base_version=state.active_version,
-                            probes=probes or None)
+                            probes=probes or None, hashed_on=hashed_on)
 
     def rollback_target(self, to: int | None) -> int | None:
         """``to``, or the default target (walking back through origins); None if there is none."""

@@ -80,6 +80,13 @@ class RefitRequest:
     from_version: int | None = None
     probes: list[Any] | None = None  # engines.Probe: run on the staged set in PREPARE
     canary: CanarySpec | None = None  # commit on this cohort only
+    hashed_on: str | None = None  # the node whose object-store copy the caller hashed (its own)
+
+
+def _in_object_store(refs: list[Any] | None) -> bool:
+    """Whether a version's buckets are object-store copies, one per node (not a stored version
+    each member loads, nor buckets travelling inside the calls: a copy per member)."""
+    return refs is not None and not any(is_inline(b) for b in refs)
 
 
 @dataclass
@@ -238,7 +245,8 @@ class TwoPhaseCommit:
 
         self._client.prepare(txn.members, self._t.prepare_s, self.epoch, txn.txn, txn.version,
                              req.refs, req.specs, req.checksums, source, req.base_version,
-                             on_reply=record, verifiers=self._verifiers(txn.members, req), probes=req.probes)
+                             on_reply=record, verifiers=self._verifiers(txn.members, req), probes=req.probes,
+                             hashed_on=req.hashed_on if _in_object_store(req.refs) else None)
         for rid in txn.members:
             txn.votes.setdefault(rid, Vote(rid, False, "no answer to prepare"))
         txn.timings["prepare_s"] = time.perf_counter() - t
@@ -254,9 +262,10 @@ class TwoPhaseCommit:
 
     def verifiers_for(self, members: list[str], refs: list[Any] | None) -> dict[str, str] | None:
         """The members of one node read one object-store copy of a published version, so one of
-        them (the first, by id, whose node a vote named) hashes it; the others stage it without
-        hashing. A member whose node is not known yet verifies for itself."""
-        if refs is None or any(is_inline(b) for b in refs):
+        them (the first, by id, whose node a vote named) checks it (hashes it, unless the caller
+        hashed that copy: ``NodeDuty``); the others stage it without hashing. A member whose node
+        is not known yet checks its own."""
+        if not _in_object_store(refs):
             return None  # each member reads its own copy: a stored version, or one inside the call
         out: dict[str, str] = {}
         for rid in sorted(members):

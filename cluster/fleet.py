@@ -245,7 +245,8 @@ class Fleet:
                             bucket_bytes=self._cfg.get("bucket_bytes", BUCKET_BYTES))
         stored = any(not is_inline(r) for r in pub.refs)
         try:
-            call = self._coord.refit.remote(pub.refs, pub.specs, pub.checksums, key, checks, canary)
+            call = self._coord.refit.remote(pub.refs, pub.specs, pub.checksums, key, checks, canary,
+                                            pub.hashed_on)
             out = self._call(call, key)
         finally:
             pub.refs.clear()  # the replicas and the store have their copies (or it aborted)
@@ -267,8 +268,8 @@ class Fleet:
 
         announced: list[Any] = []
 
-        def announce(ref: Any, specs: dict[str, Any]) -> None:
-            announced.append(self._coord.announce.remote(key, [ref], specs))
+        def announce(ref: Any, specs: dict[str, Any], hashed_on: str | None) -> None:
+            announced.append(self._coord.announce.remote(key, [ref], specs, hashed_on))
 
         try:
             pub = publish(weights, self.manifest(), on_put=announce if prefetch else None, **options)

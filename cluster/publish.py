@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 import weakref
 from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import Future, wait
 from typing import Any
 
 import ray
@@ -16,6 +17,7 @@ from actors.payload import (
     Publication,
     Wire,
     buckets,
+    from_wire,
     packed_checksums,
     spec_dict,
     to_wire,
@@ -37,7 +39,8 @@ from .errors import ObjectStoreTooSmall
 
 _ALWAYS_FITS = 32 << 20  # bytes: below 80% of the smallest object store Ray allows
 
-OnPut = Callable[[Any, dict[str, Any]], None]  # (a bucket's ref, the specs of its tensors)
+# (a bucket's ref, the specs of its tensors, Publication.hashed_on)
+OnPut = Callable[[Any, dict[str, Any], str | None], None]
 
 
 def manifest_specs(manifest: Mapping[str, Any]) -> dict[str, TensorSpec]:
@@ -157,19 +160,23 @@ def publish(weights: WeightsLike, manifest: Mapping[str, Any], *,
             non_finite: NonFinitePolicy = NonFinitePolicy.REJECT, strip_prefix: str | None = None,
             add_prefix: str | None = None, mapping: Mapping[str, str] | None = None,
             complete: bool = False, inline_bytes: int = INLINE_BYTES,
-            bucket_bytes: int = BUCKET_BYTES, on_put: OnPut | None = None) -> Publication:
+            bucket_bytes: int = BUCKET_BYTES, on_put: OnPut | None = None,
+            hash_stored: bool = True) -> Publication:
     """Validate ``weights`` against the fleet manifest (I4: before any transfer), checksum them
     (xxh3 per tensor) and ``ray.put`` them once, in buckets of at most ``bucket_bytes``: the
-    checksums and non-finite scan of bucket k+1 run on helper threads while bucket k is put, and a
-    refused value frees what was put and sends nothing. A version of at most ``inline_bytes`` is
+    checksums and non-finite scan of bucket k run on helper threads while bucket k+1 is put, and a
+    refused value frees what was put and sends nothing. With ``hash_stored`` (unless this process
+    is a Ray client) each bucket is hashed and scanned where it lies in this node's object store,
+    the copy this node's replicas read: ``Publication.hashed_on`` names the node, whose replicas
+    need not hash it again (one read of every byte fewer). A version of at most ``inline_bytes`` is
     not put: it travels inside the calls (``actors.payload``). Raises the engine's errors naming
     the tensor, ``MissingWeightsError`` when ``complete`` and names are missing,
     ``ObjectStoreTooSmall`` with the numbers when the version cannot fit the object store.
     ``timings``: ``load_validate_s``, ``checksum_s`` (the checks not hidden behind a put),
     ``put_s``, ``buckets``; for a checkpoint directory read shard by shard also ``shards`` and
-    ``shards_held_at_most`` (shards in memory at once, at most). ``on_put(ref, specs)`` is called
-    with each bucket as soon as it is in the object store (not for an inline version), with the
-    specs of its tensors; what it raises fails the publication."""
+    ``shards_held_at_most`` (shards in memory at once, at most). ``on_put(ref, specs, hashed_on)``
+    is called with each bucket as soon as it is in the object store and passed its checks (not for
+    an inline version), with the specs of its tensors; what it raises fails the publication."""
     t0 = time.perf_counter()
     source = _Source(weights, manifest, names=name_fn(strip_prefix, add_prefix, mapping), complete=complete,
                      inline_bytes=inline_bytes,
@@ -183,6 +190,7 @@ def publish(weights: WeightsLike, manifest: Mapping[str, Any], *,
         raise ObjectStoreTooSmall(
             f"version of {nbytes} bytes does not fit the object store: {int(capacity)} bytes in the "
             f"cluster, at most 80% usable for one version (raise object_store_memory)")
+    hashed_on = _this_node() if hash_stored and nbytes > inline_bytes else None
     t1 = time.perf_counter()
     scan = non_finite is NonFinitePolicy.REJECT
     sums: dict[str, str] = {}
@@ -190,8 +198,9 @@ def publish(weights: WeightsLike, manifest: Mapping[str, Any], *,
     timings = {"load_validate_s": t1 - t0, "checksum_s": 0.0, "put_s": 0.0, "buckets": 0.0}
     try:
         for tensors in source.groups():
-            refs += _put_group(tensors, sums, scan, inline=nbytes <= inline_bytes, bucket_bytes=bucket_bytes,
-                               timings=timings, on_put=on_put and _with_specs(on_put, source.specs))
+            refs += _put_group(tensors, source.specs, sums, scan, inline=nbytes <= inline_bytes,
+                               bucket_bytes=bucket_bytes, timings=timings, stored=hashed_on is not None,
+                               on_put=on_put and _with_specs(on_put, source.specs, hashed_on))
             del tensors  # before the next group is read
     except BaseException:
         refs.clear()  # nothing was sent: what was put is freed
@@ -201,47 +210,71 @@ def publish(weights: WeightsLike, manifest: Mapping[str, Any], *,
     if source.groups_read:
         timings["shards"], timings["shards_held_at_most"] = float(source.groups_read), float(source.most_held)
     return Publication(refs=refs, specs=source.specs, checksums={n: sums[n] for n in source.specs},
-                       nbytes=nbytes, timings=timings)
+                       nbytes=nbytes, timings=timings, hashed_on=hashed_on)
 
 
-def _with_specs(on_put: OnPut, specs: dict[str, Any]) -> Callable[[Any, Wire], None]:
-    return lambda ref, wire: on_put(ref, {n: specs[n] for part in (wire[1], wire[2]) for n in part})
+def _this_node() -> str | None:
+    """The node whose object store this process puts into; None for a Ray client (its puts go
+    to the server's node, and a get would bring back a copy)."""
+    from ray.util.client import ray as client
+
+    return None if client.is_connected() else ray.get_runtime_context().get_node_id()
 
 
-def _put_group(tensors: dict[str, torch.Tensor], sums: dict[str, str], scan: bool, *, inline: bool,
-               bucket_bytes: int, timings: dict[str, float],
+def _with_specs(on_put: OnPut, specs: dict[str, Any], hashed_on: str | None) -> Callable[[Any, Wire], None]:
+    return lambda ref, wire: on_put(ref, {n: specs[n] for part in (wire[1], wire[2]) for n in part},
+                                    hashed_on)
+
+
+def _put_group(tensors: dict[str, torch.Tensor], specs: Mapping[str, Any], sums: dict[str, str],
+               scan: bool, *, inline: bool, bucket_bytes: int, timings: dict[str, float], stored: bool,
                on_put: Callable[[Any, Wire], None] | None = None) -> list[Any]:
-    """Checksum, scan and put one group of tensors in buckets (or inline); their refs."""
+    """Put, checksum and scan one group of tensors in buckets (or inline); their refs, once every
+    bucket passed its checks. With ``stored`` a bucket is hashed and scanned where it lies in this
+    node's object store, else as given; ``on_put`` hears of a bucket only once it passed."""
     groups = [tensors] if inline else buckets(tensors, bucket_bytes)
     wires = [to_wire(g) for g in groups]  # small tensors packed (one copy of them), views of the rest
-    # one bucket ahead, no further: the helper pool runs its jobs in order, so checks queued for
-    # every bucket at once would hold the first put back until all of them had run
-    checks: list[_BucketChecks | None] = [None] * len(groups)
-    checks[0] = _BucketChecks(groups[0], wires[0], scan)
     refs: list[Any] = []
+    pending: tuple[Any, Wire, _BucketChecks] | None = None  # the bucket put last, its checks running
+
+    def accept(ref: Any, wire: Wire, checks: _BucketChecks) -> None:
+        t = time.perf_counter()
+        got, bad = checks.result()
+        timings["checksum_s"] += time.perf_counter() - t
+        if bad:
+            first = next(n for n in tensors if n in bad)
+            raise non_finite_error(first, tensors[first])
+        sums.update(got)
+        refs.append(ref)
+        if on_put is not None and ref is not wire:
+            on_put(ref, wire)
+
+    put: Future[Any] | None = None
     try:
         for k, wire in enumerate(wires):
-            t = time.perf_counter()
-            got, bad = checks[k].result()  # type: ignore[union-attr]
-            timings["checksum_s"] += time.perf_counter() - t
-            checks[k] = None  # its tensors are not needed any more
-            if bad:
-                first = next(n for n in tensors if n in bad)
-                raise non_finite_error(first, tensors[first])
-            sums.update(got)
             t = time.perf_counter()
             # the copy into the object store runs on a refit-helper thread: at lower priority than
             # the threads that serve requests on this machine (engines.threads)
             put = None if inline else helpers().submit(ray.put, wire)
-            if k + 1 < len(wires):  # bucket k+1's checks run while bucket k is put
-                checks[k + 1] = _BucketChecks(groups[k + 1], wires[k + 1], scan)
-            refs.append(wire if put is None else put.result())
+            if pending is not None:  # bucket k-1's checks ran while bucket k is put
+                done, pending = pending, None
+                accept(*done)
+            ref = wire if put is None else put.result()
             timings["put_s"] += time.perf_counter() - t
-            if put is not None and on_put is not None:
-                on_put(refs[-1], wire)
+            # one bucket ahead, no further: the helper pool runs its jobs in order, so checks queued
+            # for every bucket at once would hold the next put back until all of them had run
+            if put is not None and stored:
+                view = ray.get(ref)
+                pending = (ref, wire, _BucketChecks(from_wire(view, specs), view, scan))
+            else:
+                pending = (ref, wire, _BucketChecks(groups[k], wire, scan))
+        if pending is not None:
+            done, pending = pending, None
+            accept(*done)
     except BaseException:
-        for c in checks:
-            if c is not None:
-                c.result()  # let the helper threads finish with these tensors before they go
+        # the helper threads finish with these bytes before they go; what was put is dropped
+        wait([put] if put is not None else [])
+        if pending is not None:
+            pending[2].result()
         raise
     return refs

@@ -137,6 +137,7 @@ class Engine:
         self._refit_lock = threading.RLock()
         self._writer_waiting = False
         self._pool = BufferPool()
+        self.allocated_bytes = 0  # staging buffers allocated because the pool had none to reuse
         self._staged: dict[int, StagedSet] = {}
         self._draining: list[WeightSet] = []  # retired sets that still have readers
         device_tensors = {n: backend.to_device(t.contiguous()) for n, t in weights.items()}
@@ -293,6 +294,7 @@ class Engine:
                 buf = self._pool.take(tuple(src.shape), src.dtype, self.device)
                 if buf is None:
                     buf = torch.empty(src.shape, dtype=src.dtype, device=self.device)
+                    self.allocated_bytes += _nbytes(buf)
                 if name in hashed and buf.device.type == "cpu" and _nbytes(src) >= _PARALLEL_BYTES:
                     jobs.append((name, buf, helpers().submit(copy_and_checksum, buf, src)))
                 elif name in hashed and buf.device.type == "cpu":

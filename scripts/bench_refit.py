@@ -685,6 +685,8 @@ def refit_breakdown(res: Any, raw: dict[str, Any], wall: float) -> dict[str, Any
         "coordinator_s": coord, "prepare_s": prepare,
         "replica_fetch_s": mx("fetch_s"), "replica_verify_s": mx("verify_s"),
         "replica_stage_s": mx("stage_s"), "replica_prefetch_wait_s": mx("prefetch_wait_s"),
+        "replica_allocated_mib": mx("allocated_bytes") / 2**20,
+        "replicas_hashing": float(sum(r.get("verified", 1.0) == 1.0 for r in reps.values())),
         "replica_prefetched_buckets": mx("prefetched"),
         "replica_prepare_s": mx("prepare_s"),
         "prepare_rpc_s": max(0.0, prepare - mx("prepare_s")),

@@ -42,6 +42,7 @@ class FakeReplicas(ReplicaClient):
         self.renewals: list[tuple[str, int, int]] = []
         self.exclusions: list[tuple[str, int, int]] = []
         self.verifiers: list[dict[str, str] | None] = []  # per PREPARE round
+        self.hashed_on: list[str | None] = []  # per PREPARE round
         self.nodes: dict[str, str] = {}  # rid -> the node its votes name
 
     # -- scripting
@@ -80,7 +81,7 @@ class FakeReplicas(ReplicaClient):
         self.replicas.pop(rid, None)
 
     def prefetch(self, rids: list[str], tag: str, refs: list[Any], specs: dict[str, Any],
-                 verifiers: dict[str, str] | None) -> None:
+                 verifiers: dict[str, str] | None, hashed_on: str | None = None) -> None:
         self.calls.append(("prefetch", tuple(rids)))
 
     def withdraw(self, rids: list[str], tag: str) -> None:
@@ -94,8 +95,10 @@ class FakeReplicas(ReplicaClient):
                 source: dict[str, Any] | None, base_version: int | None,
                 on_reply: OnReply | None = None,
                 verifiers: dict[str, str] | None = None,
-                probes: list[Any] | None = None) -> dict[str, PrepareReply | Failed]:
+                probes: list[Any] | None = None,
+                hashed_on: str | None = None) -> dict[str, PrepareReply | Failed]:
         self.verifiers.append(verifiers)
+        self.hashed_on.append(hashed_on)
         def vote(r: FakeReplica) -> PrepareReply:
             if r.vote_no:
                 return PrepareReply(r.rid, txn, False, r.vote_no, r.version)

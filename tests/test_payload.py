@@ -67,10 +67,10 @@ def test_fetch_takes_inline_buckets_as_they_are_and_gets_the_others_from_the_obj
     assert got[1][1] == two[1] and np.array_equal(got[1][0], two[0])
 
 
-def test_a_buckets_checks_start_only_once_the_bucket_two_before_it_is_in_the_store(monkeypatch) -> None:
-    """Checks queued for every bucket at once would run ahead of the first put on the helper pool
-    (it runs jobs in order) and hold it back: bucket k+1's checks start while bucket k is put, so
-    bucket k+2's only after bucket k's put has ended."""
+def test_a_bucket_is_checked_once_it_is_in_the_store_while_the_next_one_is_put(monkeypatch) -> None:
+    """Bucket k's checks start once it is in the store (they read the stored copy) and run while
+    bucket k+1 is put, never further ahead: the helper pool runs its jobs in order, so checks
+    queued for every bucket at once would hold the puts back."""
     import cluster.publish as publish
 
     events: list[str] = []
@@ -88,10 +88,38 @@ def test_a_buckets_checks_start_only_once_the_bucket_two_before_it_is_in_the_sto
     monkeypatch.setattr(publish.ray, "put", put)
     tensors = {f"w{i}": torch.full((PACK_BYTES // 4 + 1,), float(i)) for i in range(4)}  # a bucket each
     sums: dict[str, str] = {}
-    refs = publish._put_group(tensors, sums, True, inline=False, bucket_bytes=PACK_BYTES,
-                              timings={"checksum_s": 0.0, "put_s": 0.0})
+    refs = publish._put_group(tensors, spec_dict(tensors), sums, True, inline=False, bucket_bytes=PACK_BYTES,
+                              timings={"checksum_s": 0.0, "put_s": 0.0}, stored=False)
     assert [r[2].keys() for r in refs] == [{n} for n in tensors]
     assert sums == {n: tensor_checksum(t) for n, t in tensors.items()}
-    assert sorted(events) == sorted([f"check w{k}" for k in range(4)] + [f"put w{k}" for k in range(4)])
-    for k in range(2, 4):
-        assert events.index(f"check w{k}") > events.index(f"put w{k - 2}"), events
+    assert events == [e for k in range(4) for e in (f"put w{k}", f"check w{k}")]
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_the_checksums_are_taken_of_the_copy_in_this_nodes_object_store(monkeypatch) -> None:
+    """What the replicas of the caller's node read is the stored copy, so that is what is hashed:
+    a put that stored other bytes than it was given shows in the checksums (and the publication
+    names this node), while a publication hashing the source does not see it."""
+    import ray
+
+    import cluster.publish as publish
+
+    tensors = {f"w{i}": torch.full((PACK_BYTES // 4 + 1,), float(i)) for i in range(3)}
+    manifest = spec_dict(tensors)
+    real_put = ray.put
+
+    def bad_put(wire):
+        packed, offsets, arrays = wire
+        if "w1" in arrays:
+            arrays = {**arrays, "w1": arrays["w1"].copy()}
+            arrays["w1"].view(np.uint8)[5] ^= 0x40
+        return real_put((packed, offsets, arrays))
+
+    monkeypatch.setattr(publish.ray, "put", bad_put)
+    stored = publish.publish(tensors, manifest, bucket_bytes=PACK_BYTES, inline_bytes=0)
+    source = publish.publish(tensors, manifest, bucket_bytes=PACK_BYTES, inline_bytes=0, hash_stored=False)
+    assert stored.hashed_on == ray.get_runtime_context().get_node_id() and source.hashed_on is None
+    assert source.checksums == {n: tensor_checksum(t) for n, t in tensors.items()}
+    assert {n for n in tensors if stored.checksums[n] != source.checksums[n]} == {"w1"}
+    got = from_wire(ray.get(stored.refs[1]), manifest)["w1"]
+    assert tensor_checksum(got) == stored.checksums["w1"]

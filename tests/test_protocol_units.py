@@ -27,6 +27,7 @@ from actors.coordinator_protocol import (
 from actors.replica_protocol import (
     DECIDED,
     TRANSITIONS,
+    NodeDuty,
     ProtocolViolation,
     ReplicaParticipant,
     StaleEpoch,
@@ -744,3 +745,22 @@ def test_repeated_default_rollbacks_walk_all_the_way_back():
         committed.append(new)
         active = new
     assert targets == [2, 1, 0]
+
+
+def test_one_member_per_node_checks_its_copy_and_hashes_it_unless_the_caller_hashed_that_copy():
+    named = {"node-a": "r0", "node-b": "r2"}
+    assert NodeDuty.of(named, None, "node-a", "r0") == NodeDuty(designated=True, hash=True)
+    assert NodeDuty.of(named, None, "node-a", "r1") == NodeDuty(designated=False, hash=False)
+    # the caller took the checksums of node-a's copy: its member still runs the probes, unhashed
+    assert NodeDuty.of(named, "node-a", "node-a", "r0") == NodeDuty(designated=True, hash=False)
+    assert NodeDuty.of(named, "node-a", "node-b", "r2") == NodeDuty(designated=True, hash=True)
+    # a node nobody was named for (or no names at all): each member checks its own copy
+    assert NodeDuty.of(named, None, "node-c", "r5") == NodeDuty(designated=True, hash=True)
+    assert NodeDuty.of(None, None, "node-a", "r1") == NodeDuty(designated=True, hash=True)
+    assert NodeDuty.of(None, "node-a", "node-a", "r1") == NodeDuty(designated=True, hash=False)
+
+
+def test_a_member_named_for_a_node_it_is_not_on_must_refuse():
+    duty = NodeDuty.of({"node-a": "r0"}, "node-b", "node-b", "r0")
+    assert duty.refused == "replica r0 was named the verifier of node node-a but runs on node-b"
+    assert not duty.designated and not duty.hash

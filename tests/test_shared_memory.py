@@ -85,15 +85,22 @@ def test_one_replica_per_node_hashes_the_copy_they_share_and_a_flipped_bit_is_st
         fleet: Fleet) -> None:
     """Both replicas run on this one node and serve one object-store copy: after a first refit
     has named their node, one of them hashes it and the other stages it as it is (in every memory
-    mode; here the shared one). Bytes flipped after the caller's checksums are refused all the same
-    (by that verifier), and nothing changes."""
+    mode; here the shared one), unless the caller took its checksums of that very copy, as a
+    fleet's refit does: then neither hashes it. Bytes flipped after the caller's checksums are
+    refused all the same (by that verifier), and nothing changes."""
     from actors.payload import spec_dict, to_wire
     from engines.checksum import checksums
 
     fleet.refit(weights(7.0))  # the votes name the node
     res = fleet.refit(weights(8.0))
-    hashed = sorted(rid for rid, t in res.replicas.items() if t.get("verified", 1.0) == 1.0)
-    assert len(res.replicas) == 2 and len(hashed) == 1, res.replicas
+    assert len(res.replicas) == 2 and all(t["verified"] == 0.0 for t in res.replicas.values()), res.replicas
+    tensors = {n: torch.from_numpy(a) for n, a in weights(7.5).items()}  # the caller hashed its source
+    ref = ray.put(to_wire(tensors))
+    out = ray.get(fleet._coord.refit.remote([ref], spec_dict(tensors), checksums(tensors), None))
+    assert out.status == "committed", out.reason
+    hashed = sorted(rid for rid, t in out.replicas.items() if t.get("verified", 1.0) == 1.0)
+    assert len(out.replicas) == 2 and len(hashed) == 1, out.replicas
+    fleet.refit(weights(8.0))
     before = fleet.status()
     tensors = {n: torch.from_numpy(a) for n, a in weights(9.0).items()}
     sums = checksums(tensors)
