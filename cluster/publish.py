@@ -172,11 +172,12 @@ def publish(weights: WeightsLike, manifest: Mapping[str, Any], *,
     not put: it travels inside the calls (``actors.payload``). Raises the engine's errors naming
     the tensor, ``MissingWeightsError`` when ``complete`` and names are missing,
     ``ObjectStoreTooSmall`` with the numbers when the version cannot fit the object store.
-    ``timings``: ``load_validate_s``, ``checksum_s`` (the checks not hidden behind a put),
-    ``put_s``, ``buckets``; for a checkpoint directory read shard by shard also ``shards`` and
-    ``shards_held_at_most`` (shards in memory at once, at most). ``on_put(ref, specs, hashed_on)``
-    is called with each bucket as soon as it is in the object store and passed its checks (not for
-    an inline version), with the specs of its tensors; what it raises fails the publication."""
+    ``timings``: ``load_validate_s``, ``checksum_s`` and ``put_s`` (the waits for checks and for
+    puts, each not hidden behind the other), ``buckets``; for a checkpoint directory read shard by
+    shard also ``shards`` and ``shards_held_at_most`` (shards in memory at once, at most).
+    ``on_put(ref, specs, hashed_on)`` is called with each bucket as soon as it is in the object
+    store and passed its checks (not for an inline version), with the specs of its tensors; what
+    it raises fails the publication."""
     t0 = time.perf_counter()
     source = _Source(weights, manifest, names=name_fn(strip_prefix, add_prefix, mapping), complete=complete,
                      inline_bytes=inline_bytes,
@@ -249,21 +250,21 @@ def _put_group(tensors: dict[str, torch.Tensor], specs: Mapping[str, Any], sums:
         if on_put is not None and ref is not wire:
             on_put(ref, wire)
 
-    put: Future[Any] | None = None
+    # the copy into the object store runs on a refit-helper thread: at lower priority than the
+    # threads that serve requests on this machine (engines.threads)
+    put: Future[Any] | None = None if inline else helpers().submit(ray.put, wires[0])
     try:
         for k, wire in enumerate(wires):
             t = time.perf_counter()
-            # the copy into the object store runs on a refit-helper thread: at lower priority than
-            # the threads that serve requests on this machine (engines.threads)
-            put = None if inline else helpers().submit(ray.put, wire)
-            if pending is not None:  # bucket k-1's checks ran while bucket k is put
-                done, pending = pending, None
-                accept(*done)
             ref = wire if put is None else put.result()
             timings["put_s"] += time.perf_counter() - t
-            # one bucket ahead, no further: the helper pool runs its jobs in order, so checks queued
-            # for every bucket at once would hold the next put back until all of them had run
-            if put is not None and stored:
+            if pending is not None:  # bucket k-1's checks ran while bucket k was put
+                done, pending = pending, None
+                accept(*done)
+            # bucket k+1's put goes first on the helper pool (it runs jobs in order), then bucket
+            # k's checks beside it: one bucket ahead, no further
+            put = helpers().submit(ray.put, wires[k + 1]) if put is not None and k + 1 < len(wires) else None
+            if not inline and stored:
                 view = ray.get(ref)
                 pending = (ref, wire, _BucketChecks(from_wire(view, specs), view, scan))
             else:

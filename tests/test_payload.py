@@ -69,8 +69,9 @@ def test_fetch_takes_inline_buckets_as_they_are_and_gets_the_others_from_the_obj
 
 def test_a_bucket_is_checked_once_it_is_in_the_store_while_the_next_one_is_put(monkeypatch) -> None:
     """Bucket k's checks start once it is in the store (they read the stored copy) and run while
-    bucket k+1 is put, never further ahead: the helper pool runs its jobs in order, so checks
-    queued for every bucket at once would hold the puts back."""
+    bucket k+1 is put; bucket k+2 is put only once they are started, never further ahead (the
+    helper pool runs its jobs in order, so checks queued for every bucket at once would hold the
+    puts back)."""
     import cluster.publish as publish
 
     events: list[str] = []
@@ -92,7 +93,11 @@ def test_a_bucket_is_checked_once_it_is_in_the_store_while_the_next_one_is_put(m
                               timings={"checksum_s": 0.0, "put_s": 0.0}, stored=False)
     assert [r[2].keys() for r in refs] == [{n} for n in tensors]
     assert sums == {n: tensor_checksum(t) for n, t in tensors.items()}
-    assert events == [e for k in range(4) for e in (f"put w{k}", f"check w{k}")]
+    assert sorted(events) == sorted(f"{e} w{k}" for k in range(4) for e in ("put", "check"))
+    for k in range(4):
+        assert events.index(f"put w{k}") < events.index(f"check w{k}"), events
+    for k in range(2):
+        assert events.index(f"check w{k}") < events.index(f"put w{k + 2}"), events
 
 
 @pytest.mark.usefixtures("ray_session")
