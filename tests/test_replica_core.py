@@ -158,3 +158,13 @@ def test_a_failed_catch_up_leaves_the_replica_failed_and_voting_no(engine_path: 
     store_version(core, 5, 5.0)
     core.sync(5)  # a good version heals it
     assert core.lifecycle.state is Lifecycle.SERVING and served_value(core) == 5.0
+
+
+def test_a_prepare_says_what_it_allocated_because_the_pool_had_no_buffer_to_reuse(engine_path: Path,
+                                                                                   tmp_path: Path) -> None:
+    core = make_core(engine_path, tmp_path)
+    first = prepare(core, "t1", 1, Published(1.0))
+    assert first.yes and first.timings["allocated_bytes"] == staged_bytes(core) > 0
+    core.abort(1, "t1", "x")  # its buffers go back to the pool
+    second = prepare(core, "t2", 2, Published(2.0))
+    assert second.yes and second.timings["allocated_bytes"] == 0.0
