@@ -339,10 +339,11 @@ class Coordinator:
     def announce(self, tag: str, refs: list[Any], specs: dict[str, Any],
                  hashed_on: str | None = None) -> bool:
         """Buckets of a version a caller is publishing, each sent as soon as it is in the object
-        store: forwarded to the members (with each node's verifier), which fetch, copy and hash
-        them ahead of the PREPARE (``actors.prefetch``). Best effort: nothing waits for it and no
-        refit depends on it. Ignored (False) while recovering or while a canary runs (its
-        PREPARE goes to a cohort only)."""
+        store and checked: forwarded to the members (with each node's verifier, and ``hashed_on``
+        as for ``refit``), which fetch, copy and hash them ahead of the PREPARE
+        (``actors.prefetch``). Best effort: nothing waits for it and no refit depends on it.
+        Ignored (False) while recovering or while a canary runs (its PREPARE goes to a cohort
+        only)."""
         if self.ledger is None or not self.recovery.ready or self.canaries.running is not None:
             return False
         assert self.txns is not None

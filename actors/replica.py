@@ -307,9 +307,10 @@ class ReplicaActor:
     @ray.method(concurrency_group="control")
     def prefetch(self, tag: str, refs: list[Any], specs: dict[str, Any],
                  verifiers: dict[str, str] | None = None, hashed_on: str | None = None) -> bool:
-        """A bucket of publication ``tag``, announced as soon as it is in the object store: fetch,
-        copy and hash it in the background, for the PREPARE that names it (``actors.prefetch``).
-        Returns at once; False when it is ignored (this memory mode stages at PREPARE only)."""
+        """A bucket of publication ``tag``, announced as soon as it is in the object store and
+        checked: fetch, copy and hash it (``NodeDuty``, as in ``prepare``) in the background, for
+        the PREPARE that names it (``actors.prefetch``). Returns at once; False when it is ignored
+        (this memory mode stages at PREPARE only)."""
         if not self.core.can_prefetch():
             return False
         verify = NodeDuty.of(verifiers, hashed_on, self.core.node, self.replica_id).hash
