@@ -47,6 +47,7 @@ from engines.errors import InputError
 from .batcher import Batcher
 from .catch_up import CatchUpPlan
 from .failpoints import Failpoints
+from .heap import CollectorPauses, freeze_startup_heap
 from .object_state import checkpoint_store
 from .payload import fetch
 from .replica_client import coordinator_actor_name, replica_actor_name
@@ -103,6 +104,8 @@ class ReplicaActor:
             self._run_batch, max_batch_size=settings.batch_size, max_wait_s=settings.batch_wait_s)
         if settings.prefill_sets:
             self.core.engine.prefill_pool(settings.prefill_sets)
+        freeze_startup_heap()
+        self.gc_pauses = CollectorPauses().install()
         self.fp.hit("replica.on_start")
         self._start_serving()
 
@@ -399,6 +402,7 @@ class ReplicaActor:
                 **self.batcher.stats.as_dict()},
             "epoch": core.participant.epoch, "last_refit_at": core.last_refit_at, "cohort": self.cohort,
             "caught_up_from": core.caught_up.as_dict(), "prefetch": core.prefetch.held(),
+            "gc": self.gc_pauses.as_dict(),
         }
 
     @ray.method(concurrency_group="control")

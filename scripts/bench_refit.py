@@ -537,6 +537,7 @@ def client_main(args: argparse.Namespace) -> int:
     """Closed-loop clients in their own driver process; writes samples to ``--client-out``."""
     import ray  # noqa: F401
 
+    from actors.heap import freeze_startup_heap
     from cluster import Fleet
 
     torch.set_num_threads(1)
@@ -544,6 +545,7 @@ def client_main(args: argparse.Namespace) -> int:
     x = np.ones(COLS, np.float32)
     for _ in range(20):
         fleet.infer(x)
+    freeze_startup_heap()  # as a latency-sensitive serving process would (actors.heap)
     names: dict[str, int] = {}
     cols: list[list[Any]] = [[] for _ in range(args.concurrency)]
     stop = threading.Event()
@@ -796,6 +798,7 @@ def run_row(size_mib: float, n: int, engine_path: Path, weights: dict[str, torch
             time.sleep(args.gap_s)
         time.sleep(0.3)
         samples, names = clients.stop()
+        replica_gc = {r["id"]: r.get("gc") for r in fleet.status()["replicas"]}  # collector pauses
         for r in loaded:
             r["memory"] = sampler.window(r["t_call"], r["t_return"])
         serving = analyse_serving(samples, names, (idle_a, idle_b), loaded, value_of)
@@ -875,7 +878,8 @@ def run_row(size_mib: float, n: int, engine_path: Path, weights: dict[str, torch
         "swap_us": max(swaps) / 1e3, "swap_us_median": median(swaps) / 1e3,
         "profile_warm": profile, "profile_cold": cold_profile, "profile_under_load": profile_load,
         "profile_settled": profile_settled,
-        "memory": memory, "unavailable_replicas": 0, "loadavg_1m_end": os.getloadavg()[0],
+        "memory": memory, "replica_gc": replica_gc, "unavailable_replicas": 0,
+        "loadavg_1m_end": os.getloadavg()[0],
         "refit_details": {"cold": strip(cold), "warm": [strip(w) for w in warm],
                           "under_load": [strip(r) for r in loaded]},
         **serving,

@@ -62,6 +62,15 @@ def test_each_replica_runs_torch_with_the_configured_threads(fleet: Fleet) -> No
         assert ray.get(handle.status.remote())["torch_threads"] == 2
 
 
+def test_i6_each_replica_freezes_its_start_up_heap_so_no_full_collection_walks_it(fleet: Fleet) -> None:
+    """The objects a replica made while starting (Ray, torch, the program) are frozen out of the
+    cycle collector (``actors.heap``): its full collections, which hold every serving thread, walk
+    only what came after."""
+    replicas = fleet.status()["replicas"]
+    assert len(replicas) == 3
+    assert all(r["gc"]["frozen"] > 10_000 for r in replicas), [r["gc"] for r in replicas]
+
+
 def test_handles_re_read_the_routing_table_as_often_as_configured(fleet: Fleet) -> None:
     assert fleet.router.refresh_s == 1.5
     assert Fleet.connect(fleet.name, fleet.namespace).router.refresh_s == 1.5  # from the coordinator's config
