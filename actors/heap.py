@@ -30,7 +30,8 @@ def freeze_startup_heap() -> int:
 
 class CollectorPauses:
     """The longest pause and the count of pauses of at least ``long_s``, per generation, of the
-    collections run in this process since ``install()``."""
+    collections run in this process since ``install()``; ``as_dict`` adds the objects frozen and
+    those a full collection would walk now (``tracked``)."""
 
     def __init__(self, long_s: float = 0.01) -> None:
         self.long_s = long_s
@@ -59,7 +60,7 @@ class CollectorPauses:
 
     def as_dict(self) -> dict[str, Any]:
         with self._lock:
-            return {"frozen": gc.get_freeze_count(),
+            return {"frozen": gc.get_freeze_count(), "tracked": len(gc.get_objects()),
                     "collections": [g["collections"] for g in gc.get_stats()],
                     "longest_ms": [round(s * 1e3, 3) for s in self.longest_s],
                     f"over_{self.long_s * 1e3:g}ms": list(self.long)}
