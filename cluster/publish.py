@@ -263,7 +263,7 @@ def _put_group(tensors: dict[str, torch.Tensor], specs: Mapping[str, Any], sums:
                 accept(*done)
             # bucket k+1's put goes first on the helper pool (it runs jobs in order), then bucket
             # k's checks beside it: one bucket ahead, no further
-            put = helpers().submit(ray.put, wires[k + 1]) if put is not None and k + 1 < len(wires) else None
+            put = helpers().submit(ray.put, wires[k + 1]) if not inline and k + 1 < len(wires) else None
             if not inline and stored:
                 view = ray.get(ref)
                 pending = (ref, wire, _BucketChecks(from_wire(view, specs), view, scan))
