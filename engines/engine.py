@@ -284,19 +284,21 @@ class Engine:
     def _copies(self, tensors: Mapping[str, torch.Tensor],
                 hashed: Collection[str]) -> dict[str, tuple[torch.Tensor, str | None]]:
         """Each tensor copied into a spare buffer (a pooled one, else a new one): ``name ->
-        (buffer, checksum)``, the checksum taken as it is copied for the names in ``hashed`` (the
-        large CPU ones on the helper threads; on a card, of the host copy before it goes), else
-        None. On any error every buffer filled goes back to the pool."""
+        (buffer, checksum)``, the checksum taken as it is copied for the names in ``hashed`` (on a
+        card, of the host copy before it goes), else None. Large CPU tensors are copied on the
+        helper threads, at their priority below the serving threads'. On any error every buffer
+        filled goes back to the pool."""
         out: dict[str, tuple[torch.Tensor, str | None]] = {}
-        jobs: list[tuple[str, torch.Tensor, Future[str]]] = []
+        jobs: list[tuple[str, torch.Tensor, Future[str | None]]] = []
         try:
             for name, src in tensors.items():
                 buf = self._pool.take(tuple(src.shape), src.dtype, self.device)
                 if buf is None:
                     buf = torch.empty(src.shape, dtype=src.dtype, device=self.device)
                     self.allocated_bytes += _nbytes(buf)
-                if name in hashed and buf.device.type == "cpu" and _nbytes(src) >= _PARALLEL_BYTES:
-                    jobs.append((name, buf, helpers().submit(copy_and_checksum, buf, src)))
+                if buf.device.type == "cpu" and _nbytes(src) >= _PARALLEL_BYTES:  # at the helpers' priority
+                    copy = copy_and_checksum if name in hashed else _copy_only
+                    jobs.append((name, buf, helpers().submit(copy, buf, src)))
                 elif name in hashed and buf.device.type == "cpu":
                     out[name] = (buf, copy_and_checksum(buf, src))
                 else:
@@ -721,7 +723,11 @@ class Refitter:
         return version
 
 
-_PARALLEL_BYTES = 4 << 20  # CPU tensors from this size are copied and verified on the helper threads
+_PARALLEL_BYTES = 4 << 20  # CPU tensors from this size are copied (and verified) on the helper threads
+
+
+def _copy_only(dst: torch.Tensor, src: torch.Tensor) -> None:
+    dst.copy_(src)
 
 
 def _check(name: str, checksums: Mapping[str, str], got: str, version: int) -> None:

@@ -447,6 +447,25 @@ def test_a_failed_verification_returns_its_buffers_to_the_pool(numel):
     assert engine.memory() == pooled
 
 
+def test_a_large_tensor_staged_without_a_checksum_is_copied_on_a_helper_thread_too(monkeypatch):
+    import threading
+
+    import engines.engine as engine_module
+
+    copied_on: list[str] = []
+    copy_only = engine_module._copy_only
+
+    def recording(dst: torch.Tensor, src: torch.Tensor) -> None:
+        copied_on.append(threading.current_thread().name)
+        copy_only(dst, src)
+
+    monkeypatch.setattr(engine_module, "_copy_only", recording)
+    engine = _big_engine("swap", HUGE)
+    engine.commit(engine.stage({"w": torch.full((HUGE,), 3.0)}, version=1))
+    assert float(engine.infer(torch.ones(1)).outputs[0][0]) == 3.0
+    assert copied_on and all(name.startswith("refit-helper") for name in copied_on), copied_on
+
+
 def test_refit_work_runs_on_helper_threads_that_yield_to_serving_threads():
     import os
     import threading
