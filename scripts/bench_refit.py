@@ -13,8 +13,11 @@ Measured side by side in one run on this machine:
 - weight-refit: ``Fleet.refit`` wall time (call -> every replica active) for each (size, replicas):
   the first (cold) refit, then warm ones (median), each broken down into publish (validate,
   checksum, put), prepare (fetch, verify, stage), persist, commit/activate and RPC overhead;
-- serving: closed-loop clients (a separate driver process, ``--concurrency`` threads sharing one
-  fleet handle) calling ``fleet.infer``; p50/p99 idle and during refits; failed, torn (outputs of
+- serving: clients (a separate driver process, ``--concurrency`` threads sharing one fleet
+  handle) calling ``fleet.infer``, closed-loop (each thread sends its next request when the last
+  one returns: the cores are saturated), or open-loop with ``--rate`` (Poisson arrivals at that
+  many requests/s in all; a response's latency counts from its scheduled send time, so a request
+  held up behind a slow one counts the wait); p50/p99 idle and during refits; failed, torn (outputs of
   one response disagree), mixed-version (value does not match the version named) and backwards
   (a thread saw its versions go down) responses;
 - memory: peak extra RSS of replicas and driver (``/proc/<pid>/status``) and object store use
@@ -550,10 +553,20 @@ def client_main(args: argparse.Namespace) -> int:
     cols: list[list[Any]] = [[] for _ in range(args.concurrency)]
     stop = threading.Event()
 
+    mean_gap = args.concurrency / args.rate if args.rate else 0.0
+
     def loop(tid: int) -> None:
         rec = cols[tid]
+        arrivals = np.random.default_rng(tid)
+        due = time.monotonic()
         while not stop.is_set():
-            t0 = time.monotonic()
+            if mean_gap:  # open loop: the send time is the schedule's, however late the last answer
+                due += arrivals.exponential(mean_gap)
+                if (wait := due - time.monotonic()) > 0 and stop.wait(wait):
+                    break
+                t0 = due
+            else:
+                t0 = time.monotonic()
             try:
                 r = fleet.infer(x)
                 t1 = time.monotonic()
@@ -580,10 +593,13 @@ def client_main(args: argparse.Namespace) -> int:
 
 
 class Clients:
-    def __init__(self, fleet_name: str, address: str, concurrency: int, out: Path) -> None:
+    def __init__(self, fleet_name: str, address: str, concurrency: int, out: Path,
+                 rate: float | None = None) -> None:
         self.out = out
         cmd = [sys.executable, str(Path(__file__).resolve()), "--_client", "--client-fleet", fleet_name,
                "--client-address", address, "--concurrency", str(concurrency), "--client-out", str(out)]
+        if rate:
+            cmd += ["--rate", str(rate)]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         line = self.proc.stdout.readline().strip()
         if line != "ready":
@@ -787,7 +803,7 @@ def run_row(size_mib: float, n: int, engine_path: Path, weights: dict[str, torch
 
         # serving: idle window, then refits under load
         clients = Clients(name, ray.get_runtime_context().gcs_address, args.concurrency,
-                          workdir / f"{name}-samples.npz")
+                          workdir / f"{name}-samples.npz", args.rate)
         time.sleep(0.5)
         idle_a = time.monotonic()
         time.sleep(args.idle_s)
@@ -987,7 +1003,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="refits after the cold one and before the warm ones, not counted (default 4): "
                         "until versions have landed all over the object store, each process faults its "
                         "pages in")
-    p.add_argument("--concurrency", type=int, default=2, help="closed-loop client threads (default 2)")
+    p.add_argument("--concurrency", type=int, default=2, help="client threads (default 2)")
+    p.add_argument("--rate", type=float, default=None,
+                   help="open-loop load: Poisson arrivals at this many requests/s over all client threads "
+                        "(default: closed loop, each thread sends as soon as its last request returned)")
     p.add_argument("--idle-s", type=float, help="idle serving window in s (default 5; --quick 2)")
     p.add_argument("--gap-s", type=float, default=0.25, help="pause between refits under load (s)")
     p.add_argument("--tensors", type=int, default=8, help="weight tensors in the model (equal sizes)")
@@ -1015,6 +1034,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--client-address", help=argparse.SUPPRESS)
     p.add_argument("--client-out", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    if a.rate is not None and a.rate <= 0:
+        p.error(f"--rate {a.rate:g}: expected requests per second above 0")
     a.sizes = a.sizes or ([64, 256] if a.quick else [64, 256, 1024])
     a.replicas = a.replicas or ([1, 2] if a.quick else [1, 2, 4])
     a.refits = a.refits if a.refits is not None else (6 if a.quick else 20)
@@ -1095,7 +1116,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine_info(), "code": code_version(),
         "config": {"sizes_mib": args.sizes, "replicas": args.replicas, "tensors": args.tensors,
                    "refits_under_load": args.refits, "warm_refits": args.warm,
-                   "concurrency": args.concurrency,
+                   "concurrency": args.concurrency, "rate": args.rate,
                    "idle_s": args.idle_s, "gap_s": args.gap_s, "persist_fsync": not args.no_fsync,
                    "object_store_memory": store_bytes, "torch_threads": 1, "keep_previous": True,
                    "memory_mode": args.memory_mode,

@@ -1,4 +1,4 @@
-"""Smoke test of the refit benchmark: a tiny model, one replica, two refits under load.
+"""Smoke test of the refit benchmark: a tiny model, one replica, three refits under open-loop load.
 
 Runs ``scripts/bench_refit.py`` in a subprocess (it starts its own local Ray) and checks that the
 JSON it writes has every key issue 5 asks for, and that no response failed or was torn/mixed.
@@ -33,10 +33,12 @@ def _run_script(name: str, *args: str) -> None:
 @pytest.mark.timeout(600)
 def test_bench_refit_tiny(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
-    _run_script("bench_refit.py", "--sizes-mib", "4", "--replicas", "1", "--refits", "2", "--warm", "3",
-                "--warmup", "1", "--idle-s", "0.5", "--json", str(out), "--workdir", str(tmp_path / "work"))
+    _run_script("bench_refit.py", "--sizes-mib", "4", "--replicas", "1", "--refits", "3", "--warm", "3",
+                "--warmup", "1", "--idle-s", "1", "--rate", "100", "--concurrency", "4",
+                "--json", str(out), "--workdir", str(tmp_path / "work"))
     result = json.loads(out.read_text())
     assert result["rows"], result.get("skipped")
+    assert result["config"]["rate"] == 100
     for row in result["rows"]:
         missing = [k for k in REQUIRED if k not in row]
         assert not missing, f"row lacks {missing}"
@@ -45,6 +47,8 @@ def test_bench_refit_tiny(tmp_path: Path) -> None:
         assert row["refit_s"] > 0 and row["floor_s"] > 0 and row["ratio_to_floor"] > 0
         assert row["reload_baseline_s"] > 0 and row["byvalue_baseline_s"] > 0
         assert row["n_idle"] > 0 and row["n_refit"] > 0
+        # open loop: about 100 requests in the idle second, where 4 closed-loop threads send many more
+        assert row["n_idle"] < 300, row["n_idle"]
         assert row["swap_us"] < 10_000
     assert result["floors"] and result["engine"]
 
@@ -90,3 +94,17 @@ def test_bench_launch_times_each_step_of_a_launch_from_a_fresh_command(tmp_path:
     assert all(run[k] > 0 for k in steps), run
     assert run["total_s"] >= sum(run[k] for k in steps)
     assert result["medians"]["this"]["total_s"] == run["total_s"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_bench_background_load_measures_serving_beside_each_load_between_idle_windows(tmp_path: Path) -> None:
+    out = tmp_path / "background.json"
+    _run_script("bench_background_load.py", "--window-s", "0.4", "--json", str(out))
+    result = json.loads(out.read_text())
+    loads = [w["load"] for w in result["windows"]]
+    assert loads[0::2] == ["idle"] * (len(loads) // 2 + 1)
+    assert "copy, SCHED_IDLE, pinned" in loads[1::2] and "copy, nice 19, duty 0.25" in loads[1::2]
+    for w in result["windows"]:
+        assert w["n"] > 0 and 0 < w["p50_ms"] <= w["p99_ms"] <= w["max_ms"], w
+        assert w["p99_over_idle"] > 0
