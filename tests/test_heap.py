@@ -11,10 +11,10 @@ from actors.heap import CollectorPauses, freeze_startup_heap
 def test_a_frozen_start_up_heap_is_out_of_every_generation_and_new_objects_are_not() -> None:
     try:
         frozen = freeze_startup_heap()
-        assert frozen == gc.get_freeze_count() > 0
+        assert 0 < gc.get_freeze_count() <= frozen  # fewer once frozen objects die (other threads')
         later = [[] for _ in range(1000)]
-        assert gc.get_freeze_count() == frozen  # objects made after the freeze are collected as usual
-        assert any(x is later for x in gc.get_objects())
+        assert gc.get_freeze_count() <= frozen  # objects made after the freeze are not frozen ...
+        assert any(x is later for x in gc.get_objects())  # ... but in a generation, collected as usual
     finally:
         gc.unfreeze()
 
