@@ -38,7 +38,9 @@ class CollectorPauses:
         self._started: dict[int, float] = {}  # thread id -> when its collection started
         self.longest_s = [0.0, 0.0, 0.0]
         self.long = [0, 0, 0]
-        self._lock = threading.Lock()
+        # reentrant: a collection set off by an allocation under the lock runs the callback in
+        # the same thread, which takes the lock again
+        self._lock = threading.RLock()
 
     def install(self) -> CollectorPauses:
         gc.callbacks.append(self._on_collect)
@@ -60,7 +62,8 @@ class CollectorPauses:
 
     def as_dict(self) -> dict[str, Any]:
         with self._lock:
-            return {"frozen": gc.get_freeze_count(), "tracked": len(gc.get_objects()),
-                    "collections": [g["collections"] for g in gc.get_stats()],
-                    "longest_ms": [round(s * 1e3, 3) for s in self.longest_s],
-                    f"over_{self.long_s * 1e3:g}ms": list(self.long)}
+            longest, long = tuple(self.longest_s), tuple(self.long)
+        return {"frozen": gc.get_freeze_count(), "tracked": len(gc.get_objects()),
+                "collections": [g["collections"] for g in gc.get_stats()],
+                "longest_ms": [round(s * 1e3, 3) for s in longest],
+                f"over_{self.long_s * 1e3:g}ms": list(long)}

@@ -30,3 +30,21 @@ def test_collector_pauses_are_recorded_per_generation() -> None:
     assert got["longest_ms"][0] > 0 and got["longest_ms"][2] > 0
     assert got["over_0ms"][0] >= 1 and got["over_0ms"][2] >= 1
     assert len(got["collections"]) == 3
+
+
+def test_reading_the_pauses_does_not_deadlock_when_the_read_itself_sets_off_a_collection() -> None:
+    import threading
+
+    pauses = CollectorPauses().install()
+    threshold = gc.get_threshold()
+    read: list[dict] = []
+    try:
+        gc.set_threshold(1, 1, 1)  # every allocation may start a collection, in the reading thread too
+        reader = threading.Thread(target=lambda: read.append(pauses.as_dict()), daemon=True)
+        reader.start()
+        reader.join(10)
+    finally:
+        gc.set_threshold(*threshold)
+        gc.callbacks.remove(pauses._on_collect)
+    assert read, "as_dict never returned: the collection it set off waited on its lock"
+    assert read[0]["collections"][0] > 0
