@@ -42,6 +42,7 @@ __all__ = [
     "PlacementError",
     "PlacementPlan",
     "ReplicaPlacement",
+    "CONNECT_RETRY",
     "SPILL_THRESHOLD",
     "actor_options",
     "assign_card_indexes",
@@ -51,6 +52,7 @@ __all__ = [
     "create_placement_group",
     "discover_mlu_cards",
     "local_ray_init_kwargs",
+    "local_ray_system_config",
     "mlu_accelerator_manager",
     "mlu_env",
     "plan_placement",
@@ -333,6 +335,17 @@ def assign_card_indexes(
 # (docs/benchmarks.md). A store that is really full still spills.
 SPILL_THRESHOLD = 0.95
 
+# The raylet's connection to its own object store (and a worker's to its raylet) retries once a
+# second, ten times, by default: a start that loses that race here waited a whole second, which
+# made Ray's start bimodal (docs/benchmarks.md, "Launch"). Ten times as often, same 10 s budget.
+CONNECT_RETRY = {"raylet_client_connect_timeout_milliseconds": 100, "raylet_client_num_connect_attempts": 100}
+
+
+def local_ray_system_config(given: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Ray's system settings for a Ray the fleet starts: ``given`` wins for every key it sets;
+    ``object_spilling_threshold`` (``SPILL_THRESHOLD``) and ``CONNECT_RETRY`` where absent."""
+    return {"object_spilling_threshold": SPILL_THRESHOLD, **CONNECT_RETRY, **dict(given or {})}
+
 
 def local_ray_init_kwargs(
     cfg: FleetConfig,
@@ -343,16 +356,15 @@ def local_ray_init_kwargs(
     """Keyword arguments for ``ray.init`` when the fleet starts its own single-node Ray.
 
     ``cfg.ray_init`` wins for every key it sets, and in ``_system_config`` for every key it sets
-    there. Added where absent: ``object_spilling_threshold`` (``SPILL_THRESHOLD``) in
-    ``_system_config``; ``num_gpus`` from
+    there. Added where absent: ``local_ray_system_config``'s settings in ``_system_config``;
+    ``num_gpus`` from
     ``cards_per_node`` on cuda; on mlu, the card resource (``{mlu_resource: cards}``, with cards
     from ``cards_per_node`` or :func:`discover_mlu_cards`) in ``resources`` when Ray has no MLU
     manager (a manager discovers cards itself; ``cards_per_node`` then overrides it). Never
     contains ``address`` or ``namespace``.
     """
     kwargs: dict[str, Any] = dict(cfg.ray_init)
-    kwargs["_system_config"] = {"object_spilling_threshold": SPILL_THRESHOLD,
-                                **dict(kwargs.get("_system_config") or {})}
+    kwargs["_system_config"] = local_ray_system_config(kwargs.get("_system_config"))
     pc = cfg.placement
     if cfg.device == "cuda" and pc.cards_per_node is not None:
         kwargs.setdefault("num_gpus", pc.cards_per_node)

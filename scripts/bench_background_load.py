@@ -7,6 +7,8 @@ open-loop with ``--rate``); between idle windows, a separate process runs one ki
 
 - ``copy``: memcpy of 8 MiB blocks over 256 MiB buffers (what a refit's puts and copies do), at
   ``--duty`` (the share of the time it copies; it sleeps in between, as a paced refit would);
+- ``copy-cached``: the same copy loop over 256 KiB buffers, which stay in the core's own L2 cache
+  (the copy's CPU time without its traffic through the shared L3 cache and memory);
 - ``cpu``: a pure-Python loop (CPU time without memory traffic);
 - each at nice 19 (``nice``) or at ``SCHED_IDLE`` (``idle``), on any core or pinned to the last
   one (``pinned``), one or two processes.
@@ -56,9 +58,9 @@ print("go", flush=True)
 if kind == "cpu":
     while True:
         sum(range(1000))
-a = np.ones(256 << 20, np.uint8)
+a = np.ones(256 << 10 if kind == "copy-cached" else 256 << 20, np.uint8)
 b = np.empty_like(a)
-block = 8 << 20
+block = min(8 << 20, a.size)
 i = 0
 while True:
     t = time.perf_counter()
@@ -79,6 +81,8 @@ PLAN = [
     ("2 copies, SCHED_IDLE", "copy", "idle", "any", 1.0, 2),
     ("copy, nice 19, duty 0.5", "copy", "nice", "any", 0.5, 1),
     ("copy, nice 19, duty 0.25", "copy", "nice", "any", 0.25, 1),
+    ("cached copy, nice 19", "copy-cached", "nice", "any", 1.0, 1),
+    ("cached copy, SCHED_IDLE, pinned", "copy-cached", "idle", "pinned", 1.0, 1),
     ("cpu loop, nice 19", "cpu", "nice", "any", 1.0, 1),
     ("cpu loop, SCHED_IDLE", "cpu", "idle", "any", 1.0, 1),
 ]
@@ -99,8 +103,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="open-loop load in requests/s (default: closed loop, as bench_refit)")
     p.add_argument("--concurrency", type=int, default=2, help="client threads (default 2)")
     p.add_argument("--window-s", type=float, default=8.0, help="each window's length (default 8 s)")
+    p.add_argument("--loads", nargs="+", metavar="LABEL", choices=[row[0] for row in PLAN],
+                   help="only these loads, in this order (default: every one): " +
+                        "; ".join(repr(row[0]) for row in PLAN))
     p.add_argument("--json", type=Path, help="write the results here")
     args = p.parse_args(argv)
+    plan = [next(row for row in PLAN if row[0] == label) for label in args.loads] if args.loads else PLAN
     if args.rate is not None and args.rate <= 0:
         p.error(f"--rate {args.rate:g}: expected requests per second above 0")
     import ray
@@ -128,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         window("idle")
-        for label, kind, policy, where, duty, processes in PLAN:
+        for label, kind, policy, where, duty, processes in plan:
             loads = [subprocess.Popen([sys.executable, "-c", LOAD, kind, policy, where, str(duty)],
                                       stdout=subprocess.PIPE, text=True) for _ in range(processes)]
             try:

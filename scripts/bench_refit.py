@@ -1098,10 +1098,10 @@ def main(argv: list[str] | None = None) -> int:
     init: dict[str, Any] = {"address": "local", "num_cpus": max(4, 2 * max(args.replicas) + 2),
                             "object_store_memory": store_bytes,
                             "include_dashboard": False, "log_to_driver": False}
-    from cluster.placement import SPILL_THRESHOLD
+    from cluster.placement import local_ray_system_config
 
     # what `weight-refit launch` gives a Ray it starts (cluster.placement.local_ray_init_kwargs)
-    system_config: dict[str, Any] = {"object_spilling_threshold": SPILL_THRESHOLD}
+    system_config: dict[str, Any] = local_ray_system_config()
     if not args.no_prealloc:
         system_config["preallocate_plasma_memory"] = True
     system_config.update(args.ray_system_config or {})

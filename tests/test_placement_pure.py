@@ -8,6 +8,7 @@ import pytest
 
 from cluster.config import FleetConfig
 from cluster.placement import (
+    CONNECT_RETRY,
     MLU_VISIBLE_DEVICES,
     SPILL_THRESHOLD,
     PlacementError,
@@ -236,7 +237,7 @@ def test_check_capacity_cpu() -> None:
 
 def test_local_ray_init_kwargs(tmp_path: Path) -> None:
     def without_spill(kwargs: dict) -> dict:
-        assert kwargs.pop("_system_config") == {"object_spilling_threshold": SPILL_THRESHOLD}
+        assert kwargs.pop("_system_config") == {"object_spilling_threshold": SPILL_THRESHOLD, **CONNECT_RETRY}
         return kwargs
 
     cpu = _cfg(ray_init={"num_cpus": 2})
@@ -260,9 +261,20 @@ def test_local_ray_init_kwargs(tmp_path: Path) -> None:
 def test_a_local_ray_spills_late_unless_the_config_says_otherwise() -> None:
     mine = _cfg(ray_init={"_system_config": {"object_spilling_threshold": 0.5,
                                              "preallocate_plasma_memory": True}})
-    assert local_ray_init_kwargs(mine)["_system_config"] == {"object_spilling_threshold": 0.5,
-                                                            "preallocate_plasma_memory": True}
+    assert local_ray_init_kwargs(mine)["_system_config"] == {
+        "object_spilling_threshold": 0.5, "preallocate_plasma_memory": True, **CONNECT_RETRY}
     other = _cfg(ray_init={"_system_config": {"preallocate_plasma_memory": True}})
-    assert local_ray_init_kwargs(other)["_system_config"] == {"object_spilling_threshold": SPILL_THRESHOLD,
-                                                             "preallocate_plasma_memory": True}
+    assert local_ray_init_kwargs(other)["_system_config"] == {
+        "object_spilling_threshold": SPILL_THRESHOLD, "preallocate_plasma_memory": True, **CONNECT_RETRY}
     assert 0.8 < SPILL_THRESHOLD < 1.0  # above Ray's default 0.8
+
+
+def test_a_local_ray_retries_its_connections_ten_times_a_second_within_rays_own_budget() -> None:
+    # Ray's default: 10 tries, 1000 ms apart (the raylet's connection to its object store loses
+    # that race now and then: a whole second lost at start)
+    assert CONNECT_RETRY["raylet_client_connect_timeout_milliseconds"] <= 100
+    budget_ms = CONNECT_RETRY["raylet_client_connect_timeout_milliseconds"] * \
+        CONNECT_RETRY["raylet_client_num_connect_attempts"]
+    assert budget_ms >= 10 * 1000
+    mine = _cfg(ray_init={"_system_config": {"raylet_client_num_connect_attempts": 300}})
+    assert local_ray_init_kwargs(mine)["_system_config"]["raylet_client_num_connect_attempts"] == 300
