@@ -59,14 +59,23 @@ class PersistJob:
     from_version: int | None
     fsync: bool
     state_options: dict[str, Any] = field(default_factory=dict)
+    hashed_on: str | None = None  # the node whose object-store copy of ``refs`` the checksums are of
+
+
+def _this_node() -> str | None:
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
 
 
 def persist(job: PersistJob, fp: Failpoints | None = None) -> dict[str, float]:
-    """Save ``job.version`` as a full set; returns timings. Raises on any mismatch or I/O error."""
+    """Save ``job.version`` as a full set; returns timings. Raises on any mismatch or I/O error.
+    Every tensor is hashed against its checksum before it is written, unless the checksums were
+    taken of the very copy this worker read: ``job.hashed_on`` names this node (I4 verifies each
+    object-store copy once; a base version read back from the store was verified by the read)."""
     from .payload import fetch, tensors_from_wire  # torch: only in the worker, on its first write
 
     t0 = time.perf_counter()
     store = checkpoint_store(job.state_dir, job.state_options, cleanup=False, fp=fp)
+    verify = job.refs is None or job.hashed_on is None or job.hashed_on != _this_node()
     if job.from_version is not None:
         tensors = store.load(job.from_version)
         sums = store.manifest(job.from_version).checksums
@@ -81,8 +90,8 @@ def persist(job: PersistJob, fp: Failpoints | None = None) -> dict[str, float]:
             tensors = base
             sums = {**base_sums, **job.checksums}
     t1 = time.perf_counter()
-    store.save(job.version, tensors, sums, fsync=job.fsync)
-    return {"read_s": t1 - t0, "write_s": time.perf_counter() - t1}
+    store.save(job.version, tensors, sums, fsync=job.fsync, verify=verify)
+    return {"read_s": t1 - t0, "write_s": time.perf_counter() - t1, "verified": float(verify)}
 
 
 @ray.remote(num_cpus=0, max_restarts=0, max_task_retries=0)

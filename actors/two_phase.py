@@ -89,6 +89,11 @@ def _in_object_store(refs: list[Any] | None) -> bool:
     return refs is not None and not any(is_inline(b) for b in refs)
 
 
+def _hashed_on(req: RefitRequest) -> str | None:
+    """The node whose object-store copy of the buckets the caller took the checksums of."""
+    return req.hashed_on if _in_object_store(req.refs) else None
+
+
 @dataclass
 class TxnResult:
     """What ``Coordinator.refit``/``rollback``/``outcome`` answer the driver."""
@@ -227,7 +232,8 @@ class TwoPhaseCommit:
         return PersistJob(state_dir=self._s.state_dir, version=txn.version, refs=req.refs,
                           specs=req.specs, checksums=req.checksums, base_version=req.base_version,
                           from_version=req.from_version, fsync=self._s.persist_fsync,
-                          state_options=self._s.state_options)
+                          state_options=self._s.state_options,
+                          hashed_on=_hashed_on(req))
 
     def _start_persist(self, txn: CoordinatorTxn, req: RefitRequest) -> tuple[Any, float]:
         self._persister.ensure()
@@ -246,7 +252,7 @@ class TwoPhaseCommit:
         self._client.prepare(txn.members, self._t.prepare_s, self.epoch, txn.txn, txn.version,
                              req.refs, req.specs, req.checksums, source, req.base_version,
                              on_reply=record, verifiers=self._verifiers(txn.members, req), probes=req.probes,
-                             hashed_on=req.hashed_on if _in_object_store(req.refs) else None)
+                             hashed_on=_hashed_on(req))
         for rid in txn.members:
             txn.votes.setdefault(rid, Vote(rid, False, "no answer to prepare"))
         txn.timings["prepare_s"] = time.perf_counter() - t

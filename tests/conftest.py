@@ -17,12 +17,15 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
+from cluster.placement import CONNECT_RETRY  # noqa: E402
+
 RAY_SYSTEM_CONFIG = {
     "health_check_initial_delay_ms": 0,
     "health_check_period_ms": 500,
     "health_check_timeout_ms": 500,
     "health_check_failure_threshold": 3,
     "metrics_report_interval_ms": 500,
+    **CONNECT_RETRY,  # a Ray start that loses a connection race waits 0.1 s, not 1 s
 }
 
 

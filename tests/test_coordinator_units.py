@@ -175,17 +175,20 @@ def test_one_verifier_per_node_is_named_once_the_votes_named_the_nodes(rig: Rig)
     rig.txns.run(rollback)
     assert rig.client.verifiers[-1] is None  # a stored version: each member reads its own
     assert rig.client.hashed_on[-1] is None  # ... and hashes it: the caller's hash was not of it
+    assert rig.persister.jobs[-1].hashed_on is None  # the checkpoint writer too
     inline = RefitRequest(refs=[(None, {}, {})], specs={}, checksums=SUMS, full=SUMS, key=None,
                           base_version=rig.ledger.state.active_version, hashed_on="node-a")
     rig.txns.run(inline)
     assert rig.client.verifiers[-1] is None  # a small version inside the call: a copy per member
     assert rig.client.hashed_on[-1] is None
+    assert rig.persister.jobs[-1].hashed_on is None
 
 
 def test_the_node_whose_stored_copy_the_caller_hashed_is_passed_on_with_its_verifiers(rig: Rig) -> None:
     rig.client.nodes = {"r0": "node-a", "r1": "node-a", "r2": "node-b"}
     assert rig.txns.run(dataclasses.replace(rig.request(), hashed_on="node-a")).status == "committed"
     assert rig.client.hashed_on == ["node-a"]
+    assert rig.persister.jobs[-1].hashed_on == "node-a"  # the checkpoint writer there need not hash it
 
 
 def test_progress_follows_the_phases_and_counts_each_activation_as_it_arrives(rig: Rig) -> None:

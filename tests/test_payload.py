@@ -128,3 +128,41 @@ def test_the_checksums_are_taken_of_the_copy_in_this_nodes_object_store(monkeypa
     assert {n for n in tensors if stored.checksums[n] != source.checksums[n]} == {"w1"}
     got = from_wire(ray.get(stored.refs[1]), manifest)["w1"]
     assert tensor_checksum(got) == stored.checksums["w1"]
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_the_checkpoint_writer_hashes_what_it_read_unless_the_checksums_are_of_that_copy(tmp_path) -> None:
+    """I4 verifies each object-store copy once: the persistence worker on the caller's node reads
+    the copy the caller hashed and writes it without hashing it again; a copy hashed on another
+    node (or by nobody) is hashed before it is written, and a mismatch writes nothing."""
+    import ray
+
+    import cluster.publish as publish
+    from actors.persist import PersistJob, PersistWorker
+    from actors.store import CheckpointStore
+
+    tensors = {f"w{i}": torch.full((PACK_BYTES // 4 + 1,), float(i)) for i in range(2)}
+    pub = publish.publish(tensors, spec_dict(tensors), bucket_bytes=PACK_BYTES, inline_bytes=0)
+    here = ray.get_runtime_context().get_node_id()
+    assert pub.hashed_on == here
+    worker = PersistWorker.remote()
+    wrong = {**pub.checksums, "w1": "0" * 16}
+
+    def persist(version: int, hashed_on: str | None, checksums: dict[str, str]) -> dict[str, float]:
+        job = PersistJob(state_dir=str(tmp_path), version=version, refs=pub.refs, specs=pub.specs,
+                         checksums=checksums, base_version=None, from_version=None, fsync=False,
+                         hashed_on=hashed_on)
+        return ray.get(worker.persist.remote(job), timeout=60)
+
+    try:
+        assert persist(1, here, pub.checksums)["verified"] == 0.0
+        assert persist(2, None, pub.checksums)["verified"] == 1.0
+        assert persist(3, "another-node", pub.checksums)["verified"] == 1.0
+        with pytest.raises(ray.exceptions.RayTaskError, match="w1"):
+            persist(4, "another-node", wrong)
+        store = CheckpointStore.in_state_dir(tmp_path, cleanup=False)
+        for version in (1, 2, 3):  # every load verifies every checksum
+            assert float(store.load(version)["w1"][0]) == 1.0
+        assert not store.has(4)
+    finally:
+        ray.kill(worker)

@@ -22,6 +22,7 @@ from fleet_models import build_probe_engine, fleet_config, probe_input, probe_we
 
 from actors.payload import Publication  # noqa: E402,F401
 from cluster import Fleet  # noqa: E402
+from cluster.placement import CONNECT_RETRY  # noqa: E402
 from cluster.publish import publish  # noqa: E402
 
 NODES, CARDS = 3, 2
@@ -31,7 +32,8 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp())
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 1, "object_store_memory": 128 << 20,
-        "_system_config": {"health_check_period_ms": 500, "health_check_failure_threshold": 3}})
+        "_system_config": {"health_check_period_ms": 500, "health_check_failure_threshold": 3,
+                           **CONNECT_RETRY}})
     for _ in range(NODES):
         cluster.add_node(num_cpus=2, resources={"MLU": CARDS}, object_store_memory=128 << 20)
     cluster.wait_for_nodes()

@@ -31,9 +31,10 @@ from fleet_models import (  # noqa: E402
 )
 
 from cluster import Fleet  # noqa: E402
+from cluster.placement import CONNECT_RETRY  # noqa: E402
 
 SYSTEM = {"health_check_initial_delay_ms": 0, "health_check_period_ms": 500,
-          "health_check_timeout_ms": 500, "health_check_failure_threshold": 3}
+          "health_check_timeout_ms": 500, "health_check_failure_threshold": 3, **CONNECT_RETRY}
 
 
 def main() -> None:

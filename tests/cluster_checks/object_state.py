@@ -43,6 +43,7 @@ from fleet_models import (  # noqa: E402
 from s3_server import S3Server  # noqa: E402
 
 from cluster import Fleet  # noqa: E402
+from cluster.placement import CONNECT_RETRY  # noqa: E402
 
 
 @ray.remote(num_cpus=0)
@@ -52,7 +53,7 @@ class Seat:
 
 
 SYSTEM = {"health_check_initial_delay_ms": 0, "health_check_period_ms": 500,
-          "health_check_timeout_ms": 500, "health_check_failure_threshold": 3}
+          "health_check_timeout_ms": 500, "health_check_failure_threshold": 3, **CONNECT_RETRY}
 
 
 def _rows(fleet: Fleet) -> dict[str, dict[str, Any]]:
