@@ -131,19 +131,12 @@ def demo(interval: float = typer.Option(0.2, help="seconds between refits (multi
             sys.argv, sys.path[:] = saved
 
 
-def _start_head(cfg: Any, port: int) -> None:
-    """``ray start --head`` for a fleet that must outlive this command; remembered, so that
-    ``shutdown --stop-ray`` can stop exactly this head later."""
-    from cluster.placement import local_ray_init_kwargs
+def _start_head(flags: list[str], port: int) -> None:
+    """``ray start --head`` (with ``flags``, ``head_start_flags``) for a fleet that must outlive
+    this command; remembered, so that ``shutdown --stop-ray`` can stop exactly this head later."""
     from cluster.ray_session import HeadRecord, connect_timeout_s, join, session_dir
 
-    init = local_ray_init_kwargs(cfg)
-    args = ["start", "--head", "--disable-usage-stats", f"--port={port}",
-            f"--system-config={json.dumps(init['_system_config'])}"]
-    if "num_cpus" in init:
-        args.append(f"--num-cpus={init['num_cpus']}")
-    if "object_store_memory" in init:
-        args.append(f"--object-store-memory={init['object_store_memory']}")
+    args = ["start", "--head", "--disable-usage-stats", f"--port={port}", *flags]
     ray_bin = shutil.which("ray", path=str(Path(sys.executable).parent)) or "ray"
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     try:
@@ -170,11 +163,15 @@ def launch(config: Path = typer.Option(..., "--config", "-c", help="fleet config
     """Launch a fleet that outlives this command (a local Ray head is started if none runs)."""
     from cluster import Fleet, FleetConfig
     from cluster.launch import check_engine
-    from cluster.ray_session import answers, join, recorded_head
+    from cluster.placement import local_ray_init_kwargs
+    from cluster.ray_session import answers, head_start_flags, join, recorded_head
 
     if not config.is_file():
         _fail(BAD_INPUT, f"fleet config {str(config)!r} does not exist or is not a file")
     cfg = _guard(lambda: FleetConfig.from_yaml(config))
+    target = address or os.environ.get("RAY_ADDRESS") or cfg.address
+    # checked before anything changes, for the head this command may start (ray_init applies to it only)
+    head_flags = [] if target else _guard(lambda: head_start_flags(local_ray_init_kwargs(cfg)))
     if fresh:
         from actors.durable import StateDirLock
 
@@ -182,13 +179,12 @@ def launch(config: Path = typer.Option(..., "--config", "-c", help="fleet config
     _guard(lambda: check_engine(cfg))
     if fresh:
         _remove_state(cfg.state_dir, cfg.state_options)
-    target = address or os.environ.get("RAY_ADDRESS") or cfg.address
     if target:
         _guard(lambda: join(target))
     elif (head := recorded_head()) is not None and answers(head):
         _guard(lambda: join("auto"))
     else:
-        _start_head(cfg, head_port)
+        _start_head(head_flags, head_port)
     t0 = time.perf_counter()
     fleet = _guard(lambda: Fleet.launch(cfg))
     status = _guard(fleet.status)

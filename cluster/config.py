@@ -208,7 +208,8 @@ class FleetConfig(BaseModel):
     failpoints: dict[str, str] = Field(default_factory=dict,
         description="fault injection (tests): name -> action")
     ray_init: dict[str, Any] = Field(default_factory=dict,
-        description="extra ray.init kwargs for a local Ray")
+        description="extra ray.init kwargs for a Ray the fleet starts (weight-refit launch: "
+                    "as ray start --head flags)")
     coordinator_resources: dict[str, float] = Field(default_factory=dict,
         description="custom Ray resources the coordinator needs: it runs only on nodes that have them "
                     "(e.g. {coordinator: 1} on a node group you choose); empty: Ray places it, "

@@ -35,7 +35,8 @@ import ray
 
 from .errors import NoRayCluster
 
-__all__ = ["HeadRecord", "connect_timeout_s", "ensure_ray", "join", "recorded_head", "start_private"]
+__all__ = ["HeadRecord", "connect_timeout_s", "ensure_ray", "head_start_flags", "join", "recorded_head",
+           "start_private"]
 
 DEFAULT_CONNECT_TIMEOUT_S = 15.0
 _PROBE_S = 2.0
@@ -142,6 +143,41 @@ def start_private(init_kwargs: Mapping[str, Any] | None = None) -> None:
     """Start a Ray of this process's own (it ends with the process)."""
     kwargs = {"include_dashboard": False, "log_to_driver": False, **dict(init_kwargs or {})}
     ray.init(address="local", **kwargs)
+
+
+# ray.init keywords that `ray start --head` takes as flags
+_HEAD_FLAGS = {
+    "num_cpus": "--num-cpus", "num_gpus": "--num-gpus", "resources": "--resources",
+    "object_store_memory": "--object-store-memory", "_system_config": "--system-config",
+    "_plasma_directory": "--plasma-directory", "_temp_dir": "--temp-dir",
+    "include_dashboard": "--include-dashboard", "dashboard_host": "--dashboard-host",
+    "dashboard_port": "--dashboard-port",
+}
+# ray.init keywords about the driver's own output: a head started for a fleet has no driver
+_DRIVER_OUTPUT = frozenset({"log_to_driver", "logging_level", "logging_format", "configure_logging",
+                            "ignore_reinit_error"})
+
+
+def head_start_flags(init_kwargs: Mapping[str, Any]) -> list[str]:
+    """The ``ray start --head`` flags for the ``ray.init`` keywords of a Ray a fleet starts
+    (``local_ray_init_kwargs``). A keyword no head takes raises ValueError naming it, before
+    anything starts: none is dropped unseen."""
+    refused = sorted(set(init_kwargs) - set(_HEAD_FLAGS) - _DRIVER_OUTPUT)
+    if refused:
+        raise ValueError(
+            f"ray_init {', '.join(refused)}: a Ray head that `weight-refit launch` starts cannot take "
+            f"{'it' if len(refused) == 1 else 'them'} (it takes {', '.join(sorted(_HEAD_FLAGS))}); "
+            "start the head yourself and pass --address, or launch the fleet from Python (Fleet.launch)")
+    flags = []
+    for key, flag in _HEAD_FLAGS.items():
+        if key in init_kwargs:
+            value = init_kwargs[key]
+            if isinstance(value, Mapping):
+                value = json.dumps(dict(value))
+            elif isinstance(value, bool):
+                value = str(value).lower()
+            flags.append(f"{flag}={value}")
+    return flags
 
 
 def ensure_ray(address: str | None = None, init_kwargs: Mapping[str, Any] | None = None, *,

@@ -1029,6 +1029,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="do not let Ray touch the object store's pages at start "
                         "(preallocate_plasma_memory): shows the page-fault cold start")
     p.add_argument("--ray-system-config", type=json.loads, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--plasma-directory", default=None,
+                   help="where Ray's object store keeps its memory (default /dev/shm), e.g. a tmpfs "
+                        "mounted with huge=always")
     p.add_argument("--_client", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--client-fleet", help=argparse.SUPPRESS)
     p.add_argument("--client-address", help=argparse.SUPPRESS)
@@ -1107,6 +1110,8 @@ def main(argv: list[str] | None = None) -> int:
     system_config.update(args.ray_system_config or {})
     if system_config:
         init["_system_config"] = system_config
+    if args.plasma_directory:
+        init["_plasma_directory"] = args.plasma_directory
     log(f"starting a local Ray: {init}")
     ray.init(**init)
     store = StoreProbe()
@@ -1120,7 +1125,8 @@ def main(argv: list[str] | None = None) -> int:
                    "idle_s": args.idle_s, "gap_s": args.gap_s, "persist_fsync": not args.no_fsync,
                    "object_store_memory": store_bytes, "torch_threads": 1, "keep_previous": True,
                    "memory_mode": args.memory_mode,
-                   "ray_system_config": system_config, "quick": args.quick},
+                   "ray_system_config": system_config, "quick": args.quick,
+                   "plasma_directory": args.plasma_directory or "/dev/shm (Ray's default)"},
         "floors": {}, "engine": {}, "rows": [], "skipped": [],
     }
     rows: list[dict[str, Any]] = []

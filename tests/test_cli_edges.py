@@ -211,6 +211,14 @@ def test_a_config_error_names_the_field_on_the_cli_line(conv: Path, tmp_path: Pa
     dotted = write_config(tmp_path / "dots.yaml", conv, "a..b")
     p = cli("launch", "--config", str(dotted), env=env)
     assert p.returncode == 1 and "invalid fleet name 'a..b'" in error_line(p)
+    # a ray_init key no `ray start --head` takes: refused before anything changes (--fresh kept the state)
+    env = clean_env(WEIGHT_REFIT_HOME=str(tmp_path / "home"), RAY_TMPDIR=str(tmp_path / "no-ray"))
+    driver_only = write_config(tmp_path / "env.yaml", conv, "envy", ray_init={"runtime_env": {"pip": ["x"]}})
+    (tmp_path / "state-envy").mkdir()
+    (tmp_path / "state-envy" / "keep").write_text("mine")
+    p = cli("launch", "--config", str(driver_only), "--fresh", env=env)
+    assert p.returncode == 1 and "ray_init runtime_env: a Ray head" in error_line(p), p.stderr
+    assert (tmp_path / "state-envy" / "keep").read_text() == "mine"
 
 
 # ----------------------------------------------------------------------------- the README's order
@@ -236,7 +244,8 @@ def test_the_readme_commands_in_any_order_with_a_live_a_dead_and_no_head(conv: P
     ray_tmp = Path(tempfile.mkdtemp(prefix="wrt", dir="/tmp"))
     home = tmp_path / "home"
     env = clean_env(RAY_TMPDIR=str(ray_tmp), WEIGHT_REFIT_HOME=str(home), HOME=str(home))
-    config = write_config(tmp_path / "local.yaml", conv, "tour", ray_init={"num_cpus": 2})
+    config = write_config(tmp_path / "local.yaml", conv, "tour",
+                          ray_init={"num_cpus": 2, "resources": {"tour_card": 3}})
     demo_config = write_config(tmp_path / "demo.yaml", conv, "demo", ray_init={"num_cpus": 2})
     port = str(free_port())
 
@@ -257,6 +266,9 @@ def test_the_readme_commands_in_any_order_with_a_live_a_dead_and_no_head(conv: P
         demo()  # no head
         head = tour_start()
         assert _head_processes(head)
+        # every ray_init key reached the head: its raylet has the config's resource
+        cmdlines = [Path(f"/proc/{pid}/cmdline").read_bytes() for pid in _head_processes(head)]
+        assert any(b"raylet" in c and b"tour_card" in c for c in cmdlines)
         assert cli("status", "--fleet", "tour", env=env).returncode == 0
         demo()  # the main job while the tour's head runs: a private Ray of its own
         # the same state dir while its fleet runs: refused, not corrupted

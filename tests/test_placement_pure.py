@@ -278,3 +278,19 @@ def test_a_local_ray_retries_its_connections_ten_times_a_second_within_rays_own_
     assert budget_ms >= 10 * 1000
     mine = _cfg(ray_init={"_system_config": {"raylet_client_num_connect_attempts": 300}})
     assert local_ray_init_kwargs(mine)["_system_config"]["raylet_client_num_connect_attempts"] == 300
+
+
+def test_a_head_the_cli_starts_gets_every_ray_init_key_as_a_flag_or_a_refusal_naming_it() -> None:
+    from cluster.ray_session import head_start_flags
+
+    mlu = local_ray_init_kwargs(_cfg(device="mlu", replicas=2, placement={"cards_per_node": 2},
+                                     ray_init={"num_cpus": 4, "_plasma_directory": "/mnt/huge",
+                                               "include_dashboard": False, "log_to_driver": False}),
+                                mlu_manager=False)
+    flags = head_start_flags(mlu)
+    assert "--resources={\"MLU\": 2}" in flags and "--num-cpus=4" in flags
+    assert "--plasma-directory=/mnt/huge" in flags and "--include-dashboard=false" in flags
+    assert any(f.startswith("--system-config=") and "object_spilling_threshold" in f for f in flags)
+    assert not any("log_to_driver" in f or "log-to-driver" in f for f in flags)  # the driver's own output
+    with pytest.raises(ValueError, match="ray_init local_mode, runtime_env: a Ray head"):
+        head_start_flags({**mlu, "runtime_env": {}, "local_mode": True})
