@@ -335,9 +335,9 @@ def assign_card_indexes(
 # (docs/benchmarks.md). A store that is really full still spills.
 SPILL_THRESHOLD = 0.95
 
-# The raylet's connection to its own object store (and a worker's to its raylet) retries once a
-# second, ten times, by default: a start that loses that race here waited a whole second, which
-# made Ray's start bimodal (docs/benchmarks.md, "Launch"). Ten times as often, same 10 s budget.
+# The raylet's connection to the object store it has just started retries once a second, ten
+# times, by default: a start that loses that race waited a whole second, which made Ray's start
+# bimodal here (docs/benchmarks.md, "Ray's start"). Ten times as often, within the same 10 s.
 CONNECT_RETRY = {"raylet_client_connect_timeout_milliseconds": 100, "raylet_client_num_connect_attempts": 100}
 
 
