@@ -170,8 +170,9 @@ def launch(config: Path = typer.Option(..., "--config", "-c", help="fleet config
         _fail(BAD_INPUT, f"fleet config {str(config)!r} does not exist or is not a file")
     cfg = _guard(lambda: FleetConfig.from_yaml(config))
     target = address or os.environ.get("RAY_ADDRESS") or cfg.address
-    # checked before anything changes, for the head this command may start (ray_init applies to it only)
-    head_flags = [] if target else _guard(lambda: head_start_flags(local_ray_init_kwargs(cfg)))
+    starts_head = not target and not ((head := recorded_head()) is not None and answers(head))
+    # ray_init applies only to a head this command starts: checked before anything changes
+    head_flags = _guard(lambda: head_start_flags(local_ray_init_kwargs(cfg))) if starts_head else []
     if fresh:
         from actors.durable import StateDirLock
 
@@ -181,7 +182,7 @@ def launch(config: Path = typer.Option(..., "--config", "-c", help="fleet config
         _remove_state(cfg.state_dir, cfg.state_options)
     if target:
         _guard(lambda: join(target))
-    elif (head := recorded_head()) is not None and answers(head):
+    elif not starts_head:
         _guard(lambda: join("auto"))
     else:
         _start_head(head_flags, head_port)
