@@ -274,6 +274,11 @@ def test_the_readme_commands_in_any_order_with_a_live_a_dead_and_no_head(conv: P
         # the same state dir while its fleet runs: refused, not corrupted
         p = cli("launch", "--config", str(config), "--fresh", env=env)
         assert p.returncode == 1 and "in use" in error_line(p)
+        # joining the running head, ray_init does not apply: a key no head takes is not refused
+        joining = write_config(tmp_path / "joining.yaml", conv, "tour",
+                               ray_init={"num_cpus": 2, "runtime_env": {"env_vars": {"A": "1"}}})
+        p = cli("launch", "--config", str(joining), "--fresh", env=env)
+        assert p.returncode == 1 and "in use" in error_line(p), error_line(p)
         p = cli("shutdown", "--fleet", "tour", "--stop-ray", env=env)
         assert p.returncode == 0, p.stderr[-2000:]
         deadline = time.monotonic() + 30
