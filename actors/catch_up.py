@@ -3,7 +3,8 @@
 Contract:
 - Replicas never read the coordinator's log. The coordinator (the log's one writer and reader)
   names the version a replica must serve, that version's full-set checksums, and the members it
-  last saw serving that version, in a ``CatchUpPlan``. It sends one with every catch-up
+  last saw serving that version, then those it last saw on a newer one (which may still hold it
+  as their previous set), in a ``CatchUpPlan``. It sends one with every catch-up
   (``sync_to``) and answers one to a replica that starts (``Coordinator.catch_up_plan``).
 - A replica tries the peers on its own node first, then those on other nodes, each group in the
   plan's order, then the checkpoint store. A peer's set comes through the object store (the
@@ -109,9 +110,12 @@ class Sightings:
         with self._lock:
             self._seen.pop(replica, None)
 
-    def serving(self, version: int, members: list[str]) -> tuple[Peer, ...]:
-        """The members last seen serving ``version``, in the order of ``members``."""
+    def holders(self, version: int, members: list[str]) -> tuple[Peer, ...]:
+        """The members that may hold ``version``: those last seen serving it, then those last seen
+        on a newer version (a replica keeps the set it served before), each in the order of
+        ``members``."""
         with self._lock:
-            seen = dict(self._seen)
-        return tuple(Peer(rid, seen[rid][0]) for rid in members
-                     if rid in seen and seen[rid][1] == version and seen[rid][2] == "serving")
+            seen = {rid: self._seen[rid] for rid in members if rid in self._seen}
+        serving = [rid for rid, (_, v, state) in seen.items() if v == version and state == "serving"]
+        newer = [rid for rid, (_, v, _) in seen.items() if v > version]
+        return tuple(Peer(rid, seen[rid][0]) for rid in serving + newer)

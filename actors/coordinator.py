@@ -271,7 +271,8 @@ class Coordinator:
 
     def catch_up_plan(self, rid: str) -> CatchUpPlan | None:
         """For a replica that starts: the version it must serve, that version's checksums and the
-        members last seen serving it. None while the coordinator cannot tell (it is recovering)."""
+        members that may hold it (``Sightings.holders``). None while the coordinator cannot tell
+        (it is recovering)."""
         ledger = self.ledger
         if ledger is None or not self.recovery.ready:
             return None
@@ -283,7 +284,7 @@ class Coordinator:
             return None
         info = ledger.state.versions.get(version)
         return CatchUpPlan(version, dict(info.checksums) if info is not None else {},
-                           self.client.sightings.serving(version, self.membership.members()))
+                           self.client.sightings.holders(version, self.membership.members()))
 
     def member_handles(self) -> dict[str, Any]:
         """Handles of the members (for drivers' routers). While recovering: every running replica

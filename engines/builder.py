@@ -12,9 +12,11 @@ import torch
 
 from .backends import make_backend
 from .config import BuilderConfig
+from .devices import device_kind
 from .engine import Engine
 from .engine_file import deserialize_program, read_engine_file, serialize_program, tied_groups
 from .inputs import InputSpec, dim_names_of, input_specs_of
+from .program_graph import FlatProgram, decode_graph, encode_graph
 
 
 def _example(x: Any) -> torch.Tensor:
@@ -50,7 +52,8 @@ def build_engine(module: torch.nn.Module, example_inputs: Sequence[Any],
     constants = {n: t for n, t in program.constants.items() if isinstance(t, torch.Tensor)}
     inputs = input_specs_of(program, dim_names)
     backend = make_backend(config, program)
-    return Engine(backend, weights, constants, program_json, config, inputs=inputs, tied=tied_groups(weights))
+    return Engine(backend, weights, constants, program_json, config, inputs=inputs, tied=tied_groups(weights),
+                  graph_json=encode_graph(program, program_json))
 
 
 def _arg_names(module: torch.nn.Module, n: int) -> list[str]:
@@ -86,9 +89,18 @@ def load_engine(path: str | os.PathLike, device: str | None = None, **overrides:
         fields["device"] = device
     fields.update(overrides)
     config = BuilderConfig(**fields)
-    program = deserialize_program(ef.program_json, ef.weights, ef.constants, source=str(path))
-    inputs = [InputSpec.model_validate(s) for s in ef.inputs] if ef.inputs is not None \
-        else input_specs_of(program)  # a file from before inputs were recorded: read the program
+    graph_json = ef.graph_json
+    if graph_json is not None and ef.inputs is not None and config.backend == "torch" \
+            and device_kind(config.device) == "cpu":  # the graph alone: no torch.export deserializer
+        program: torch.export.ExportedProgram | FlatProgram = decode_graph(
+            graph_json, ef.program_json, ef.weights, ef.constants, source=str(path))
+        inputs = [InputSpec.model_validate(s) for s in ef.inputs]
+    else:
+        program = deserialize_program(ef.program_json, ef.weights, ef.constants, source=str(path))
+        inputs = [InputSpec.model_validate(s) for s in ef.inputs] if ef.inputs is not None \
+            else input_specs_of(program)  # a file from before inputs were recorded: read the program
+        if graph_json is None:  # a file from before graphs were written: saved again, it has one
+            graph_json = encode_graph(program, ef.program_json)
     backend = make_backend(config, program)
     return Engine(backend, ef.weights, ef.constants, ef.program_json, config, version=ef.version,
-                  inputs=inputs, tied=ef.tied)
+                  inputs=inputs, tied=ef.tied, graph_json=graph_json)

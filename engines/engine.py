@@ -120,8 +120,9 @@ class Engine:
     def __init__(self, backend: Backend, weights: Mapping[str, torch.Tensor],
                  constants: Mapping[str, torch.Tensor], program_json: bytes,
                  config: BuilderConfig, version: int = 0, inputs: list[InputSpec] | None = None,
-                 tied: list[list[str]] | None = None) -> None:
+                 tied: list[list[str]] | None = None, graph_json: str | None = None) -> None:
         self.config = config
+        self._graph_json = graph_json
         self._tied = [list(g) for g in tied or []]
         self._inputs = list(inputs) if inputs is not None else None
         self.backend = backend
@@ -688,6 +689,7 @@ class Engine:
                 backend=self.backend.name,
                 inputs=None if self._inputs is None else [s.model_dump(mode="json") for s in self._inputs],
                 tied=self._tied,
+                graph_json=self._graph_json,
             ))
         finally:
             if ws is not None:

@@ -3,8 +3,10 @@
 Layout: tensors are the refittable weights under their names and the program's non-refittable
 constants under ``__const__.<name>``; the header's string metadata holds ``format``, the
 ``torch.export`` program serialized as JSON (no pickle), the refittable names, the weight version
-and the build configuration. Loading parses JSON and reads raw tensor bytes: nothing is unpickled
-and the model's Python class is not needed.
+and the build configuration, and (``graph``, for most programs) the program's flat graph as JSON,
+which a CPU engine loads without ``torch.export``'s deserializer (``engines.program_graph``).
+Loading parses JSON and reads raw tensor bytes: nothing is unpickled and the model's Python class
+is not needed.
 
 Reading refuses, with an ``EngineFileError`` naming the file and what is wrong (never a raw
 ``JSONDecodeError``/``KeyError``/``TypeError``): a path that is not a regular file (checked with
@@ -51,6 +53,7 @@ class EngineFile:
     backend: str
     inputs: list[dict] | None = None  # the input specs (``engines.inputs.InputSpec`` as JSON)
     tied: list[list[str]] = field(default_factory=list)  # names of one tensor (``tied_groups``)
+    graph_json: str | None = None  # the program's flat graph (``engines.program_graph``), where it has one
 
 
 def serialize_program(program: torch.export.ExportedProgram) -> bytes:
@@ -155,6 +158,8 @@ def write_engine_file(path: str | os.PathLike, ef: EngineFile) -> None:
         metadata["inputs"] = json.dumps(ef.inputs)
     if ef.tied:
         metadata["tied"] = json.dumps(ef.tied)
+    if ef.graph_json is not None:
+        metadata["graph"] = ef.graph_json
     target = Path(path)
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     try:
@@ -349,6 +354,7 @@ def read_engine_file(path: str | os.PathLike) -> EngineFile:
         backend=meta["backend"],
         inputs=header.inputs,
         tied=header.tied,
+        graph_json=meta.get("graph"),
     )
 
 

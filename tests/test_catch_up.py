@@ -140,21 +140,24 @@ def test_with_no_source_holding_the_version_the_replica_is_failed_naming_why(eng
     assert _served(core)[0] == 0
 
 
-def test_the_coordinator_names_as_peers_the_members_last_seen_serving_the_version() -> None:
+def test_the_coordinator_names_as_peers_the_members_seen_serving_the_version_then_those_past_it() -> None:
     seen = Sightings()
     seen.saw("r0", "n1", 5, "serving")
     seen.saw("r1", "n2", 4, "serving")
     seen.saw("r2", "n2", 5, "catching_up")
     seen.saw_status("r3", {"node": "n3", "version": 5, "state": "serving"})
     seen.saw("r4", "", 5, "serving")  # no node: not a sighting
-    assert seen.serving(5, ["r3", "r0", "r1", "r2", "r4"]) == (Peer("r3", "n3"), Peer("r0", "n1"))
-    assert seen.serving(5, ["r0"]) == (Peer("r0", "n1"),)  # members only
+    seen.saw("r5", "n1", 6, "catching_up")  # on a newer version: may keep 5 as its previous set
+    assert seen.holders(5, ["r5", "r3", "r0", "r1", "r2", "r4"]) == \
+        (Peer("r3", "n3"), Peer("r0", "n1"), Peer("r5", "n1"))
+    assert seen.holders(5, ["r0"]) == (Peer("r0", "n1"),)  # members only
     seen.forget("r0")
-    assert seen.serving(5, ["r0", "r3"]) == (Peer("r3", "n3"),)
+    assert seen.holders(5, ["r0", "r3"]) == (Peer("r3", "n3"),)
     seen.saw_acks({"r1": Ack("r1", "t6", 5, "active"), "r3": Ack("r3", "t6", 6, "committed"),
                    "r9": Ack("r9", None, 5, "serving"), "r2": Failed(FailureKind.TIMEOUT, "no answer")})
-    assert seen.serving(5, ["r1", "r2", "r9"]) == (Peer("r1", "n2"),)  # r9: never seen with a node
-    assert seen.serving(6, ["r3"]) == (Peer("r3", "n3"),)  # committed, still serving: its state stays
+    assert seen.holders(5, ["r1", "r2", "r9"]) == (Peer("r1", "n2"),)  # r9: never seen with a node
+    assert seen.holders(6, ["r3"]) == (Peer("r3", "n3"),)  # committed, still serving: its state stays
+    assert seen.holders(4, ["r1", "r3"]) == (Peer("r1", "n2"), Peer("r3", "n3"))  # both past 4: may keep it
 
 
 # ----------------------------------------------------------------------------- real actors

@@ -198,15 +198,34 @@ def engine_file(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, str
 
 
 def _program(edit: Callable[[dict], None]) -> Callable[[dict[str, str]], None]:
+    """A change to the program of a file without a graph (written before graphs were, or for a
+    program outside them): ``load_engine`` rebuilds the program itself."""
     def mutate(meta: dict[str, str]) -> None:
         program = json.loads(meta["program"])
         edit(program)
         meta["program"] = json.dumps(program)
+        meta.pop("graph")
+    return mutate
+
+
+def _graph(edit: Callable[[dict], None]) -> Callable[[dict[str, str]], None]:
+    def mutate(meta: dict[str, str]) -> None:
+        graph = json.loads(meta["graph"])
+        edit(graph)
+        meta["graph"] = json.dumps(graph)
     return mutate
 
 
 def _set(key: str, value: str) -> Callable[[dict[str, str]], None]:
-    return lambda meta: meta.__setitem__(key, value)
+    def mutate(meta: dict[str, str]) -> None:
+        meta[key] = value
+        if key == "program":
+            meta.pop("graph")
+    return mutate
+
+
+def _first_call(graph: dict) -> dict:
+    return next(n for n in graph["nodes"] if n["op"] == "call_function")
 
 
 def _drop(key: str) -> Callable[[dict[str, str]], None]:
@@ -227,6 +246,26 @@ METADATA_MUTATIONS: list[tuple[str, Callable[[dict[str, str]], None], str]] = [
      _program(lambda p: p["graph_module"]["signature"].__setitem__("input_specs", "x")), "program"),
     ("program-nodes-garbage", _program(lambda p: p["graph_module"]["graph"].__setitem__("nodes", [1, 2])),
      "cannot be rebuilt"),
+    ("program-changed-under-its-graph",
+     lambda meta: meta.__setitem__("program", meta["program"].replace("linear", "linear ")),
+     "metadata 'graph' was not written from its 'program'"),
+    ("graph-not-json", lambda meta: meta.__setitem__("graph", "{"), "metadata 'graph' cannot be rebuilt"),
+    ("graph-a-list", lambda meta: meta.__setitem__("graph", "[]"), "metadata 'graph' cannot be rebuilt"),
+    ("graph-unknown-operator",
+     _graph(lambda g: _first_call(g).__setitem__("target", "ops:aten::no_such_op.default")),
+     "is not a registered operator"),
+    ("graph-a-function-outside-the-list",
+     _graph(lambda g: _first_call(g).__setitem__("target", "operator:attrgetter")),
+     "'operator:attrgetter' is not a registered operator"),
+    ("graph-a-module-call", _graph(lambda g: _first_call(g).__setitem__("op", "call_module")),
+     "node op 'call_module'"),
+    ("graph-an-object-argument", _graph(lambda g: _first_call(g).__setitem__("args", {"object": "os"})),
+     "metadata 'graph' cannot be rebuilt"),
+    ("graph-slot-of-another-kind", _graph(lambda g: g["slots"][0].__setitem__(0, "module")),
+     "slot kind 'module'"),
+    ("graph-slot-spec-not-a-shape", _graph(lambda g: g["slots"][0].__setitem__(2, 5)), "slot spec [5, "),
+    ("graph-slot-for-a-missing-tensor", _graph(lambda g: g["slots"][0].__setitem__(1, "nothing")),
+     "lacks tensor 'nothing'"),
     ("refittable-not-json", _set("refittable", "bias, weight"), "'refittable' is not JSON"),
     ("refittable-an-object", _set("refittable", '{"bias": 1}'), "'refittable' must be a JSON list"),
     ("refittable-numbers", _set("refittable", "[1, 2]"), "'refittable' must be a JSON list"),

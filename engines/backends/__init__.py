@@ -5,11 +5,13 @@ from __future__ import annotations
 import torch
 
 from ..config import BuilderConfig
+from ..program_graph import FlatProgram
 from .base import Backend, BoundProgram
 
 
-def make_backend(config: BuilderConfig, program: torch.export.ExportedProgram) -> Backend:
-    """The backend ``config.backend`` names, on ``config.device``."""
+def make_backend(config: BuilderConfig, program: torch.export.ExportedProgram | FlatProgram) -> Backend:
+    """The backend ``config.backend`` names, on ``config.device`` (MagicMind builds from an
+    ``ExportedProgram`` only)."""
     if config.backend == "magicmind":
         from .magicmind import MagicMindBackend
 
