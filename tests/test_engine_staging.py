@@ -343,7 +343,8 @@ def test_shared_mode_lets_go_of_a_retired_set_at_once():
     assert not set(engine.backend.program.constants) & set(engine.weights())
     arrays = {n: t.numpy().copy() for n, t in _full(2.0, 3.0).items()}
     held = [weakref.ref(a) for a in arrays.values()]
-    engine.commit(engine.stage({n: torch.from_numpy(a) for n, a in arrays.items()}, version=1, borrow=True))
+    first = engine.stage({n: torch.from_numpy(a) for n, a in arrays.items()}, version=1, borrow=True)
+    engine.commit(first)  # ``first`` stays referenced, as a replica's transaction record keeps it
     del arrays
     gc.collect()
     assert all(r() is not None for r in held), "the live set must hold what it serves"

@@ -19,7 +19,8 @@ class TorchBackend(Backend):
 
     ``program`` is an ``ExportedProgram`` (moved to ``device`` first when that is not the CPU) or
     a ``FlatProgram`` already on ``device`` (``engines.program_graph.decode_graph``). Neither
-    keeps a copy of the weights the program was built or loaded with.
+    keeps a copy of the weights the program was built or loaded with, and a retired set's program
+    holds none of its tensors (``recycle``).
     """
 
     name = "torch"
@@ -42,7 +43,15 @@ class TorchBackend(Backend):
         def run(inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
             return pytree.tree_leaves(module(*leading, *inputs))
 
+        run.leading = leading  # type: ignore[attr-defined]
         return run
+
+    def recycle(self, program: BoundProgram) -> None:
+        """A retired set's program lets go of its tensors at once, wherever the set itself is
+        still referenced (``shared`` mode then frees the object-store copy)."""
+        leading = getattr(program, "leading", None)
+        if leading is not None:
+            leading.clear()
 
     def synchronize(self) -> None:
         synchronize(self.device)
