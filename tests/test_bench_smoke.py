@@ -55,6 +55,15 @@ def test_bench_refit_tiny(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
+def test_bench_engine_call_measures_a_call_and_a_refit_of_each_model(tmp_path: Path) -> None:
+    out = tmp_path / "call.json"
+    _run_script("bench_engine_call.py", "--calls", "20", "--rounds", "2", "--refits", "2", "--json", str(out))
+    results = json.loads(out.read_text())["results"]
+    assert set(results) == {"conv", "8xLinear256"}
+    assert all(r["infer_us"] > 0 and r["refit_now_ms"] > 0 and len(r["infer_us_rounds"]) == 2
+               for r in results.values())
+
+
 def test_bench_history_synthesises_a_log_the_fleet_recovers_from_and_compacts(tmp_path: Path) -> None:
     out = tmp_path / "history.json"
     _run_script("bench_history.py", "--versions", "15", "60", "--refits", "3", "--history-window", "10",
