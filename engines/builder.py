@@ -94,13 +94,12 @@ def load_engine(path: str | os.PathLike, device: str | None = None, **overrides:
             and device_kind(config.device) == "cpu":  # the graph alone: no torch.export deserializer
         program: torch.export.ExportedProgram | FlatProgram = decode_graph(
             graph_json, ef.program_json, ef.weights, ef.constants, source=str(path))
-        inputs = [InputSpec.model_validate(s) for s in ef.inputs]
     else:
         program = deserialize_program(ef.program_json, ef.weights, ef.constants, source=str(path))
-        inputs = [InputSpec.model_validate(s) for s in ef.inputs] if ef.inputs is not None \
-            else input_specs_of(program)  # a file from before inputs were recorded: read the program
         if graph_json is None:  # a file from before graphs were written: saved again, it has one
             graph_json = encode_graph(program, ef.program_json)
+    inputs = [InputSpec.model_validate(s) for s in ef.inputs] if ef.inputs is not None \
+        else input_specs_of(program)  # a file from before inputs were recorded: read the program
     backend = make_backend(config, program)
     return Engine(backend, ef.weights, ef.constants, ef.program_json, config, version=ef.version,
                   inputs=inputs, tied=ef.tied, graph_json=graph_json)

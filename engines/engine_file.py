@@ -76,6 +76,8 @@ def deserialize_program(program_json: bytes, weights: dict[str, torch.Tensor],
     import torch
     from torch._export.serde.serialize import SerializedArtifact, deserialize
 
+    from .program_graph import check_slots, slot_specs
+
     where = f"engine file {source!r}"
     try:
         params = set(_parameter_targets(json.loads(program_json)))
@@ -88,7 +90,7 @@ def deserialize_program(program_json: bytes, weights: dict[str, torch.Tensor],
         program = deserialize(SerializedArtifact(program_json, state, dict(constants), b""))
     except Exception as exc:  # torch's deserializer raises whatever a malformed graph trips on
         raise EngineFileError(f"{where}: program cannot be rebuilt: {type(exc).__name__}: {exc}") from exc
-    _check_program_tensors(program, weights, constants, where)
+    check_slots(slot_specs(program), weights, constants, where)
     return program
 
 
@@ -99,37 +101,6 @@ def _parameter_targets(program: Any) -> list[str]:
         if "parameter" in spec:
             out.append(str(spec["parameter"]["parameter_name"]))
     return out
-
-
-def _check_program_tensors(program: torch.export.ExportedProgram, weights: dict[str, torch.Tensor],
-                           constants: dict[str, torch.Tensor], where: str) -> None:
-    import torch
-
-    sig = program.graph_signature
-    targets = {**sig.inputs_to_parameters, **sig.inputs_to_buffers,
-               **sig.inputs_to_lifted_tensor_constants}
-    slots = set(sig.inputs_to_parameters.values()) | set(sig.inputs_to_buffers.values())
-    extra = sorted(set(weights) - slots - set(sig.inputs_to_lifted_tensor_constants.values()))
-    if extra:
-        raise EngineFileError(f"{where} holds weights its program has no slot for: {extra}")
-    for node in program.graph.nodes:
-        if node.op != "placeholder" or node.name not in targets:
-            continue
-        target = targets[node.name]
-        t = weights.get(target, constants.get(target))
-        if t is None:
-            raise EngineFileError(f"{where} lacks tensor {target!r} that its program takes")
-        val = node.meta.get("val")
-        if not isinstance(val, torch.Tensor):
-            continue
-        try:
-            want = tuple(int(d) for d in val.shape)
-        except (TypeError, ValueError):  # a symbolic size: nothing static to compare
-            continue
-        if tuple(t.shape) != want or t.dtype != val.dtype:
-            raise EngineFileError(
-                f"{where}: tensor {target!r} is {tuple(t.shape)} {t.dtype}, but its program was "
-                f"exported for {want} {val.dtype}")
 
 
 def write_engine_file(path: str | os.PathLike, ef: EngineFile) -> None:

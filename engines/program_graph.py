@@ -64,11 +64,10 @@ def flat_program_of(program: torch.export.ExportedProgram) -> FlatProgram:
         if kind == "USER_INPUT":
             user_seen = True
             continue
-        if kind not in ("PARAMETER", "BUFFER", "CONSTANT_TENSOR") or user_seen:
+        if _slot_kind(spec) is None or user_seen:
             raise EngineError(f"program input {spec.arg.name!r} ({kind}) is not a weight, constant or user "
                               "tensor the engine can pass")
-        constant = kind == "CONSTANT_TENSOR" or (kind == "BUFFER" and spec.persistent is False)
-        slots.append((_CONSTANT if constant else _WEIGHT, str(spec.target)))
+        slots.append((_slot_kind(spec), str(spec.target)))
     for out in program.graph_signature.output_specs:
         if out.kind.name != "USER_OUTPUT":
             raise EngineError(f"program output {getattr(out.arg, 'name', out.arg)!r} writes {out.target!r} "
@@ -82,15 +81,28 @@ def encode_graph(program: torch.export.ExportedProgram, program_json: bytes) -> 
     ``program_json`` (the same program serialized), or None where the graph is outside what
     ``decode_graph`` rebuilds (or ``flat_program_of`` refuses it)."""
     try:
-        flat = flat_program_of(program)
+        flat_program_of(program)
         nodes = [_node(n) for n in program.graph.nodes]
     except (EngineError, _Unsupported):
         return None
-    placeholders = [n for n in program.graph.nodes if n.op == "placeholder"]
-    slots = [[kind, name, *_static_spec(node)]
-             for (kind, name), node in zip(flat.slots, placeholders, strict=False)]
-    return json.dumps({"program": xxhash.xxh3_64_hexdigest(program_json), "slots": slots, "nodes": nodes},
-                      separators=(",", ":"))
+    return json.dumps({"program": xxhash.xxh3_64_hexdigest(program_json), "slots": slot_specs(program),
+                       "nodes": nodes}, separators=(",", ":"))
+
+
+def slot_specs(program: torch.export.ExportedProgram) -> list[list[Any]]:
+    """``[kind, name]`` of each weight and constant ``program`` takes, in order, with
+    ``[shape, dtype]`` appended where the shape is static (what ``check_slots`` checks)."""
+    nodes = {n.name: n for n in program.graph.nodes if n.op == "placeholder"}
+    return [[kind, str(spec.target), *_static_spec(nodes[spec.arg.name])]
+            for spec in program.graph_signature.input_specs if (kind := _slot_kind(spec)) is not None]
+
+
+def _slot_kind(spec: Any) -> str | None:
+    """``weight``, ``constant``, or None for an input that is neither (a user input, a token)."""
+    kind = spec.kind.name
+    if kind == "CONSTANT_TENSOR" or (kind == "BUFFER" and spec.persistent is False):
+        return _CONSTANT
+    return _WEIGHT if kind in ("PARAMETER", "BUFFER") else None
 
 
 def decode_graph(text: str, program_json: bytes, weights: Mapping[str, torch.Tensor],
@@ -118,7 +130,7 @@ def decode_graph(text: str, program_json: bytes, weights: Mapping[str, torch.Ten
     except Exception as exc:  # malformed JSON of any shape: name the file, never a raw KeyError
         raise EngineFileError(f"{where}: metadata 'graph' cannot be rebuilt: {type(exc).__name__}: {exc}") \
             from exc
-    _check_slots(data["slots"], weights, constants, where)
+    check_slots(data["slots"], weights, constants, where)
     return FlatProgram(module, slots, {n: t for n, t in constants.items() if (_CONSTANT, n) in slots})
 
 
@@ -225,8 +237,10 @@ def _target(name: str) -> Any:
     raise ValueError(f"target {name!r} is not a registered operator")
 
 
-def _check_slots(slots: Sequence[Sequence[Any]], weights: Mapping[str, torch.Tensor],
-                 constants: Mapping[str, torch.Tensor], where: str) -> None:
+def check_slots(slots: Sequence[Sequence[Any]], weights: Mapping[str, torch.Tensor],
+                constants: Mapping[str, torch.Tensor], where: str) -> None:
+    """``EngineFileError`` naming ``where`` unless ``weights`` and ``constants`` are exactly the
+    tensors ``slots`` (``slot_specs``) take: none lacking, none extra, static shapes and dtypes."""
     for kind, name, *spec in slots:
         t = (weights if kind == _WEIGHT else constants).get(name)
         if t is None:

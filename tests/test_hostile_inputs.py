@@ -319,11 +319,13 @@ TENSOR_MUTATIONS: list[tuple[str, Callable[[dict[str, torch.Tensor]], None], str
 ]
 
 
+@pytest.mark.parametrize("graph", [True, False], ids=["from-its-graph", "from-its-program"])
 @pytest.mark.parametrize(("mutate", "says"), [(m, s) for _, m, s in TENSOR_MUTATIONS],
                          ids=[i for i, _, _ in TENSOR_MUTATIONS])
 def test_an_engine_file_whose_tensors_do_not_fit_its_program_is_refused_naming_the_tensor(
-        engine_file, tmp_path: Path, mutate, says: str) -> None:
+        engine_file, tmp_path: Path, mutate, says: str, graph: bool) -> None:
     meta, tensors = engine_file
+    meta = dict(meta) if graph else {k: v for k, v in meta.items() if k != "graph"}
     tensors = dict(tensors)
     mutate(tensors)
     path = tmp_path / "bad.engine"
