@@ -51,6 +51,7 @@ from .log import LOG_NAME, MemberRecord
 from .log_mirror import LogMirror
 from .membership import Membership
 from .object_state import checkpoint_store, is_url, local_dir
+from .payload import unseal
 from .persist import Persister
 from .persistence import PersistTracker, export_job, newest_stored
 from .recovery import Recovery, finish_the_log, persist_the_log, restore_membership, sync_members
@@ -327,7 +328,10 @@ class Coordinator:
         ``probes`` (``engines.Probe``) run on the staged set in PREPARE: a failing one is a NO vote.
         ``canary`` (``actors.canary.Canary``): commit on its cohort only (``CanaryRefused`` when it
         cannot be one). ``hashed_on``: the node whose object-store copy the caller took the
-        checksums of (``Publication.hashed_on``); the members there stage it without hashing."""
+        checksums of (``Publication.hashed_on``); the members there stage it without hashing.
+        ``specs`` and ``checksums`` may come sealed (``actors.payload.seal``)."""
+        specs, checksums = unseal(specs), unseal(checksums)
+
         def make() -> Any:
             req = self.requests.refit(refs, specs, checksums, key, probes, hashed_on)
             return req if canary is None or isinstance(req, TxnResult) else self.canaries.request(canary, req)

@@ -12,12 +12,18 @@ A plain ``{name: array}`` mapping is a bucket too (everything in ``arrays``).
 numpy has no bf16, so 16-bit floats travel as int16 views and are viewed back by the dtype names
 in the specs. Each bucket travels as an ``ObjectRef`` (put once; the refs sit in a list, so the
 coordinator forwards them without fetching the bytes and each replica fetches under its own
-timeout) or, for a version of at most ``INLINE_BYTES``, as the bucket itself inside the calls:
-a small version then costs no object-store round trip at all.
+timeout) or, for a version of at most ``INLINE_BYTES``, as the bucket itself inside the calls,
+pickled once into ``bytes`` (``seal``): a small version then costs no object-store round trip at all.
+
+``seal`` is also how a call's large plain arguments travel (a version's specs and checksums): Ray
+passes ``bytes`` as they are, while it serialises a dict of hundreds of entries on a slower path,
+again for each call of a fan-out. ``unseal`` opens what ``seal`` made and returns anything else as
+it is, so a receiver takes both forms.
 """
 
 from __future__ import annotations
 
+import pickle
 import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -32,14 +38,16 @@ from engines.manifest import dtype_name, torch_dtype
 if TYPE_CHECKING:
     import torch
 
+    from engines.packed import PackedWeights
+
 # the fetched arrays are read-only shared memory, and nothing writes to them: staged as copies, or
 # served as they are in shared mode (a process-wide filter: catch_warnings is not thread-safe)
 warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning,
                         module=__name__)
 
 __all__ = ["BUCKET_BYTES", "INLINE_BYTES", "PACK_BYTES", "Publication", "Wire", "buckets", "fetch",
-           "from_wire", "is_inline", "iter_fetch", "packed_checksums", "spec_dict", "tensors_from_wire",
-           "to_wire", "wire_nbytes"]
+           "from_wire", "is_inline", "iter_fetch", "packed_checksums", "packed_non_finite", "seal",
+           "spec_dict", "staged_from_wire", "tensors_from_wire", "to_wire", "unseal", "wire_nbytes"]
 
 PACK_BYTES = 64 << 10  # tensors up to this size travel packed together in one buffer per bucket
 BUCKET_BYTES = 64 << 20  # the default bound of a bucket's size (a larger tensor is a bucket alone)
@@ -78,41 +86,28 @@ def _host_view(t: torch.Tensor) -> torch.Tensor:
 
 def to_wire(tensors: Mapping[str, torch.Tensor], *, pack_bytes: int = PACK_BYTES) -> Wire:
     """One bucket of ``tensors``: large ones as numpy views (no copy for contiguous CPU tensors),
-    the small ones copied into one packed buffer (one ``torch.cat``, with zero padding)."""
-    import torch
-
-    view_as = _view_as()
+    the small ones copied into one packed buffer (zero padding between them)."""
     arrays: dict[str, np.ndarray] = {}
     offsets: dict[str, tuple[int, int]] = {}
-    parts: list[torch.Tensor] = []
-    pads = _zeros(_ALIGN)
+    small: list[torch.Tensor] = []
     end = 0
     for name, t in tensors.items():
-        if t.device.type == "cpu" and t.is_contiguous() and t.dtype not in view_as \
-                and not t.requires_grad and t.numel() * t.element_size() > pack_bytes:
-            arrays[name] = t.numpy()  # the common large tensor: a view, no further checks
-            continue
-        host = _host_view(t)
-        nbytes = host.numel() * host.element_size()
+        nbytes = t.numel() * t.element_size()
         if nbytes > pack_bytes:
-            arrays[name] = host.numpy()
+            arrays[name] = _host_view(t).numpy()  # a view of a contiguous CPU tensor
             continue
         offsets[name] = (end, nbytes)
-        parts.append(host.reshape(-1).view(torch.uint8))
-        pad = -nbytes % _ALIGN
-        if pad:
-            parts.append(pads[:pad])
-        end += nbytes + pad
-    if not parts:
+        small.append(t)
+        end += nbytes + (-nbytes % _ALIGN)
+    if not small:
         return None, offsets, arrays
-    return torch.cat(parts).numpy(), offsets, arrays
-
-
-@cache
-def _zeros(n: int) -> torch.Tensor:
-    import torch
-
-    return torch.zeros(n, dtype=torch.uint8)
+    packed = np.zeros(end, np.uint8)
+    view_as = _view_as()
+    for t, (start, nbytes) in zip(small, offsets.values(), strict=True):
+        plain = t.device.type == "cpu" and t.dtype not in view_as and t.is_contiguous()
+        host = t.detach() if plain else _host_view(t)
+        packed[start:start + nbytes] = host.numpy().reshape(-1).view(np.uint8)
+    return packed, offsets, arrays
 
 
 def buckets(tensors: Mapping[str, torch.Tensor], bucket_bytes: int) -> list[dict[str, torch.Tensor]]:
@@ -180,6 +175,56 @@ def packed_checksums(wire: Wire | Mapping[str, np.ndarray]) -> dict[str, str]:
             for name, (start, nbytes) in offsets.items()}
 
 
+def packed_non_finite(wire: Wire | Mapping[str, np.ndarray], specs: Mapping[str, Any]) -> set[str]:
+    """The bucket's packed floating-point tensors holding a NaN or an infinity. Each run of packed
+    tensors of one dtype is checked with one call over its span of the buffer (the padding between
+    them is zeros); only a run that fails is looked into tensor by tensor."""
+    import torch
+
+    if isinstance(wire, Mapping) or not wire[1]:
+        return set()
+    packed, offsets, _ = wire
+    base = torch.from_numpy(packed)
+
+    def finite(start: int, end: int, dtype: torch.dtype) -> bool:
+        return bool(torch.isfinite(base[start:end].view(dtype)).all())
+
+    runs: list[tuple[torch.dtype, list[tuple[str, int, int]]]] = []
+    for name, (start, nbytes) in offsets.items():
+        dtype = _spec_dtype(specs[name])
+        if not runs or runs[-1][0] != dtype:
+            runs.append((dtype, []))
+        runs[-1][1].append((name, start, start + nbytes))
+    bad: set[str] = set()
+    for dtype, run in runs:
+        if dtype.is_floating_point and not finite(run[0][1], run[-1][2], dtype):
+            bad.update(name for name, start, end in run if not finite(start, end, dtype))
+    return bad
+
+
+def staged_from_wire(wires: list[Wire | Mapping[str, np.ndarray]], specs: Mapping[str, Any]
+                     ) -> tuple[dict[str, torch.Tensor], list[PackedWeights]]:
+    """Every bucket's large tensors (as ``from_wire``) and its packed buffer as it lies, for
+    ``Engine.stage(..., packed=)``: the engine checks each packed entry and stages the buffer with
+    one copy, where ``from_wire`` would make a tensor of each."""
+    import torch
+
+    from engines.packed import PackedWeights
+
+    tensors: dict[str, torch.Tensor] = {}
+    packed: list[PackedWeights] = []
+    for wire in wires:
+        if isinstance(wire, Mapping):
+            tensors.update(from_wire(wire, specs))
+            continue
+        buffer, offsets, arrays = wire
+        tensors.update(from_wire((None, {}, arrays), specs))
+        if offsets:
+            assert buffer is not None
+            packed.append(PackedWeights(torch.from_numpy(buffer), offsets, specs))
+    return tensors, packed
+
+
 def tensors_from_wire(wires: list[Wire], specs: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     """Every bucket's tensors in one mapping."""
     out: dict[str, torch.Tensor] = {}
@@ -193,9 +238,20 @@ def wire_nbytes(wire: Wire) -> int:
     return (0 if packed is None else packed.nbytes) + sum(a.nbytes for a in arrays.values())
 
 
+def seal(obj: Any) -> bytes:
+    """``obj`` pickled once, to travel as ``bytes`` in Ray calls (see the module docstring)."""
+    return pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def unseal(item: Any) -> Any:
+    """What ``seal`` sealed; anything but ``bytes`` as it is."""
+    return pickle.loads(item) if isinstance(item, bytes) else item
+
+
 def is_inline(item: Any) -> bool:
-    """Whether an item of ``Publication.refs`` is a bucket itself (not an object-store ref)."""
-    return isinstance(item, (tuple, Mapping))
+    """Whether an item of ``Publication.refs`` is a bucket itself, sealed or not (not an
+    object-store ref)."""
+    return isinstance(item, (bytes, tuple, Mapping))
 
 
 def iter_fetch(refs: list[Any], timeout: float | None) -> Iterator[Wire | Mapping[str, np.ndarray]]:
@@ -203,7 +259,7 @@ def iter_fetch(refs: list[Any], timeout: float | None) -> Iterator[Wire | Mappin
     import ray
 
     for item in refs:
-        yield item if is_inline(item) else ray.get(item, timeout=timeout)
+        yield unseal(item) if is_inline(item) else ray.get(item, timeout=timeout)
 
 
 def fetch(refs: list[Any], timeout: float | None) -> list[Wire | Mapping[str, np.ndarray]]:
@@ -212,7 +268,7 @@ def fetch(refs: list[Any], timeout: float | None) -> list[Wire | Mapping[str, np
 
     remote = [item for item in refs if not is_inline(item)]
     got = iter(ray.get(remote, timeout=timeout)) if remote else iter(())
-    return [item if is_inline(item) else next(got) for item in refs]
+    return [unseal(item) if is_inline(item) else next(got) for item in refs]
 
 
 def spec_dict(tensors: Mapping[str, torch.Tensor]) -> dict[str, dict[str, Any]]:

@@ -49,7 +49,7 @@ from .catch_up import CatchUpPlan
 from .failpoints import Failpoints
 from .heap import CollectorPauses, freeze_startup_heap
 from .object_state import checkpoint_store
-from .payload import fetch
+from .payload import fetch, unseal
 from .replica_client import coordinator_actor_name, replica_actor_name
 from .replica_core import ReplicaCore
 from .replica_protocol import Lifecycle, NodeDuty, TxnState
@@ -297,13 +297,14 @@ class ReplicaActor:
         others stage it unhashed. A replica named for a node it is not on (it moved) votes NO, so
         that no node's copy goes unverified (``NodeDuty``). ``probes`` (``engines.Probe``) run on
         the staged set of each node's named member (every member without verifiers): a failing
-        probe is a NO vote naming it."""
+        probe is a NO vote naming it. ``specs`` and ``checksums`` may come sealed
+        (``actors.payload.seal``)."""
         self.fp.hit("message.prepare", txn)
         duty = NodeDuty.of(verifiers, hashed_on, self.core.node, self.replica_id)
         if duty.refused:
             return self.core.refuse(txn, duty.refused)
-        vote = self.core.prepare(epoch, txn, version, refs, specs, checksums, source, base_version, duty.hash,
-                                 probes if duty.designated else None)
+        vote = self.core.prepare(epoch, txn, version, refs, unseal(specs), unseal(checksums), source,
+                                 base_version, duty.hash, probes if duty.designated else None)
         self.fp.hit("reply.prepare", txn)
         return vote
 

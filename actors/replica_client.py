@@ -29,6 +29,7 @@ import ray
 from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError, RayTaskError
 
 from .catch_up import CatchUpPlan, Sightings
+from .payload import seal
 from .replies import Ack, Failed, FailureKind, LeaseReply, PrepareReply
 
 logger = logging.getLogger("weight_refit.coordinator")
@@ -257,8 +258,10 @@ class RayReplicaClient(ReplicaClient):
                 verifiers: dict[str, str] | None = None,
                 probes: list[Any] | None = None,
                 hashed_on: str | None = None) -> dict[str, PrepareReply | Failed]:
-        return self._fan_out("prepare", rids, timeout, epoch, txn, version, refs, specs, checksums,
-                             source, base_version, verifiers, probes, hashed_on, on_reply=on_reply)
+        # sealed once for every member (see actors.payload)
+        return self._fan_out("prepare", rids, timeout, epoch, txn, version, refs, seal(specs),
+                             seal(checksums), source, base_version, verifiers, probes, hashed_on,
+                             on_reply=on_reply)
 
     def commit(self, rids: list[str], timeout: float, epoch: int, txn: str,
                on_reply: OnReply | None = None, *, activate: bool = True) -> dict[str, Ack | Failed]:

@@ -43,7 +43,7 @@ from engines.errors import NotRetainedError
 
 from .catch_up import ENGINE_FILE, PEER, STORE, CatchUpPlan, CaughtUp
 from .failpoints import Failpoints
-from .payload import Wire, from_wire, packed_checksums, spec_dict, tensors_from_wire, to_wire
+from .payload import Wire, from_wire, packed_checksums, spec_dict, staged_from_wire, to_wire
 from .prefetch import Prefetcher
 from .replica_protocol import (
     Lifecycle,
@@ -248,7 +248,7 @@ class ReplicaCore:
         try:
             wires = self._fetch([r for i, r in enumerate(refs) if i not in ahead])
             timings["fetch_s"] = time.perf_counter() - t
-            tensors = tensors_from_wire(wires, specs)
+            tensors, packed = staged_from_wire(wires, specs)
             for p in ahead.values():
                 tensors.update(p.tensors)
             t = time.perf_counter()
@@ -259,7 +259,7 @@ class ReplicaCore:
                 timings["verified"] = 0.0
                 handed = True
                 staged = self.engine.stage(tensors, version, borrow=borrow, values_checked=True,
-                                           adopt=adopt)
+                                           adopt=adopt, packed=packed)
                 timings["stage_s"] = time.perf_counter() - t
                 timings["allocated_bytes"] = float(self.engine.allocated_bytes - allocated)
                 return staged
@@ -269,7 +269,8 @@ class ReplicaCore:
                 verified = self._match(hashed, checksums)
                 handed = True
                 staged = self.engine.stage(tensors, version, borrow=borrow, values_checked=True,
-                                           checksums=checksums, verified=verified, adopt=adopt)
+                                           checksums=checksums, verified=verified, adopt=adopt,
+                                           packed=packed)
             except (ChecksumMismatch, ChecksumMissing) as exc:
                 raise ChecksumMismatch(exc.name, str(checksums.get(exc.name)),
                                        getattr(exc, "actual", "no checksum"),

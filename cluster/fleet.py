@@ -16,7 +16,7 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError
 
 from actors.canary import Canary
-from actors.payload import BUCKET_BYTES, is_inline
+from actors.payload import BUCKET_BYTES, is_inline, seal
 from actors.replica_client import coordinator_actor_name
 from actors.settings import Timeouts
 from actors.store import validate_label
@@ -78,6 +78,7 @@ class Fleet:
         self._coord = coordinator
         self._cfg = cfg
         self._manifest: dict[str, Any] | None = None
+        self._checked: Any = None  # publish.CheckedManifest, parsed at the first refit
         timeouts = Timeouts(**cfg["timeouts"])
         routing = cfg["routing"]
         self._refit_timeout = timeouts.refit_call_s()
@@ -245,8 +246,8 @@ class Fleet:
                             bucket_bytes=self._cfg.get("bucket_bytes", BUCKET_BYTES))
         stored = any(not is_inline(r) for r in pub.refs)
         try:
-            call = self._coord.refit.remote(pub.refs, pub.specs, pub.checksums, key, checks, canary,
-                                            pub.hashed_on)
+            call = self._coord.refit.remote(pub.refs, seal(pub.specs), seal(pub.checksums), key, checks,
+                                            canary, pub.hashed_on)
             out = self._call(call, key)
         finally:
             pub.refs.clear()  # the replicas and the store have their copies (or it aborted)
@@ -272,7 +273,7 @@ class Fleet:
             announced.append(self._coord.announce.remote(key, [ref], specs, hashed_on))
 
         try:
-            pub = publish(weights, self.manifest(), on_put=announce if prefetch else None, **options)
+            pub = publish(weights, self._checked_manifest(), on_put=announce if prefetch else None, **options)
         except BaseException:
             if announced:  # after the announcements, so that the coordinator forwards it last
                 ray.wait(announced, num_returns=len(announced), timeout=1.0)
@@ -281,6 +282,13 @@ class Fleet:
         if announced:  # forwarded to the members before the PREPARE is
             ray.wait(announced, num_returns=len(announced), timeout=1.0)
         return pub
+
+    def _checked_manifest(self) -> Any:
+        from .publish import CheckedManifest
+
+        if self._checked is None:
+            self._checked = CheckedManifest.of(self.manifest())
+        return self._checked
 
     def promote(self, reason: str = "") -> RefitResult:
         """Activate the running canary's version on the rest of the fleet, with one commit point.

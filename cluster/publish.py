@@ -6,6 +6,7 @@ import time
 import weakref
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, wait
+from dataclasses import dataclass
 from typing import Any
 
 import ray
@@ -19,6 +20,8 @@ from actors.payload import (
     buckets,
     from_wire,
     packed_checksums,
+    packed_non_finite,
+    seal,
     spec_dict,
     to_wire,
 )
@@ -30,7 +33,6 @@ from engines.threads import helpers
 from engines.validation import (
     check_weights,
     non_finite_error,
-    non_finite_names,
     start_checksums_and_non_finite,
 )
 from engines.weights import WeightsLike, check_header, fill_tied, load_weights, name_fn
@@ -58,7 +60,20 @@ def tie_groups(manifest: Mapping[str, Any]) -> list[list[str]]:
     return groups
 
 
-def load_and_check(weights: WeightsLike, manifest: Mapping[str, Any], *,
+@dataclass(frozen=True)
+class CheckedManifest:
+    """The fleet manifest as a caller checks weights against it, parsed once: each weight's spec
+    and the groups of names the engine ties."""
+
+    specs: dict[str, TensorSpec]
+    ties: list[list[str]]
+
+    @classmethod
+    def of(cls, manifest: Mapping[str, Any] | CheckedManifest) -> CheckedManifest:
+        return manifest if isinstance(manifest, cls) else cls(manifest_specs(manifest), tie_groups(manifest))
+
+
+def load_and_check(weights: WeightsLike, manifest: Mapping[str, Any] | CheckedManifest, *,
                    non_finite: NonFinitePolicy = NonFinitePolicy.REJECT, strip_prefix: str | None = None,
                    add_prefix: str | None = None, mapping: Mapping[str, str] | None = None,
                    complete: bool = False) -> dict[str, torch.Tensor]:
@@ -66,9 +81,10 @@ def load_and_check(weights: WeightsLike, manifest: Mapping[str, Any], *,
     completeness when asked); raises the engine's errors naming the tensor. A file's names, shapes
     and dtypes are checked from its header before any tensor is read (no decompression bombs). A
     name the engine ties to others stands for them all (``engines.weights.fill_tied``)."""
-    specs = manifest_specs(manifest)
+    checked = CheckedManifest.of(manifest)
+    specs = checked.specs
     tensors = fill_tied(load_weights(weights, strip_prefix=strip_prefix, add_prefix=add_prefix,
-                                     mapping=mapping, expect=specs), tie_groups(manifest))
+                                     mapping=mapping, expect=specs), checked.ties)
     check_weights(tensors, specs, non_finite)
     if complete and (missing := sorted(set(specs) - set(tensors))):
         raise MissingWeightsError(missing)
@@ -81,10 +97,10 @@ class _Source:
     the headers can tell (names, shapes, dtypes, completeness) is checked before any data is read;
     values as each group is read."""
 
-    def __init__(self, weights: WeightsLike, manifest: Mapping[str, Any], *, names: Any,
+    def __init__(self, weights: WeightsLike, manifest: CheckedManifest, *, names: Any,
                  complete: bool, inline_bytes: int, load: Any) -> None:
-        self._specs = manifest_specs(manifest)
-        self._ties = tie_groups(manifest)
+        self._specs = manifest.specs
+        self._ties = manifest.ties
         self._checkpoint = CheckpointDir(weights, names) if is_checkpoint_dir(weights) else None
         self._tensors: dict[str, torch.Tensor] | None = None
         if self._checkpoint is None:
@@ -107,8 +123,7 @@ class _Source:
                 self._tensors = self._with_aliases(self._checkpoint.read_all(self._specs))
                 self._checkpoint = None
         self.groups_read = self.most_held = 0
-        self.nbytes = sum(TensorSpec(shape=tuple(s["shape"]), dtype=s["dtype"]).nbytes
-                          for s in self.specs.values())
+        self.nbytes = sum(self._specs[n].nbytes for n in self.specs)
 
     def _with_aliases(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         for name, aliases in self._aliases.items():
@@ -138,11 +153,13 @@ class _Source:
 
 class _BucketChecks:
     """The checksums and non-finite scan of one bucket, started on the helper threads: packed
-    tensors are hashed where they lie in the bucket, each large one hashed and scanned at once."""
+    tensors are hashed and scanned where they lie in the bucket, each large one hashed and scanned
+    at once."""
 
-    def __init__(self, tensors: Mapping[str, torch.Tensor], wire: Wire, scan_values: bool) -> None:
-        self._tensors = tensors
+    def __init__(self, tensors: Mapping[str, torch.Tensor], wire: Wire, specs: Mapping[str, Any],
+                 scan_values: bool) -> None:
         self._wire = wire
+        self._specs = specs
         self._scan = scan_values
         large = {n: tensors[n] for n in wire[2]}
         self._large = start_checksums_and_non_finite(large, scan_values=scan_values)
@@ -151,12 +168,11 @@ class _BucketChecks:
         sums = packed_checksums(self._wire)
         large, bad = self._large()
         sums.update(large)
-        if self._scan:
-            bad += non_finite_names({n: self._tensors[n] for n in self._wire[1]})
-        return sums, set(bad)
+        packed_bad = packed_non_finite(self._wire, self._specs) if self._scan else set()
+        return sums, set(bad) | packed_bad
 
 
-def publish(weights: WeightsLike, manifest: Mapping[str, Any], *,
+def publish(weights: WeightsLike, manifest: Mapping[str, Any] | CheckedManifest, *,
             non_finite: NonFinitePolicy = NonFinitePolicy.REJECT, strip_prefix: str | None = None,
             add_prefix: str | None = None, mapping: Mapping[str, str] | None = None,
             complete: bool = False, inline_bytes: int = INLINE_BYTES,
@@ -169,7 +185,7 @@ def publish(weights: WeightsLike, manifest: Mapping[str, Any], *,
     is a Ray client) each bucket is hashed and scanned where it lies in this node's object store,
     the copy this node's replicas read: ``Publication.hashed_on`` names the node, whose replicas
     need not hash it again (one read of every byte fewer). A version of at most ``inline_bytes`` is
-    not put: it travels inside the calls (``actors.payload``). Raises the engine's errors naming
+    not put: it travels inside the calls, sealed (``actors.payload``). Raises the engine's errors naming
     the tensor, ``MissingWeightsError`` when ``complete`` and names are missing,
     ``ObjectStoreTooSmall`` with the numbers when the version cannot fit the object store.
     ``timings``: ``load_validate_s``, ``checksum_s`` and ``put_s`` (the waits for checks and for
@@ -179,6 +195,7 @@ def publish(weights: WeightsLike, manifest: Mapping[str, Any], *,
     store and passed its checks (not for an inline version), with the specs of its tensors; what
     it raises fails the publication."""
     t0 = time.perf_counter()
+    manifest = CheckedManifest.of(manifest)
     source = _Source(weights, manifest, names=name_fn(strip_prefix, add_prefix, mapping), complete=complete,
                      inline_bytes=inline_bytes,
                      load=lambda: load_and_check(weights, manifest, non_finite=NonFinitePolicy.ALLOW,
@@ -247,7 +264,7 @@ def _put_group(tensors: dict[str, torch.Tensor], specs: Mapping[str, Any], sums:
             raise non_finite_error(first, tensors[first])
         sums.update(got)
         refs.append(ref)
-        if on_put is not None and ref is not wire:
+        if on_put is not None and not inline:
             on_put(ref, wire)
 
     # the copy into the object store runs on a refit-helper thread: at lower priority than the
@@ -256,7 +273,7 @@ def _put_group(tensors: dict[str, torch.Tensor], specs: Mapping[str, Any], sums:
     try:
         for k, wire in enumerate(wires):
             t = time.perf_counter()
-            ref = wire if put is None else put.result()
+            ref = seal(wire) if put is None else put.result()
             timings["put_s"] += time.perf_counter() - t
             if pending is not None:  # bucket k-1's checks ran while bucket k was put
                 done, pending = pending, None
@@ -266,9 +283,9 @@ def _put_group(tensors: dict[str, torch.Tensor], specs: Mapping[str, Any], sums:
             put = helpers().submit(ray.put, wires[k + 1]) if not inline and k + 1 < len(wires) else None
             if not inline and stored:
                 view = ray.get(ref)
-                pending = (ref, wire, _BucketChecks(from_wire(view, specs), view, scan))
+                pending = (ref, wire, _BucketChecks(from_wire(view, specs), view, specs, scan))
             else:
-                pending = (ref, wire, _BucketChecks(groups[k], wire, scan))
+                pending = (ref, wire, _BucketChecks(groups[k], wire, specs, scan))
         if pending is not None:
             done, pending = pending, None
             accept(*done)

@@ -20,6 +20,10 @@ Contract:
   checked before any weight is read. ``stage`` checks a weights file's names, shapes and dtypes
   against the manifest from the file's header before reading its data (``load_weights(expect=)``).
 - ``commit``/``discard`` take only sets this engine staged (``StagedSetError`` otherwise).
+- ``stage(..., packed=)`` takes small weights as they lie in one host buffer (``engines.packed``),
+  each entry checked like any weight before anything is copied. In ``swap`` mode on the CPU the
+  buffer is copied once into a block whose views the set holds; a block goes back to be reused
+  only once no set holds a view of it.
 - ``prestage`` copies tensors into spare buffers before their version is known (a fleet's replica
   copies each bucket as it arrives, ahead of the PREPARE). The caller owns those buffers until it
   passes them to ``stage(..., adopt=...)``, which then owns them (staged as they are, or pooled on
@@ -43,7 +47,7 @@ import numpy as np
 import torch
 
 from .backends.base import Backend
-from .checksum import ChecksumMismatch, ChecksumMissing, copy_and_checksum, tensor_checksum
+from .checksum import ChecksumMismatch, ChecksumMissing, bytes_checksum, copy_and_checksum, tensor_checksum
 from .config import BuilderConfig, MemoryMode, NonFinitePolicy
 from .devices import pinned_memory_available
 from .engine_file import MAX_VERSION, EngineFile, write_engine_file
@@ -58,9 +62,11 @@ from .errors import (
     StagedSetError,
     StagedSetSupersededError,
     VersionOrderError,
+    WeightFileError,
 )
 from .inputs import InputSpec, check_inputs
 from .manifest import Manifest, TensorSpec, manifest_of
+from .packed import BlockPool, PackedBlock, PackedWeights, PackingIndex, check_packed, views
 from .probes import Probe, ProbeFailed, check_probe_outputs
 from .threads import helpers
 from .validation import check_weights, parallel_checksums
@@ -124,6 +130,7 @@ class Engine:
         self.config = config
         self._graph_json = graph_json
         self._tied = [list(g) for g in tied or []]
+        self._tied_names = frozenset(n for g in self._tied for n in g)
         self._inputs = list(inputs) if inputs is not None else None
         self.backend = backend
         # where inputs and weight buffers live: the card for torch, host memory for backends
@@ -132,12 +139,14 @@ class Engine:
         self._program_json = program_json
         self._constants = dict(constants)
         self._manifest: Manifest = manifest_of(weights)
+        self._packing = PackingIndex(self._manifest)
         self._ids = count(1)
         self._token = object()  # marks the staged sets this engine made
         self._cond = threading.Condition(threading.Lock())
         self._refit_lock = threading.RLock()
         self._writer_waiting = False
         self._pool = BufferPool()
+        self._blocks = BlockPool()  # packed blocks of retired sets (engines.packed)
         self.allocated_bytes = 0  # staging buffers allocated because the pool had none to reuse
         self._staged: dict[int, StagedSet] = {}
         self._draining: list[WeightSet] = []  # retired sets that still have readers
@@ -234,7 +243,7 @@ class Engine:
               add_prefix: str | None = None, mapping: Mapping[str, str] | None = None,
               borrow: bool = False, values_checked: bool = False,
               checksums: Mapping[str, str] | None = None, verified: Collection[str] = (),
-              adopt: Collection[str] = ()) -> StagedSet:
+              adopt: Collection[str] = (), packed: Sequence[PackedWeights] = ()) -> StagedSet:
         """Validate ``weights`` (a subset is fine) and copy them into spare buffers as ``version``.
 
         ``borrow=True`` says the tensors will never change: in ``shared`` mode the set then holds
@@ -247,18 +256,29 @@ class Engine:
         ``verified`` names tensors the caller has already matched to their ``checksums`` entries
         (hashed where it holds them): they are copied without hashing again. ``adopt`` names
         tensors that are buffers ``prestage`` gave out (swap mode): they are staged as they are,
-        without a copy, and belong to this engine from the call on, whatever it raises."""
+        without a copy, and belong to this engine from the call on, whatever it raises.
+        ``packed`` (``engines.packed``): more weights, lying in one host buffer each (names not in
+        ``weights``; ``strip_prefix``, ``add_prefix`` and ``mapping`` do not apply to them); in
+        ``swap`` mode on the CPU each buffer is staged with one copy."""
         try:
             self._check_refittable()
             version = check_version_number(version)
             self._check_version(version, self._live)  # again under the lock; this one spares a read
-            tensors = fill_tied(load_weights(weights, strip_prefix=strip_prefix, add_prefix=add_prefix,
-                                             mapping=mapping, expect=self._manifest), self._tied)
+            tensors = load_weights(weights, strip_prefix=strip_prefix, add_prefix=add_prefix,
+                                   mapping=mapping, expect=self._manifest)
+            packed = self._check_packed(packed, tensors)
+            tensors = fill_tied(tensors, self._tied)
             policy = NonFinitePolicy.ALLOW if values_checked else self.config.non_finite
             check_weights(tensors, self._manifest, policy)
             if checksums is not None:
-                if missing := [n for n in tensors if n not in checksums]:
+                if missing := [n for n in [*tensors, *(n for p in packed for n in p.offsets)]
+                               if n not in checksums]:
                     raise ChecksumMissing(missing[0], f"staging version {version}")
+                for p in packed:  # hashed where they lie: the caller's buffer does not change
+                    raw = memoryview(p.buffer.numpy())
+                    for name, (start, nbytes) in p.offsets.items():
+                        if name not in verified:
+                            _check(name, checksums, bytes_checksum(raw[start:start + nbytes]), version)
                 checksums = {n: c for n, c in checksums.items() if n in tensors and n not in verified}
             if adopt and self.config.memory_mode is not MemoryMode.SWAP:
                 raise EngineError(f"only a swap-mode engine adopts prestaged buffers, this one is "
@@ -267,7 +287,30 @@ class Engine:
             if adopt and isinstance(weights, Mapping):
                 self.release_prestaged({n: weights[n] for n in adopt if n in weights})
             raise
-        return self._stage_tensors(tensors, version, borrow, checksums, frozenset(adopt))
+        return self._stage_tensors(tensors, version, borrow, checksums, frozenset(adopt), packed)
+
+    def _check_packed(self, packed: Sequence[PackedWeights],
+                      tensors: dict[str, torch.Tensor]) -> list[PackedWeights]:
+        """Check every packed entry against the manifest (``engines.packed.check_packed``) and
+        that no weight is given twice. Returns the buffers to stage as blocks; where this engine
+        stages none (another mode, a card, a memory budget, a tied weight among them), their views
+        go into ``tensors`` instead, as ordinary weights (borrowed, in shared mode)."""
+        if not packed:
+            return []
+        given = set(tensors)
+        for p in packed:
+            check_packed(p, self._packing)
+            if twice := sorted(given.intersection(p.offsets)):
+                raise WeightFileError(f"weight {twice[0]!r} is given twice", name=twice[0])
+            given.update(p.offsets)
+        as_blocks = (self.config.memory_mode is MemoryMode.SWAP and self.device == "cpu"
+                     and self.config.memory_budget_bytes is None
+                     and all(self._tied_names.isdisjoint(p.offsets) for p in packed))
+        if as_blocks:
+            return list(packed)
+        for p in packed:
+            tensors.update(views(p.buffer, p.offsets, self._manifest))
+        return []
 
     def prestage(self, tensors: Mapping[str, torch.Tensor], *,
                  checksum: bool) -> dict[str, tuple[torch.Tensor, str | None]] | None:
@@ -358,7 +401,7 @@ class Engine:
                                        f"(live {self._live.version}, previous "
                                        f"{self._previous.version if self._previous else None})")
             ws = WeightSet(next(self._ids), version, dict(source.tensors), source.program,
-                           source.borrowed)
+                           source.borrowed, source.blocks)
             staged = StagedSet(version=version, names=(), nbytes=0, base_id=base.set_id, stage_s=0.0,
                                weight_set=ws, base_version=base.version, owner=self._token)
             with self._cond:
@@ -376,7 +419,8 @@ class Engine:
 
     def _stage_tensors(self, tensors: Mapping[str, torch.Tensor], version: int,
                        borrow: bool = False, checksums: Mapping[str, str] | None = None,
-                       adopt: frozenset[str] = frozenset()) -> StagedSet:
+                       adopt: frozenset[str] = frozenset(),
+                       packed: Sequence[PackedWeights] = ()) -> StagedSet:
         t0 = time.perf_counter()
         with self._refit_lock:
             base = self._live
@@ -385,13 +429,13 @@ class Engine:
             except BaseException:
                 self.release_prestaged({n: tensors[n] for n in adopt if n in tensors})
                 raise
-            need = sum(_nbytes(t) for t in tensors.values())
+            need = sum(_nbytes(t) for t in tensors.values()) + sum(p.buffer.numel() for p in packed)
             if self.config.memory_mode is MemoryMode.COPY:
                 staged = self._stage_copy(tensors, version, base, need, checksums)
             elif borrow and self.config.memory_mode is MemoryMode.SHARED:
                 staged = self._stage_borrowed(tensors, version, base, checksums)
             else:
-                staged = self._stage_swap(tensors, version, base, need, checksums, adopt)
+                staged = self._stage_swap(tensors, version, base, need, checksums, adopt, packed)
             staged.stage_s = time.perf_counter() - t0
             with self._cond:
                 self._staged[id(staged)] = staged
@@ -399,10 +443,12 @@ class Engine:
 
     def _stage_swap(self, tensors: Mapping[str, torch.Tensor], version: int, base: WeightSet,
                     need: int, checksums: Mapping[str, str] | None,
-                    adopt: frozenset[str] = frozenset()) -> StagedSet:
+                    adopt: frozenset[str] = frozenset(),
+                    packed: Sequence[PackedWeights] = ()) -> StagedSet:
         new_tensors = dict(base.tensors)
         for name in adopt:  # owned by the set from here: pooled below if staging fails
             new_tensors[name] = tensors[name]
+        blocks: list[PackedBlock] = []
         try:
             self._make_room(lambda: need - self._pool.reusable_bytes(tensors.values(), self.device))
             for name in adopt:
@@ -414,15 +460,34 @@ class Engine:
             for name, (_, got) in copies.items():
                 if got is not None:
                     _check(name, checksums or {}, got, version)
+            for p in packed:
+                blocks.append(self._block_for(p))
+                blocks[-1].data.copy_(p.buffer)
+                new_tensors.update(blocks[-1].views)
             program = self.backend.bind(new_tensors)
         except BaseException:  # the copies made are pooled already if _copies raised
             for name in tensors:
                 if new_tensors[name] is not base.tensors[name]:
                     self._pool.put(new_tensors[name])
+            for block in blocks:
+                self._blocks.put(block)
             raise
-        ws = WeightSet(next(self._ids), version, new_tensors, program, base.borrowed - set(tensors))
-        return StagedSet(version=version, names=tuple(tensors), nbytes=need, base_id=base.set_id,
+        kept = tuple(b for b in base.blocks if any(new_tensors[n] is v for n, v in b.views.items()))
+        names = (*tensors, *(n for p in packed for n in p.offsets))
+        ws = WeightSet(next(self._ids), version, new_tensors, program, base.borrowed - set(names),
+                       kept + tuple(blocks))
+        return StagedSet(version=version, names=names, nbytes=need, base_id=base.set_id,
                          stage_s=0.0, weight_set=ws, base_version=base.version, owner=self._token)
+
+    def _block_for(self, packed: PackedWeights) -> PackedBlock:
+        """A pooled block of ``packed``'s layout, else a new one (its views made once, here)."""
+        layout = packed.layout()
+        block = self._blocks.take(layout)
+        if block is None:
+            data = torch.empty(packed.buffer.numel(), dtype=torch.uint8, device=self.device)
+            self.allocated_bytes += data.numel()
+            block = PackedBlock(layout, data, views(data, packed.offsets, self._manifest))
+        return block
 
     def _stage_borrowed(self, tensors: Mapping[str, torch.Tensor], version: int,
                         base: WeightSet, checksums: Mapping[str, str] | None) -> StagedSet:
@@ -580,10 +645,15 @@ class Engine:
         others = [s for s in held if s is not None and s is not ws]
         if self.config.memory_mode is not MemoryMode.SHARED:
             referenced = {id(t) for s in others for t in s.tensors.values()}
+            in_blocks = {id(v) for b in ws.blocks for v in b.views.values()}
             for t in ws.tensors.values():
-                if id(t) not in referenced:
+                if id(t) not in referenced and id(t) not in in_blocks:
                     self._pool.put(t)
+            for block in ws.blocks:  # a block goes back whole, once no set holds a view of it
+                if all(id(v) not in referenced for v in block.views.values()):
+                    self._blocks.put(block)
         ws.tensors = {}
+        ws.blocks = ()
         if all(s.program is not ws.program for s in others):  # stage_retained shares programs
             self.backend.recycle(ws.program)
 
@@ -664,7 +734,8 @@ class Engine:
                 prev = sum(_nbytes(t) for t in self._previous.tensors.values()
                            if id(t) not in live_ids and id(t) not in borrowed)
             staged = sum(s.nbytes for s in self._staged.values())
-            return MemoryReport(live, prev, staged, self._pool.nbytes, sum(borrowed.values()))
+            return MemoryReport(live, prev, staged, self._pool.nbytes + self._blocks.nbytes,
+                                sum(borrowed.values()))
 
     def save(self, path: str | Path) -> None:
         """Write the program, manifest and live weights to one engine file (atomically).

@@ -11,6 +11,7 @@ from enum import Enum
 import torch
 
 from .backends.base import BoundProgram
+from .packed import PackedBlock
 
 
 class WeightSet:
@@ -24,10 +25,11 @@ class WeightSet:
     """
 
     __slots__ = ("set_id", "version", "tensors", "program", "readers", "retired", "storage_ptrs",
-                 "borrowed")
+                 "borrowed", "blocks")
 
     def __init__(self, set_id: int, version: int, tensors: dict[str, torch.Tensor],
-                 program: BoundProgram, borrowed: frozenset[str] = frozenset()) -> None:
+                 program: BoundProgram, borrowed: frozenset[str] = frozenset(),
+                 blocks: tuple[PackedBlock, ...] = ()) -> None:
         self.set_id = set_id
         self.version = version
         self.tensors = tensors
@@ -36,6 +38,7 @@ class WeightSet:
         self.retired = False
         self.storage_ptrs = frozenset(t.untyped_storage().data_ptr() for t in tensors.values())
         self.borrowed = borrowed  # names whose tensors the caller lent (shared mode): never pooled
+        self.blocks = blocks  # the packed blocks some of ``tensors`` are views of (engines.packed)
 
 
 class StagedState(str, Enum):

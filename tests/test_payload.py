@@ -6,7 +6,18 @@ import numpy as np
 import pytest
 import torch
 
-from actors.payload import PACK_BYTES, fetch, from_wire, spec_dict, tensors_from_wire, to_wire
+from actors.payload import (
+    PACK_BYTES,
+    fetch,
+    from_wire,
+    packed_non_finite,
+    seal,
+    spec_dict,
+    tensors_from_wire,
+    to_wire,
+    unseal,
+)
+from cluster import publish
 from engines.checksum import tensor_checksum
 
 
@@ -34,6 +45,36 @@ def test_a_bucket_carries_every_tensor_bit_for_bit_with_small_ones_packed_in_one
     for name, t in tensors.items():
         assert back[name].dtype == t.dtype and back[name].shape == t.shape, name
         assert tensor_checksum(back[name]) == tensor_checksum(t), name
+
+
+def test_tensors_that_are_not_plain_contiguous_cpu_tensors_are_packed_by_value() -> None:
+    base = torch.randn(4, 6)
+    tensors = {"transposed": base.t(), "grad": torch.randn(5, requires_grad=True),
+               "sliced": base[:, 1], "bf16": torch.randn(3, 3).to(torch.bfloat16)[::2]}
+    back = from_wire(to_wire(tensors), spec_dict(tensors))
+    for name, t in tensors.items():
+        assert torch.equal(back[name], t.detach()), name
+
+
+def test_the_packed_scan_names_each_non_finite_tensor_and_only_those() -> None:
+    tensors = {**{f"f{i}": torch.ones(5) for i in range(6)}, "h": torch.ones(3).half(),
+               "b": torch.ones(9).to(torch.bfloat16), "n": torch.arange(4), "last": torch.ones(2)}
+    specs = spec_dict(tensors)
+    assert packed_non_finite(to_wire(tensors), specs) == set()
+    tensors["f3"][2] = float("nan")
+    tensors["b"][8] = float("-inf")
+    tensors["last"][0] = float("inf")
+    assert packed_non_finite(to_wire(tensors), specs) == {"f3", "b", "last"}
+
+
+def test_a_small_version_travels_sealed_in_one_bytes_object_and_opens_to_its_bucket() -> None:
+    tensors = {f"w{i}": torch.full((8,), float(i)) for i in range(20)}
+    manifest = spec_dict(tensors)
+    pub = publish.publish(tensors, manifest)
+    assert len(pub.refs) == 1 and isinstance(pub.refs[0], bytes)
+    back = tensors_from_wire(fetch(pub.refs, timeout=1), pub.specs)
+    assert all(torch.equal(back[n], t) for n, t in tensors.items())
+    assert unseal(seal(manifest)) == manifest and unseal(manifest) is manifest
 
 
 def test_large_contiguous_tensors_travel_without_a_copy() -> None:
@@ -77,9 +118,9 @@ def test_a_bucket_is_checked_once_it_is_in_the_store_while_the_next_one_is_put(m
     events: list[str] = []
     real_checks = publish._BucketChecks
 
-    def checks(group, wire, scan):
+    def checks(group, wire, specs, scan):
         events.append("check " + ",".join(group))
-        return real_checks(group, wire, scan)
+        return real_checks(group, wire, specs, scan)
 
     def put(wire):
         events.append("put " + ",".join(wire[2]))
