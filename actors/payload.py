@@ -176,30 +176,16 @@ def packed_checksums(wire: Wire | Mapping[str, np.ndarray]) -> dict[str, str]:
 
 
 def packed_non_finite(wire: Wire | Mapping[str, np.ndarray], specs: Mapping[str, Any]) -> set[str]:
-    """The bucket's packed floating-point tensors holding a NaN or an infinity. Each run of packed
-    tensors of one dtype is checked with one call over its span of the buffer (the padding between
-    them is zeros); only a run that fails is looked into tensor by tensor."""
+    """The bucket's packed floating-point tensors holding a NaN or an infinity, scanned where they
+    lie (``engines.packed.non_finite``)."""
     import torch
+
+    from engines.packed import non_finite
 
     if isinstance(wire, Mapping) or not wire[1]:
         return set()
     packed, offsets, _ = wire
-    base = torch.from_numpy(packed)
-
-    def finite(start: int, end: int, dtype: torch.dtype) -> bool:
-        return bool(torch.isfinite(base[start:end].view(dtype)).all())
-
-    runs: list[tuple[torch.dtype, list[tuple[str, int, int]]]] = []
-    for name, (start, nbytes) in offsets.items():
-        dtype = _spec_dtype(specs[name])
-        if not runs or runs[-1][0] != dtype:
-            runs.append((dtype, []))
-        runs[-1][1].append((name, start, start + nbytes))
-    bad: set[str] = set()
-    for dtype, run in runs:
-        if dtype.is_floating_point and not finite(run[0][1], run[-1][2], dtype):
-            bad.update(name for name, start, end in run if not finite(start, end, dtype))
-    return bad
+    return non_finite(torch.from_numpy(packed), offsets, lambda name: _spec_dtype(specs[name]))
 
 
 def staged_from_wire(wires: list[Wire | Mapping[str, np.ndarray]], specs: Mapping[str, Any]

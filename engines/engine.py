@@ -65,11 +65,11 @@ from .errors import (
     WeightFileError,
 )
 from .inputs import InputSpec, check_inputs
-from .manifest import Manifest, TensorSpec, manifest_of
-from .packed import BlockPool, PackedBlock, PackedWeights, PackingIndex, check_packed, views
+from .manifest import Manifest, TensorSpec, manifest_of, torch_dtype
+from .packed import BlockPool, PackedBlock, PackedWeights, PackingIndex, check_packed, non_finite, views
 from .probes import Probe, ProbeFailed, check_probe_outputs
 from .threads import helpers
-from .validation import check_weights, parallel_checksums
+from .validation import check_weights, non_finite_error, parallel_checksums
 from .weight_set import BufferPool, StagedSet, StagedState, WeightSet
 from .weights import WeightsLike, fill_tied, load_weights
 
@@ -270,6 +270,8 @@ class Engine:
             tensors = fill_tied(tensors, self._tied)
             policy = NonFinitePolicy.ALLOW if values_checked else self.config.non_finite
             check_weights(tensors, self._manifest, policy)
+            if policy is NonFinitePolicy.REJECT:
+                self._check_packed_values(packed)
             if checksums is not None:
                 if missing := [n for n in [*tensors, *(n for p in packed for n in p.offsets)]
                                if n not in checksums]:
@@ -311,6 +313,17 @@ class Engine:
         for p in packed:
             tensors.update(views(p.buffer, p.offsets, self._manifest))
         return []
+
+    def _check_packed_values(self, packed: Sequence[PackedWeights]) -> None:
+        """``NonFiniteWeightError`` naming the first packed weight holding a NaN or an infinity."""
+        def dtype_of(name: str) -> torch.dtype:
+            return torch_dtype(self._manifest[name].dtype)
+
+        for p in packed:
+            if bad := non_finite(p.buffer, p.offsets, dtype_of):
+                first = next(n for n in p.offsets if n in bad)
+                tensor = views(p.buffer, {first: p.offsets[first]}, self._manifest)[first]
+                raise non_finite_error(first, tensor)
 
     def prestage(self, tensors: Mapping[str, torch.Tensor], *,
                  checksum: bool) -> dict[str, tuple[torch.Tensor, str | None]] | None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import threading
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -94,6 +94,30 @@ def views(buffer: torch.Tensor, offsets: Mapping[str, tuple[int, int]],
         spec = manifest[name]
         out[name] = buffer[start:start + nbytes].view(torch_dtype(spec.dtype)).view(spec.shape)
     return out
+
+
+def non_finite(buffer: torch.Tensor, offsets: Mapping[str, tuple[int, int]],
+               dtype_of: Callable[[str], torch.dtype]) -> set[str]:
+    """The floating-point entries holding a NaN or an infinity. Consecutive entries of one dtype
+    are checked with one call over the span of the buffer they cover (a scan of the bytes between
+    them too: padding); only a span that fails is looked into entry by entry."""
+    def finite(start: int, end: int, dtype: torch.dtype) -> bool:
+        return bool(torch.isfinite(buffer[start:end].view(dtype)).all())
+
+    runs: list[tuple[torch.dtype, list[tuple[str, int, int]]]] = []
+    for name, (start, nbytes) in offsets.items():
+        dtype = dtype_of(name)
+        if not runs or runs[-1][0] != dtype:
+            runs.append((dtype, []))
+        runs[-1][1].append((name, start, start + nbytes))
+    bad: set[str] = set()
+    for dtype, run in runs:
+        if not dtype.is_floating_point:
+            continue
+        lo, hi = min(start for _, start, _ in run), max(end for _, _, end in run)
+        if not finite(lo, hi, dtype):
+            bad.update(name for name, start, end in run if not finite(start, end, dtype))
+    return bad
 
 
 class PackedBlock:

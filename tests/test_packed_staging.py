@@ -10,8 +10,14 @@ import torch
 from actors.payload import spec_dict, staged_from_wire, to_wire
 from engines import BuilderConfig, build_engine
 from engines.checksum import ChecksumMismatch, checksums
-from engines.errors import DtypeMismatchError, ShapeMismatchError, UnknownWeightError, WeightFileError
-from engines.packed import PackedWeights
+from engines.errors import (
+    DtypeMismatchError,
+    NonFiniteWeightError,
+    ShapeMismatchError,
+    UnknownWeightError,
+    WeightFileError,
+)
+from engines.packed import PackedWeights, non_finite
 
 
 class _ThreeWeights(torch.nn.Module):
@@ -202,3 +208,24 @@ def test_a_tied_weight_among_packed_ones_is_staged_for_its_whole_group() -> None
     w = {tied_name: torch.full((4,), 2.0), "bias": torch.full((4,), 1.0)}
     engine.commit(engine.stage({}, 1, packed=[_packed(w)]))
     assert np.allclose(engine.infer(X).outputs[0], 3.0)
+
+
+def test_packed_values_are_refused_when_non_finite_unless_the_caller_checked_them() -> None:
+    engine = _engine()  # non_finite: reject
+    w = _weights(1.0)
+    w["c"][1, 2] = float("nan")
+    with pytest.raises(NonFiniteWeightError, match="1 non-finite") as err:
+        engine.stage({}, 1, packed=[_packed(w)])
+    assert err.value.name == "c" and engine.version == 0
+    engine.commit(engine.stage({}, 1, packed=[_packed(w)], values_checked=True))
+    assert engine.version == 1
+
+
+def test_the_packed_scan_finds_each_bad_entry_whatever_the_order_and_the_bytes_between() -> None:
+    buffer = torch.full((96,), 0xFF, dtype=torch.uint8)  # the bytes between entries: NaN as float32
+    offsets = {"late": (64, 16), "early": (0, 16), "mid": (32, 8)}
+    for start, nbytes in offsets.values():
+        buffer[start:start + nbytes].view(torch.float32)[:] = 1.0
+    assert non_finite(buffer, offsets, lambda name: torch.float32) == set()
+    buffer[4:8].view(torch.float32)[0] = float("inf")
+    assert non_finite(buffer, offsets, lambda name: torch.float32) == {"early"}
