@@ -9,6 +9,9 @@ wall time (the ``Fleet.refit`` call) is split into the driver's steps (load and 
 ``ray.put``), the coordinator's steps (``RefitResult.timings["coordinator.*"]``: BEGIN record,
 checkpoint write started, PREPARE round, tally, COMMIT record, COMMIT round, ACTIVATE round,
 ACTIVATED record) and the rest (the driver -> coordinator call and its reply). Medians are reported.
+Then ``--refits / 2`` (at least 5) settled refits: each starts once the previous version's checkpoint
+is written (``Fleet.wait_persisted``, not timed), so that no background write overlaps it, as in a
+loop that refits every few seconds.
 
     python scripts/bench_fixed_cost.py --json benchmarks/results/fixed-cost-2026-12-02.json
 """
@@ -54,6 +57,11 @@ def child(model: str, workdir: Path, refits: int, spawned: float) -> dict[str, A
         weights = {n: torch.full(shapes[n], float(i + 1)) for n in names}
         res = fleet.refit(weights)
         rows.append({"wall_s": res.duration_s, **res.timings})
+    settled = []
+    for i in range(max(5, refits // 2)):
+        fleet.wait_persisted(res.version, 60)
+        res = fleet.refit({n: torch.full(shapes[n], -float(i + 1)) for n in names})
+        settled.append(res.duration_s)
     probed = []
     if model == "conv":  # what one behaviour probe adds: refits with and without one, alternating
         from cluster import Probe
@@ -71,7 +79,7 @@ def child(model: str, workdir: Path, refits: int, spawned: float) -> dict[str, A
             "launch": {"process_start_s": import_start - spawned, "imports_s": imported - import_start,
                        "fleet_launch_s": launched - imported, "steps": fleet.launch_timings,
                        "first_response_s": served - launched, "total_s": served - spawned},
-            "refits": rows, "probed": probed}
+            "refits": rows, "settled": settled, "probed": probed}
 
 
 def probe_cost(rows: list[dict[str, Any]]) -> dict[str, float] | None:
@@ -91,7 +99,9 @@ def summarise(result: dict[str, Any]) -> dict[str, Any]:
     med = {k: statistics.median(r.get(k, 0.0) for r in rows) for k in keys}
     driver = sum(med.get(k, 0.0) for k in ("load_validate_s", "checksum_s", "put_s"))
     coordinator = {k.split(".", 1)[1]: v for k, v in med.items() if k.startswith("coordinator.")}
+    settled = result.get("settled") or []
     return {"refit_median_s": med["wall_s"], "refits_measured": len(rows),
+            "settled_median_s": statistics.median(settled) if settled else None,
             "driver_s": driver, "driver_steps": {k: med.get(k, 0.0) for k in ("load_validate_s", "checksum_s",
                                                                               "put_s")},
             "coordinator_s": med.get("coordinator_s", 0.0), "coordinator_steps": coordinator,
@@ -139,8 +149,8 @@ def main(argv: list[str] | None = None) -> int:
             s, la = res["summary"], res["launch"]
             print(f"{model}: {res['tensors']} tensors, {res['bytes']} bytes: refit median "
                   f"{s['refit_median_s'] * 1e3:.1f} ms (driver {s['driver_s'] * 1e3:.1f}, coordinator "
-                  f"{s['coordinator_s'] * 1e3:.1f}, call {s['call_and_reply_s'] * 1e3:.1f}); launch "
-                  f"{la['total_s']:.2f} s from the command")
+                  f"{s['coordinator_s'] * 1e3:.1f}, call {s['call_and_reply_s'] * 1e3:.1f}); settled "
+                  f"{s['settled_median_s'] * 1e3:.1f} ms; launch {la['total_s']:.2f} s from the command")
             if s["probe"]:
                 pc = s["probe"]
                 print(f"   with one behaviour probe: {pc['with_probe_median_s'] * 1e3:.1f} ms against "
