@@ -474,9 +474,12 @@ class Engine:
                 if got is not None:
                     _check(name, checksums or {}, got, version)
             for p in packed:
-                blocks.append(self._block_for(p))
-                blocks[-1].data.copy_(p.buffer)
-                new_tensors.update(blocks[-1].views)
+                blocks.append(block := self._block_for(p))
+                if p.buffer.numel() >= _PARALLEL_BYTES:  # at the helpers' priority, as a large tensor
+                    helpers().submit(_copy_only, block.data, p.buffer).result()
+                else:
+                    block.data.copy_(p.buffer)
+                new_tensors.update(block.views)
             program = self.backend.bind(new_tensors)
         except BaseException:  # the copies made are pooled already if _copies raised
             for name in tensors:

@@ -229,3 +229,34 @@ def test_the_packed_scan_finds_each_bad_entry_whatever_the_order_and_the_bytes_b
     assert non_finite(buffer, offsets, lambda name: torch.float32) == set()
     buffer[4:8].view(torch.float32)[0] = float("inf")
     assert non_finite(buffer, offsets, lambda name: torch.float32) == {"early"}
+
+
+def test_a_large_packed_buffer_is_copied_on_the_helper_threads(monkeypatch) -> None:
+    """Like a large tensor's copy: at the helpers' priority, below the threads that serve."""
+    import threading
+
+    import engines.engine as engine_module
+
+    class Many(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ws = torch.nn.ParameterList([torch.nn.Parameter(torch.zeros(16384)) for _ in range(65)])
+
+        def forward(self, x: torch.Tensor):
+            return x * sum(w[0] for w in self.ws)
+
+    engine = build_engine(Many(), [X], BuilderConfig(enable_refit=True))
+    weights = {n: torch.full(tuple(s.shape), 0.5) for n, s in engine.manifest().items()}
+    packed = _packed(weights)
+    assert packed.buffer.numel() >= 4 << 20
+    copied_on = []
+    real = engine_module._copy_only
+
+    def spy(dst: torch.Tensor, src: torch.Tensor) -> None:
+        copied_on.append(threading.current_thread().name)
+        real(dst, src)
+
+    monkeypatch.setattr(engine_module, "_copy_only", spy)
+    engine.commit(engine.stage({}, 1, packed=[packed]))
+    assert len(copied_on) == 1 and copied_on[0].startswith("refit-helper")
+    assert np.allclose(engine.infer(X).outputs[0], 65 * 0.5)
