@@ -309,6 +309,16 @@ class ReplicaActor:
         return vote
 
     @ray.method(concurrency_group="control")
+    def prepare_sealed(self, sealed: bytes, refs: list[Any] | None) -> PrepareReply:
+        """``prepare`` with every argument but ``refs`` sealed in one ``bytes``
+        (``actors.payload.seal``), as the coordinator sends it: one argument for Ray to serialise
+        and deserialise instead of ten."""
+        (epoch, txn, version, specs, checksums, source, base_version, verifiers, probes,
+         hashed_on) = unseal(sealed)
+        return self.prepare(epoch, txn, version, refs, specs, checksums, source, base_version, verifiers,
+                            probes, hashed_on)
+
+    @ray.method(concurrency_group="control")
     def prefetch(self, tag: str, refs: list[Any], specs: dict[str, Any],
                  verifiers: dict[str, str] | None = None, hashed_on: str | None = None) -> bool:
         """A bucket of publication ``tag``, announced as soon as it is in the object store and

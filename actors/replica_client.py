@@ -199,7 +199,10 @@ class RayReplicaClient(ReplicaClient):
     # -- calls
 
     def _fan_out(self, method: str, rids: list[str], timeout: float, *args: Any,
-                 on_reply: OnReply | None = None) -> dict[str, Any]:
+                 on_reply: OnReply | None = None, says: str | None = None) -> dict[str, Any]:
+        """``method(*args)`` on every replica of ``rids`` at once; each answer, or the ``Failed``
+        that names what went wrong (as ``says``, the message's name, when it is not ``method``)."""
+        what = says or method
         out: dict[str, Any] = {}
         pending: dict[Any, str] = {}
         for rid in rids:
@@ -210,7 +213,7 @@ class RayReplicaClient(ReplicaClient):
             try:
                 pending[getattr(handle, method).remote(*args)] = rid
             except Exception as exc:  # noqa: BLE001  (a dead handle can refuse the submission)
-                out[rid] = _failure(method, exc, timeout)
+                out[rid] = _failure(what, exc, timeout)
         deadline = time.monotonic() + timeout
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1,
@@ -221,12 +224,12 @@ class RayReplicaClient(ReplicaClient):
             try:
                 out[rid] = ray.get(ready[0])
             except Exception as exc:  # noqa: BLE001  (every failure becomes a Failed)
-                out[rid] = _failure(method, exc, timeout)
+                out[rid] = _failure(what, exc, timeout)
             if on_reply is not None:
                 on_reply(rid, out[rid])
         for ref, rid in pending.items():
             self._cancel(ref)
-            out[rid] = _no_answer(method, timeout)
+            out[rid] = _no_answer(what, timeout)
             if on_reply is not None:
                 on_reply(rid, out[rid])
         return out
@@ -258,10 +261,12 @@ class RayReplicaClient(ReplicaClient):
                 verifiers: dict[str, str] | None = None,
                 probes: list[Any] | None = None,
                 hashed_on: str | None = None) -> dict[str, PrepareReply | Failed]:
-        # sealed once for every member (see actors.payload)
-        return self._fan_out("prepare", rids, timeout, epoch, txn, version, refs, seal(specs),
-                             seal(checksums), source, base_version, verifiers, probes, hashed_on,
-                             on_reply=on_reply)
+        # every argument but the refs sealed once for every member: one for Ray to serialise, not
+        # ten (see actors.payload); refs stay out, as Ray counts the references it carries
+        sealed = seal((epoch, txn, version, specs, checksums, source, base_version, verifiers, probes,
+                       hashed_on))
+        return self._fan_out("prepare_sealed", rids, timeout, sealed, refs, on_reply=on_reply,
+                             says="prepare")
 
     def commit(self, rids: list[str], timeout: float, epoch: int, txn: str,
                on_reply: OnReply | None = None, *, activate: bool = True) -> dict[str, Ack | Failed]:

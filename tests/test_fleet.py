@@ -316,10 +316,34 @@ def test_committed_version_activates_early_for_a_client_that_saw_it(fleet: Fleet
     assert plain["version"] == st["version"]  # committed, not active: still the old version
     early = ray.get(r0.infer.remote([probe_input()], version))
     assert early["version"] == version and float(early["outputs"][0][0]) == 62.0
-    # put the fleet back on one version (r0 alone moved): catch every member up
+    # put the fleet back on one version (r0 alone moved): catch every member up, from the store
+    assert fleet.wait_persisted(st["version"], 60)
     for h in handles.values():
         ray.get(h.sync_to.remote(st["version"]))
     assert _value_everywhere(fleet) == {61.0}
+
+
+def test_a_sealed_prepare_is_the_plain_prepare_in_one_argument(fleet: Fleet) -> None:
+    """How the coordinator sends PREPARE: every argument but the refs in one sealed bytes."""
+    from actors.payload import seal
+
+    fleet.refit(probe_weights(64.0))
+    st = fleet.status()
+    epoch, version = st["epoch"], st["last_version"] + 70
+    r0 = ray.get(fleet._coord.member_handles.remote())["r0"]
+    ref = ray.put({f"w.{i}": np.full(256, 65.0, np.float32) for i in range(4)})
+    sums = {f"w.{i}": tensor_checksum(torch.full((256,), 65.0)) for i in range(4)}
+    specs = {f"w.{i}": {"shape": [256], "dtype": "float32"} for i in range(4)}
+
+    def sealed(txn: str, v: int, checksums: dict[str, str]) -> bytes:
+        return seal((epoch, txn, v, specs, checksums, None, None, None, None, None))
+
+    no = ray.get(r0.prepare_sealed.remote(sealed("sealed-bad", version, {**sums, "w.2": "0" * 16}), [ref]))
+    assert not no.yes and "w.2" in no.reason
+    yes = ray.get(r0.prepare_sealed.remote(sealed("sealed-txn", version + 1, sums), [ref]))
+    assert yes.yes, yes
+    ray.get(r0.abort.remote(epoch, "sealed-txn", "the test is over"))
+    assert _value_everywhere(fleet) == {64.0}
 
 
 def test_store_keeps_only_the_retention_set(fleet: Fleet) -> None:
