@@ -55,7 +55,6 @@ INLINE_BYTES = 64 << 10  # a version up to this size travels inside the calls (R
 _ALIGN = 64
 
 
-
 @cache
 def _view_as() -> dict[torch.dtype, torch.dtype]:
     """dtypes numpy lacks (or stores otherwise) -> the dtype they travel as."""
@@ -63,14 +62,6 @@ def _view_as() -> dict[torch.dtype, torch.dtype]:
 
     return {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.bool: torch.uint8}
 
-
-@cache
-def _numpy_of() -> dict[torch.dtype, type]:
-    import torch
-
-    return {torch.float64: np.float64, torch.float32: np.float32, torch.float16: np.float16,
-            torch.int64: np.int64, torch.int32: np.int32, torch.int16: np.int16, torch.int8: np.int8,
-            torch.uint8: np.uint8, torch.bool: np.bool_}
 
 Wire = tuple[np.ndarray | None, dict[str, tuple[int, int]], dict[str, np.ndarray]]
 
@@ -132,10 +123,6 @@ def _spec_dtype(spec: Any) -> torch.dtype:
     return torch_dtype(spec["dtype"] if isinstance(spec, Mapping) else spec.dtype)
 
 
-def _spec_shape(spec: Any) -> tuple[int, ...]:
-    return tuple(spec["shape"] if isinstance(spec, Mapping) else spec.shape)
-
-
 def from_wire(wire: Wire | Mapping[str, np.ndarray], specs: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     """Tensors sharing memory with the (read-only) bucket, in the dtypes and shapes ``specs`` name."""
     import torch
@@ -150,16 +137,10 @@ def from_wire(wire: Wire | Mapping[str, np.ndarray], specs: Mapping[str, Any]) -
         t = torch.from_numpy(arr)
         out[name] = t.view(dtype) if t.dtype != dtype else t
     if offsets:
+        from engines.packed import views
+
         assert packed is not None
-        for name, (start, nbytes) in offsets.items():
-            spec = specs[name]
-            dtype = _spec_dtype(spec)
-            wire_dtype = _numpy_of().get(dtype)
-            if wire_dtype is None:  # no numpy twin (bf16 travels as int16): view it in torch
-                t = torch.from_numpy(packed[start:start + nbytes]).view(dtype).reshape(_spec_shape(spec))
-            else:
-                t = torch.from_numpy(packed[start:start + nbytes].view(wire_dtype).reshape(_spec_shape(spec)))
-            out[name] = t
+        out.update(views(torch.from_numpy(packed), offsets, specs))
     return out
 
 

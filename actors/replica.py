@@ -297,14 +297,13 @@ class ReplicaActor:
         others stage it unhashed. A replica named for a node it is not on (it moved) votes NO, so
         that no node's copy goes unverified (``NodeDuty``). ``probes`` (``engines.Probe``) run on
         the staged set of each node's named member (every member without verifiers): a failing
-        probe is a NO vote naming it. ``specs`` and ``checksums`` may come sealed
-        (``actors.payload.seal``)."""
+        probe is a NO vote naming it."""
         self.fp.hit("message.prepare", txn)
         duty = NodeDuty.of(verifiers, hashed_on, self.core.node, self.replica_id)
         if duty.refused:
             return self.core.refuse(txn, duty.refused)
-        vote = self.core.prepare(epoch, txn, version, refs, unseal(specs), unseal(checksums), source,
-                                 base_version, duty.hash, probes if duty.designated else None)
+        vote = self.core.prepare(epoch, txn, version, refs, specs, checksums, source, base_version,
+                                 duty.hash, probes if duty.designated else None)
         self.fp.hit("reply.prepare", txn)
         return vote
 

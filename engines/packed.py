@@ -86,13 +86,13 @@ def check_packed(packed: PackedWeights, index: PackingIndex) -> None:
 
 
 def views(buffer: torch.Tensor, offsets: Mapping[str, tuple[int, int]],
-          manifest: Mapping[str, TensorSpec]) -> dict[str, torch.Tensor]:
-    """Each entry of ``offsets`` as a tensor of its manifest shape and dtype sharing ``buffer``'s
-    memory (entries checked by ``check_packed``)."""
+          specs: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """Each entry of ``offsets`` as a tensor of the shape and dtype ``specs`` gives it (a
+    ``TensorSpec`` or ``{"shape", "dtype"}``), sharing ``buffer``'s memory."""
     out = {}
     for name, (start, nbytes) in offsets.items():
-        spec = manifest[name]
-        out[name] = buffer[start:start + nbytes].view(torch_dtype(spec.dtype)).view(spec.shape)
+        shape, dtype = _shape_and_dtype(specs[name])
+        out[name] = buffer[start:start + nbytes].view(torch_dtype(dtype)).view(shape)
     return out
 
 
