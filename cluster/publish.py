@@ -283,7 +283,8 @@ def _put_group(tensors: dict[str, torch.Tensor], specs: Mapping[str, Any], sums:
             put = helpers().submit(ray.put, wires[k + 1]) if not inline and k + 1 < len(wires) else None
             if not inline and stored:
                 view = ray.get(ref)
-                pending = (ref, wire, _BucketChecks(from_wire(view, specs), view, specs, scan))
+                large = from_wire((None, {}, view[2]), specs)  # packed ones are checked where they lie
+                pending = (ref, wire, _BucketChecks(large, view, specs, scan))
             else:
                 pending = (ref, wire, _BucketChecks(groups[k], wire, specs, scan))
         if pending is not None:
