@@ -29,6 +29,8 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
+from engines.engine_file import RawTensor
+
 from .failpoints import Failpoints
 from .store import (
     CHECKPOINT_DIR,
@@ -36,6 +38,8 @@ from .store import (
     CheckpointManifest,
     CheckpointMissing,
     CheckpointStore,
+    _check_size,
+    _raw_checked,
     _write_all,
 )
 
@@ -206,10 +210,8 @@ class ObjectCheckpointStore(CheckpointStore):
 
     # -- load
 
-    def load(self, version: int, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-        from safetensors import SafetensorError
-        from safetensors.torch import load
-
+    def _fetched(self, version: int) -> tuple[CheckpointManifest, bytes, str]:
+        """``version``'s manifest, its data object's bytes (their size checked) and where they are."""
         m = self.manifest(version)
         dkey = self.data_path(version)
         where = self._where(dkey)
@@ -218,9 +220,18 @@ class ObjectCheckpointStore(CheckpointStore):
             data = self._fs.cat_file(dkey)
         except FileNotFoundError:
             raise CheckpointMissing(version, where) from None
-        if len(data) != m.size:
-            raise CheckpointCorrupted(version, where, f"object is {len(data)} bytes, manifest says {m.size} "
-                                                      "(truncated?)")
+        _check_size(version, where, "object", len(data), m)
+        return m, data, where
+
+    def load_raw(self, version: int) -> dict[str, RawTensor]:
+        m, data, where = self._fetched(version)
+        return _raw_checked(version, m, memoryview(data), where)
+
+    def load(self, version: int, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+        from safetensors import SafetensorError
+        from safetensors.torch import load
+
+        m, data, where = self._fetched(version)
         try:
             tensors = load(data)
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:

@@ -23,6 +23,7 @@ it is, so a receiver takes both forms.
 
 from __future__ import annotations
 
+import math
 import pickle
 import warnings
 from collections.abc import Iterator, Mapping
@@ -33,7 +34,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import xxhash
 
-from engines.manifest import dtype_name, torch_dtype
+from engines.engine_file import RawTensor
+from engines.manifest import ITEMSIZE, dtype_name, torch_dtype
 
 if TYPE_CHECKING:
     import torch
@@ -46,8 +48,8 @@ warnings.filterwarnings("ignore", message="The given NumPy array is not writable
                         module=__name__)
 
 __all__ = ["BUCKET_BYTES", "INLINE_BYTES", "PACK_BYTES", "Publication", "Wire", "buckets", "fetch",
-           "from_wire", "is_inline", "iter_fetch", "packed_checksums", "packed_non_finite", "seal",
-           "spec_dict", "staged_from_wire", "tensors_from_wire", "to_wire", "unseal", "wire_nbytes"]
+           "from_wire", "is_inline", "iter_fetch", "packed_checksums", "packed_non_finite", "raw_from_wire",
+           "seal", "spec_dict", "staged_from_wire", "tensors_from_wire", "to_wire", "unseal", "wire_nbytes"]
 
 PACK_BYTES = 64 << 10  # tensors up to this size travel packed together in one buffer per bucket
 BUCKET_BYTES = 64 << 20  # the default bound of a bucket's size (a larger tensor is a bucket alone)
@@ -198,6 +200,33 @@ def tensors_from_wire(wires: list[Wire], specs: Mapping[str, Any]) -> dict[str, 
     for wire in wires:
         out.update(from_wire(wire, specs))
     return out
+
+
+def raw_from_wire(wires: list[Wire | Mapping[str, np.ndarray]], specs: Mapping[str, Any]
+                  ) -> dict[str, RawTensor]:
+    """Every bucket's tensors as their bytes where they lie in it (``RawTensor``, in the shapes and
+    dtype names ``specs`` give), without torch: what the checkpoint writer stores. ValueError
+    naming the tensor whose bytes do not fit its spec."""
+    out: dict[str, RawTensor] = {}
+    for wire in wires:
+        packed, offsets, arrays = (None, {}, wire) if isinstance(wire, Mapping) else wire
+        raw = memoryview(packed) if packed is not None else memoryview(b"")
+        for name, (start, nbytes) in offsets.items():
+            out[name] = _raw(name, raw[start:start + nbytes], specs[name])
+        for name, arr in arrays.items():
+            data = memoryview(np.ascontiguousarray(arr).reshape(-1).view(np.uint8))
+            out[name] = _raw(name, data, specs[name])
+    return out
+
+
+def _raw(name: str, data: memoryview, spec: Any) -> RawTensor:
+    shape = tuple(spec["shape"] if isinstance(spec, Mapping) else spec.shape)
+    dtype = spec["dtype"] if isinstance(spec, Mapping) else spec.dtype
+    want = ITEMSIZE[dtype] * math.prod(shape)
+    if data.nbytes != want:
+        raise ValueError(f"tensor {name!r}: {data.nbytes} bytes travelled, its spec {dtype}{list(shape)} "
+                         f"needs {want}")
+    return RawTensor(shape, dtype, data)
 
 
 def wire_nbytes(wire: Wire) -> int:

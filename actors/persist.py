@@ -7,10 +7,12 @@ refits are materialised: the worker overlays the changed tensors on the base ver
 re-saves the target version's set under the new version number.
 
 The worker is an actor, not a task, so that the first refit after a launch or a coordinator restart
-does not pay for starting a worker process and importing torch: the coordinator starts it, and has
-it import torch, once the fleet serves (``Persister.warm``: at the first replica's join, or at the
+does not pay for starting a worker process: the coordinator starts it, and has it import what a
+write needs, once the fleet serves (``Persister.warm``: at the first replica's join, or at the
 end of a restarted coordinator's recovery), not while the replicas start on the same cores; any
-other first use starts it too.
+other first use starts it too. It never imports torch: it writes the bytes as they lie in the
+buckets (``payload.raw_from_wire``) or in the stored version (``CheckpointStore.load_raw``), so
+the refits just after a launch do not share the cores with its import.
 The coordinator owns it, so it dies with the coordinator and is created afresh by the next
 incarnation.
 
@@ -70,27 +72,28 @@ def persist(job: PersistJob, fp: Failpoints | None = None) -> dict[str, float]:
     """Save ``job.version`` as a full set; returns timings. Raises on any mismatch or I/O error.
     Every tensor is hashed against its checksum before it is written, unless the checksums were
     taken of the very copy this worker read: ``job.hashed_on`` names this node (I4 verifies each
-    object-store copy once; a base version read back from the store was verified by the read)."""
-    from .payload import fetch, tensors_from_wire  # torch: only in the worker, on its first write
+    object-store copy once; a base version read back from the store was verified by the read).
+    Torch-free: the bytes go from the buckets (or the stored version) to the file as they lie."""
+    from .payload import fetch, raw_from_wire
 
     t0 = time.perf_counter()
     store = checkpoint_store(job.state_dir, job.state_options, cleanup=False, fp=fp)
     verify = job.refs is None or job.hashed_on is None or job.hashed_on != _this_node()
     if job.from_version is not None:
-        tensors = store.load(job.from_version)
+        tensors = store.load_raw(job.from_version)
         sums = store.manifest(job.from_version).checksums
     else:
         assert job.refs is not None
-        tensors = tensors_from_wire(fetch(job.refs, None), job.specs)
+        tensors = raw_from_wire(fetch(job.refs, None), job.specs)
         sums = dict(job.checksums)
         if job.base_version is not None and set(tensors) != set(store.manifest(job.base_version).checksums):
-            base = store.load(job.base_version)
+            base = store.load_raw(job.base_version)
             base_sums = store.manifest(job.base_version).checksums
             base.update(tensors)
             tensors = base
             sums = {**base_sums, **job.checksums}
     t1 = time.perf_counter()
-    store.save(job.version, tensors, sums, fsync=job.fsync, verify=verify)
+    store.save_raw(job.version, tensors, sums, fsync=job.fsync, verify=verify)
     return {"read_s": t1 - t0, "write_s": time.perf_counter() - t1, "verified": float(verify)}
 
 
@@ -110,10 +113,9 @@ class PersistWorker:
         return True
 
     def warm(self) -> None:
-        """Import what a write needs (torch) now, so that the first write does not wait for it."""
+        """Import what a write needs now, so that the first write does not wait for it (no torch:
+        ``persist`` writes the bytes as they lie)."""
         from . import payload  # noqa: F401
-
-        payload.to_wire({})
 
     def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id()

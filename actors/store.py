@@ -30,7 +30,7 @@ from actors.direct_io import DirectIOUnsupported, open_direct, write_views
 from actors.durable import fsync_dir
 from actors.failpoints import Failpoints
 from engines.checksum import ChecksumMismatch, bytes_checksum, set_digest, tensor_bytes, tensor_checksum
-from engines.engine_file import RawTensor
+from engines.engine_file import RawTensor, raw_safetensors
 from engines.manifest import ITEMSIZE, SAFETENSORS_CODE, dtype_name
 
 if TYPE_CHECKING:
@@ -152,6 +152,44 @@ def _write_all(f: BinaryIO, data: memoryview | bytes) -> None:
         if not n:
             raise OSError("write returned 0 bytes")
         mv = mv[n:]
+
+
+def _check_size(version: int, where: str, what: str, size: int, m: CheckpointManifest) -> None:
+    if size != m.size:
+        raise CheckpointCorrupted(version, where,
+                                  f"{what} is {size} bytes, manifest says {m.size} (truncated?)")
+
+
+def _check_against(version: int, m: CheckpointManifest, found: Mapping[str, tuple[list[int], str]],
+                   checksum: Callable[[str], str], where: str) -> None:
+    """The tensors read from ``where`` (name -> shape and dtype name; ``checksum(name)`` hashes
+    one) are the manifest's: the same names, shapes, dtypes and checksums."""
+    if set(found) != set(m.tensors):
+        missing = sorted(set(m.tensors) - set(found))
+        extra = sorted(set(found) - set(m.tensors))
+        raise CheckpointCorrupted(
+            version, where, f"tensor names differ from manifest: missing {missing}, extra {extra}"
+        )
+    for name, entry in m.tensors.items():
+        shape, dtype = found[name]
+        if shape != entry.shape or dtype != entry.dtype:
+            raise CheckpointCorrupted(
+                version, where, f"tensor {name!r} is {dtype}{shape}, manifest says {entry.dtype}{entry.shape}"
+            )
+        got = checksum(name)
+        if got != entry.checksum:
+            raise ChecksumMismatch(name, entry.checksum, got, f"checkpoint v{version} ({where})")
+
+
+def _raw_checked(version: int, m: CheckpointManifest, data: memoryview, where: str) -> dict[str, RawTensor]:
+    """The tensors of a checkpoint's bytes, checked against its manifest (``load_raw``)."""
+    try:
+        tensors = raw_safetensors(data)
+    except (KeyError, ValueError, TypeError, struct.error) as e:
+        raise CheckpointCorrupted(version, where, f"unreadable safetensors: {e}") from None
+    _check_against(version, m, {n: (list(t.shape), t.dtype) for n, t in tensors.items()},
+                   lambda name: bytes_checksum(tensors[name].data), where)
+    return {name: tensors[name] for name in m.tensors}
 
 
 class CheckpointStore:
@@ -410,10 +448,7 @@ class CheckpointStore:
             size = dpath.stat().st_size
         except FileNotFoundError:
             raise CheckpointMissing(version, str(dpath)) from None
-        if size != m.size:
-            raise CheckpointCorrupted(
-                version, str(dpath), f"file is {size} bytes, manifest says {m.size} (truncated?)"
-            )
+        _check_size(version, str(dpath), "file", size, m)
         try:
             tensors = load_file(dpath, device="cpu")
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
@@ -423,29 +458,28 @@ class CheckpointStore:
     def _checked(self, version: int, m: CheckpointManifest, tensors: dict[str, torch.Tensor], dpath: str,
                  device: str | torch.device) -> dict[str, torch.Tensor]:
         """``tensors`` read from ``dpath``, checked against the manifest and every checksum."""
-        if set(tensors) != set(m.tensors):
-            missing = sorted(set(m.tensors) - set(tensors))
-            extra = sorted(set(tensors) - set(m.tensors))
-            raise CheckpointCorrupted(
-                version, str(dpath), f"tensor names differ from manifest: missing {missing}, extra {extra}"
-            )
-        where = f"checkpoint v{version} ({dpath})"
-        for name, entry in m.tensors.items():
-            t = tensors[name]
-            if list(t.shape) != entry.shape or dtype_name(t.dtype) != entry.dtype:
-                raise CheckpointCorrupted(
-                    version,
-                    str(dpath),
-                    f"tensor {name!r} is {dtype_name(t.dtype)}{list(t.shape)}, "
-                    f"manifest says {entry.dtype}{entry.shape}",
-                )
-            got = tensor_checksum(t)
-            if got != entry.checksum:
-                raise ChecksumMismatch(name, entry.checksum, got, where)
+        _check_against(version, m, {n: (list(t.shape), dtype_name(t.dtype)) for n, t in tensors.items()},
+                       lambda name: tensor_checksum(tensors[name]), dpath)
         import torch
 
         dev = torch.device(device)
         return {name: tensors[name].to(dev) for name in m.tensors}
+
+    def load_raw(self, version: int) -> dict[str, RawTensor]:
+        """``load`` without torch: every tensor of ``version`` as its bytes where they lie in the
+        (read-only, mapped) file, checked as ``load`` checks them."""
+        import mmap
+
+        m = self.manifest(version)
+        dpath = self.data_path(version)
+        self._fp.hit("store.read", str(dpath))
+        try:
+            with open(dpath, "rb") as fh:
+                _check_size(version, str(dpath), "file", os.fstat(fh.fileno()).st_size, m)
+                mapped = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) if m.size else b""
+        except FileNotFoundError:
+            raise CheckpointMissing(version, str(dpath)) from None
+        return _raw_checked(version, m, memoryview(mapped), str(dpath))
 
     # -- retention and cleanup -------------------------------------------------------------------
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -190,32 +191,44 @@ def read_engine_weight_bytes(path: str | os.PathLike) -> dict[str, RawTensor]:
     import mmap
     import struct
 
-    from .manifest import ITEMSIZE, SAFETENSORS_CODE
-
     meta = read_engine_metadata(path)
     where = f"engine file {str(path)!r}"
-    name_of = {code: name for name, code in SAFETENSORS_CODE.items()}
     with open(path, "rb") as fh:
         mapped = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
-    raw = memoryview(mapped)
     try:
-        (hlen,) = struct.unpack_from("<Q", raw, 0)
-        header = json.loads(bytes(raw[8:8 + hlen]))
-        base = 8 + hlen
-        out = {}
-        for name in meta.refittable:
-            info = header[name]
-            dtype = name_of[info["dtype"]]
-            shape = tuple(int(d) for d in info["shape"])
-            start, stop = (int(x) for x in info["data_offsets"])
-            numel = 1
-            for d in shape:
-                numel *= d
-            if stop - start != numel * ITEMSIZE[dtype] or base + stop > len(raw):
-                raise ValueError(f"tensor {name!r}: its offsets do not fit its shape and dtype")
-            out[name] = RawTensor(shape, dtype, raw[base + start:base + stop])
+        return raw_safetensors(memoryview(mapped), meta.refittable)
     except (KeyError, ValueError, TypeError, struct.error) as exc:
         raise EngineFileError(f"{where}: the weights do not match its header: {exc}") from None
+
+
+def raw_safetensors(raw: memoryview, names: Iterable[str] | None = None) -> dict[str, RawTensor]:
+    """The tensors ``names`` (every tensor, without) of a safetensors buffer as they lie in it, no
+    tensor library; KeyError, ValueError, TypeError or ``struct.error`` when the header does not
+    describe them (a name it lacks, a dtype or offsets that do not fit, a truncated buffer)."""
+    import struct
+
+    from .manifest import ITEMSIZE, SAFETENSORS_CODE
+
+    name_of = {code: name for name, code in SAFETENSORS_CODE.items()}
+    (hlen,) = struct.unpack_from("<Q", raw, 0)
+    if 8 + hlen > len(raw):
+        raise ValueError(f"its header of {hlen} bytes runs past the end ({len(raw)} bytes)")
+    header = json.loads(bytes(raw[8:8 + hlen]))
+    if not isinstance(header, dict):
+        raise TypeError("its header is not a JSON object")
+    base = 8 + hlen
+    out = {}
+    for name in (n for n in header if n != "__metadata__") if names is None else names:
+        info = header[name]
+        dtype = name_of[info["dtype"]]
+        shape = tuple(int(d) for d in info["shape"])
+        start, stop = (int(x) for x in info["data_offsets"])
+        numel = 1
+        for d in shape:
+            numel *= d
+        if not 0 <= start <= stop or stop - start != numel * ITEMSIZE[dtype] or base + stop > len(raw):
+            raise ValueError(f"tensor {name!r}: its offsets do not fit its shape and dtype")
+        out[name] = RawTensor(shape, dtype, raw[base + start:base + stop])
     return out
 
 

@@ -164,7 +164,8 @@ def test_failed_save_leaves_no_temp_file(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
-def test_corrupted_byte_raises_checksum_mismatch_naming_tensor(tmp_path: Path) -> None:
+@pytest.mark.parametrize("load", ["load", "load_raw"])
+def test_corrupted_byte_raises_checksum_mismatch_naming_tensor(tmp_path: Path, load: str) -> None:
     store = CheckpointStore(tmp_path)
     w = weights()
     path = store.save(5, w, checksums(w))
@@ -173,27 +174,29 @@ def test_corrupted_byte_raises_checksum_mismatch_naming_tensor(tmp_path: Path) -
     raw[off] ^= 0x40
     path.write_bytes(bytes(raw))
     with pytest.raises(ChecksumMismatch) as ei:
-        store.load(5)
+        getattr(store, load)(5)
     assert ei.value.name == "fc.weight"
     assert "fc.weight" in str(ei.value) and "v5" in str(ei.value)
 
 
-def test_truncated_file_raises_corrupted(tmp_path: Path) -> None:
+@pytest.mark.parametrize("load", ["load", "load_raw"])
+def test_truncated_file_raises_corrupted(tmp_path: Path, load: str) -> None:
     store = CheckpointStore(tmp_path)
     w = weights()
     path = store.save(2, w, checksums(w))
     raw = path.read_bytes()
     path.write_bytes(raw[: len(raw) - 100])
     with pytest.raises(CheckpointCorrupted) as ei:
-        store.load(2)
+        getattr(store, load)(2)
     assert ei.value.version == 2 and ei.value.path == str(path)
     assert "truncated" in str(ei.value)
     path.write_bytes(raw[:5])
     with pytest.raises(CheckpointCorrupted):
-        store.load(2)
+        getattr(store, load)(2)
 
 
-def test_corrupted_header_raises_corrupted(tmp_path: Path) -> None:
+@pytest.mark.parametrize("load", ["load", "load_raw"])
+def test_corrupted_header_raises_corrupted(tmp_path: Path, load: str) -> None:
     store = CheckpointStore(tmp_path)
     w = weights()
     path = store.save(2, w, checksums(w))
@@ -201,16 +204,17 @@ def test_corrupted_header_raises_corrupted(tmp_path: Path) -> None:
     raw[9] = ord("!")  # inside the JSON header, same size
     path.write_bytes(bytes(raw))
     with pytest.raises(CheckpointCorrupted, match="v2"):
-        store.load(2)
+        getattr(store, load)(2)
 
 
-def test_corrupted_manifest_raises_corrupted(tmp_path: Path) -> None:
+@pytest.mark.parametrize("load", ["load", "load_raw"])
+def test_corrupted_manifest_raises_corrupted(tmp_path: Path, load: str) -> None:
     store = CheckpointStore(tmp_path)
     w = weights()
     store.save(2, w, checksums(w))
     (tmp_path / "v2.json").write_text("{not json")
     with pytest.raises(CheckpointCorrupted, match="manifest"):
-        store.load(2)
+        getattr(store, load)(2)
 
 
 def test_retention_keeps_the_given_set(tmp_path: Path) -> None:
@@ -304,3 +308,16 @@ def test_a_failed_write_leaves_no_file_and_the_older_versions_intact(tmp_path: P
     assert info.value.errno == getattr(errno, errno_name)
     assert sorted(p.name for p in store.root.iterdir()) == before
     assert store.versions() == [1] and set(store.load(1)) == set(w)
+
+
+def test_load_raw_gives_the_bytes_load_gives_without_torch_tensors(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path)
+    w = weights()
+    store.save(4, w, checksums(w))
+    raw = store.load_raw(4)
+    loaded = store.load(4)
+    assert list(raw) == list(loaded)
+    for name, t in loaded.items():
+        assert raw[name].shape == tuple(t.shape), name
+        assert raw[name].dtype == str(t.dtype).removeprefix("torch."), name
+        assert bytes(raw[name].data) == t.contiguous().view(-1).view(torch.uint8).numpy().tobytes(), name

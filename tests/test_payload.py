@@ -11,6 +11,7 @@ from actors.payload import (
     fetch,
     from_wire,
     packed_non_finite,
+    raw_from_wire,
     seal,
     spec_dict,
     tensors_from_wire,
@@ -207,3 +208,17 @@ def test_the_checkpoint_writer_hashes_what_it_read_unless_the_checksums_are_of_t
         assert not store.has(4)
     finally:
         ray.kill(worker)
+
+
+def test_raw_from_wire_gives_each_tensors_bytes_as_it_lies_and_names_one_that_does_not_fit_its_spec() -> None:
+    tensors = {"small": torch.arange(6, dtype=torch.float32).reshape(2, 3),
+               "half": torch.tensor([1.5, -2.0], dtype=torch.bfloat16),
+               "large": torch.full((PACK_BYTES // 4 + 1,), 3.0)}
+    specs = spec_dict(tensors)
+    raw = raw_from_wire([to_wire(tensors)], specs)
+    for name, t in tensors.items():
+        assert raw[name].shape == tuple(t.shape) and raw[name].dtype == specs[name]["dtype"], name
+        assert bytes(raw[name].data) == t.reshape(-1).view(torch.uint8).numpy().tobytes(), name
+    lying = {**specs, "half": {"shape": [3], "dtype": "bfloat16"}}
+    with pytest.raises(ValueError, match="'half'"):
+        raw_from_wire([to_wire(tensors)], lying)
