@@ -94,15 +94,20 @@ def test_bench_serving_measures_both_modes_idle_and_during_refits_without_failur
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_bench_launch_times_each_step_of_a_launch_from_a_fresh_command(tmp_path: Path) -> None:
+def test_bench_launch_times_each_step_of_a_launch_from_a_fresh_command_and_the_first_refit(
+        tmp_path: Path) -> None:
     out = tmp_path / "launch.json"
-    _run_script("bench_launch.py", "--reps", "1", "--json", str(out))
+    _run_script("bench_launch.py", "--reps", "1", "--first-refit", "disk", "--json", str(out))
     result = json.loads(out.read_text())
     (run,) = result["runs"]["this"]
     steps = ("imports_s", "ray_s", "replicas_start_s", "replicas_join_s", "first_response_s")
     assert all(run[k] > 0 for k in steps), run
     assert run["total_s"] >= sum(run[k] for k in steps)
     assert result["medians"]["this"]["total_s"] == run["total_s"]
+    # under durability: disk the refit returns once its checkpoint is written
+    assert 0 < run["first_refit_s"] <= run["first_checkpoint_s"]
+    # the checkpoint writer wrote it without torch (persist_worker_torch: libtorch mapped or not)
+    assert run["persist_worker_torch"] == 0.0 and run["persist_worker_rss_anon_kib"] > 0
 
 
 @pytest.mark.slow
