@@ -222,6 +222,8 @@ def raw_from_wire(wires: list[Wire | Mapping[str, np.ndarray]], specs: Mapping[s
 def _raw(name: str, data: memoryview, spec: Any) -> RawTensor:
     shape = tuple(spec["shape"] if isinstance(spec, Mapping) else spec.shape)
     dtype = spec["dtype"] if isinstance(spec, Mapping) else spec.dtype
+    if dtype not in ITEMSIZE:
+        raise ValueError(f"tensor {name!r}: dtype {dtype} cannot be stored in a checkpoint")
     want = ITEMSIZE[dtype] * math.prod(shape)
     if data.nbytes != want:
         raise ValueError(f"tensor {name!r}: {data.nbytes} bytes travelled, its spec {dtype}{list(shape)} "
