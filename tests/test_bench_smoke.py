@@ -122,3 +122,14 @@ def test_bench_background_load_measures_serving_beside_each_load_between_idle_wi
     for w in result["windows"]:
         assert w["n"] > 0 and 0 < w["p50_ms"] <= w["p99_ms"] <= w["max_ms"], w
         assert w["p99_over_idle"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_bench_control_channel_times_a_fan_out_round_through_tasks_and_a_compiled_graph(
+        tmp_path: Path) -> None:
+    out = tmp_path / "control.json"
+    _run_script("bench_control_channel.py", "--rounds", "20", "--sittings", "1", "--json", str(out))
+    (sitting,) = json.loads(out.read_text())["sittings"]
+    assert sitting["tasks"]["median_ms"] > 0 and sitting["compiled"]["median_ms"] > 0
+    assert sitting["tasks"]["p90_ms"] >= sitting["tasks"]["median_ms"]
