@@ -6,6 +6,11 @@ measures the transport a PREPARE or COMMIT round would ride on (see docs/benchma
 conv refit's milliseconds go").
 
     python scripts/bench_control_channel.py --rounds 400 --sittings 3 --json out.json
+
+``--faults`` then tries what a fleet would meet, and reports each outcome: the calling actor killed
+and a new one compiling a graph of the same members (as after a coordinator's restart), and a member
+hung in a round (as under a ``hang`` failpoint): the round's timeout, whether the graph's teardown
+returns, and a new graph once the member answers again.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import argparse
 import json
 import os
 import statistics
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -22,14 +28,23 @@ from typing import Any
 def _actors(ray: Any) -> tuple[Any, Any]:
     @ray.remote(concurrency_groups={"serve": 2, "control": 2})
     class Member:
+        def __init__(self) -> None:
+            self.hung = threading.Event()
+
+        @ray.method(concurrency_group="control")
+        def hang(self, on: bool) -> None:
+            self.hung.set() if on else self.hung.clear()
+
         @ray.method(concurrency_group="control")
         def handle(self, message: bytes) -> int:
+            while self.hung.is_set():
+                time.sleep(0.01)
             return len(message)
 
-    @ray.remote(max_concurrency=4)
+    @ray.remote(max_concurrency=4, max_restarts=0)
     class Caller:
-        def __init__(self, members: int) -> None:
-            self.members = [Member.remote() for _ in range(members)]
+        def __init__(self, members: list[Any]) -> None:
+            self.members = members  # the driver's: they outlive a caller, as replicas outlive a coordinator
             ray.get([m.handle.remote(b"") for m in self.members])
             self.graph: Any = None
 
@@ -52,11 +67,47 @@ def _actors(ray: Any) -> tuple[Any, Any]:
                 out.append(time.perf_counter() - t)
             return out
 
-        def teardown(self) -> None:
-            if self.graph is not None:
-                self.graph.teardown()
+        def one_round(self, timeout_s: float) -> str:
+            try:
+                ray.get(self.graph.execute(b"x"), timeout=timeout_s)
+                return "ok"
+            except Exception as exc:  # noqa: BLE001  (the outcome is what is measured)
+                return type(exc).__name__
+
+        def teardown(self, wait_s: float | None = None) -> bool:
+            """Tear the graph down; False if that did not return within ``wait_s``."""
+            graph, self.graph = self.graph, None
+            if graph is None:
+                return True
+            done = threading.Thread(target=graph.teardown, daemon=True)
+            done.start()
+            done.join(wait_s)
+            return not done.is_alive()
 
     return Member, Caller
+
+
+def run_faults(ray: Any, caller_cls: Any, caller: Any, members: list[Any]) -> dict[str, str]:
+    """The outcomes of a caller's death and of a hung member (see the module docstring)."""
+    ray.kill(caller, no_restart=True)
+    successor = caller_cls.remote(members)
+    ray.get(successor.compile.remote())
+    out = {"after_the_caller_died_a_new_graph_of_the_same_members": ray.get(successor.one_round.remote(2.0))}
+    ray.get(successor.teardown.remote(5.0))
+    fresh = caller_cls.remote(members)
+    ray.get(fresh.compile.remote())
+    out["a_first_round_of_a_further_graph"] = ray.get(fresh.one_round.remote(2.0))
+    ray.get(members[-1].hang.remote(True))
+    out["a_round_with_one_member_hung"] = ray.get(fresh.one_round.remote(1.0))
+    out["its_teardown_returned_within_5_s"] = str(ray.get(fresh.teardown.remote(5.0)))
+    ray.get(members[-1].hang.remote(False))
+    ray.get(fresh.compile.remote())
+    out["a_new_graph_once_the_member_answers_again"] = ray.get(fresh.one_round.remote(2.0))
+    out["the_members_answer_tasks_meanwhile"] = str(ray.get([m.handle.remote(b"x") for m in members],
+                                                            timeout=10) == [1] * len(members))
+    for what, outcome in out.items():
+        print(f"{what.replace('_', ' ')}: {outcome}", flush=True)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -65,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=400, help="rounds per mode and sitting")
     p.add_argument("--sittings", type=int, default=3, help="alternating sittings of both modes")
     p.add_argument("--bytes", type=int, default=200, help="message size (a sealed PREPARE of the conv: ~200)")
+    p.add_argument("--faults", action="store_true", help="then try a caller's death and a hung member")
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
     import ray
@@ -72,8 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     ray.init(address="local", num_cpus=max(4, args.members + 2), include_dashboard=False,
              log_to_driver=False, logging_level="ERROR")
     try:
-        _, caller_cls = _actors(ray)
-        caller = caller_cls.remote(args.members)
+        member_cls, caller_cls = _actors(ray)
+        members = [member_cls.remote() for _ in range(args.members)]
+        caller = caller_cls.remote(members)
         ray.get(caller.compile.remote())
         sittings = []
         for sitting in range(args.sittings):
@@ -89,7 +142,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"sitting {sitting + 1}: tasks {row['tasks']['median_ms']:.3f} ms, compiled graph "
                   f"{row['compiled']['median_ms']:.3f} ms (median of {args.rounds} rounds to "
                   f"{args.members} members; {row['tasks_over_compiled']:.1f}x)", flush=True)
-        ray.get(caller.teardown.remote())
+        faults = run_faults(ray, caller_cls, caller, members) if args.faults else None
+        if faults is None:
+            ray.get(caller.teardown.remote())
     finally:
         ray.shutdown()
     if args.json:
@@ -99,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
             "date": time.strftime("%Y-%m-%d"),
             "members": args.members, "rounds": args.rounds, "message_bytes": args.bytes,
             "machine": {"cpus": os.cpu_count(), "loadavg_1m_end": os.getloadavg()[0]},
-            "ray": ray.__version__, "sittings": sittings}, indent=1))
+            "ray": ray.__version__, "sittings": sittings, "faults": faults}, indent=1))
         print(f"JSON written: {args.json}")
     return 0
 
