@@ -1,9 +1,10 @@
 """What one control round costs a coordinator: a fan-out of one call to every replica and the wait
 for all replies, through Ray's task path (what the fleet uses: ``.remote`` and ``ray.wait``/``get``)
-against a Ray Compiled Graph (shared-memory channels; ``ray.dag``), from an actor to actors with
-the replicas' concurrency groups, on one local Ray of its own. Nothing of the fleet runs: this
-measures the transport a PREPARE or COMMIT round would ride on (see docs/benchmarks.md, "Where a
-conv refit's milliseconds go").
+against a Ray Compiled Graph (shared-memory channels; ``ray.dag``) and against a plain TCP socket
+per member (each message and reply framed by its length, a thread per connection in the member),
+from an actor to actors with the replicas' concurrency groups, on one local Ray of its own. Nothing
+of the fleet runs: this measures the transport a PREPARE or COMMIT round would ride on (see
+docs/benchmarks.md, "Where a conv refit's milliseconds go").
 
     python scripts/bench_control_channel.py --rounds 400 --sittings 3 --json out.json
 
@@ -18,11 +19,26 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import statistics
 import threading
 import time
 from pathlib import Path
 from typing import Any
+
+MODES = ("tasks", "compiled", "socket")
+
+
+def _frame(payload: bytes) -> bytes:
+    return len(payload).to_bytes(4, "little") + payload
+
+
+def _read_frame(conn: socket.socket) -> bytes:
+    """One framed message; b"" once the peer has closed the connection."""
+    head = conn.recv(4, socket.MSG_WAITALL)
+    if len(head) < 4:
+        return b""
+    return conn.recv(int.from_bytes(head, "little"), socket.MSG_WAITALL)
 
 
 def _actors(ray: Any) -> tuple[Any, Any]:
@@ -41,12 +57,36 @@ def _actors(ray: Any) -> tuple[Any, Any]:
                 time.sleep(0.01)
             return len(message)
 
+        @ray.method(concurrency_group="control")
+        def listen(self) -> int:
+            """Serve ``handle`` on a socket of this node as well (a thread per connection, each
+            message and reply framed by its length); the port."""
+            server = socket.create_server(("127.0.0.1", 0))
+
+            def serve(conn: socket.socket) -> None:
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                with conn:
+                    while message := _read_frame(conn):
+                        conn.sendall(_frame(str(self.handle(message)).encode()))
+
+            def accept() -> None:
+                while True:
+                    conn, _ = server.accept()
+                    threading.Thread(target=serve, args=(conn,), daemon=True).start()
+
+            threading.Thread(target=accept, daemon=True).start()
+            return server.getsockname()[1]
+
     @ray.remote(max_concurrency=4, max_restarts=0)
     class Caller:
         def __init__(self, members: list[Any]) -> None:
             self.members = members  # the driver's: they outlive a caller, as replicas outlive a coordinator
             ray.get([m.handle.remote(b"") for m in self.members])
             self.graph: Any = None
+            self.sockets = [socket.create_connection(("127.0.0.1", port))
+                            for port in ray.get([m.listen.remote() for m in self.members])]
+            for s in self.sockets:
+                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
         def compile(self) -> None:
             from ray.dag import InputNode, MultiOutputNode
@@ -55,13 +95,17 @@ def _actors(ray: Any) -> tuple[Any, Any]:
                 dag = MultiOutputNode([m.handle.bind(message) for m in self.members])
             self.graph = dag.experimental_compile()
 
-        def rounds(self, n: int, compiled: bool, nbytes: int) -> list[float]:
+        def rounds(self, n: int, mode: str, nbytes: int) -> list[float]:
             message = b"x" * nbytes
             out = []
             for _ in range(n):
                 t = time.perf_counter()
-                if compiled:
+                if mode == "compiled":
                     ray.get(self.graph.execute(message))
+                elif mode == "socket":
+                    for s in self.sockets:
+                        s.sendall(_frame(message))
+                    [_read_frame(s) for s in self.sockets]
                 else:
                     ray.get([m.handle.remote(message) for m in self.members])
                 out.append(time.perf_counter() - t)
@@ -131,17 +175,16 @@ def main(argv: list[str] | None = None) -> int:
         sittings = []
         for sitting in range(args.sittings):
             row: dict[str, Any] = {"sitting": sitting + 1}
-            for mode in ("tasks", "compiled"):
-                compiled = mode == "compiled"
-                ray.get(caller.rounds.remote(max(10, args.rounds // 8), compiled, args.bytes))  # warm up
-                times = sorted(ray.get(caller.rounds.remote(args.rounds, compiled, args.bytes)))
+            for mode in MODES:
+                ray.get(caller.rounds.remote(max(10, args.rounds // 8), mode, args.bytes))  # warm up
+                times = sorted(ray.get(caller.rounds.remote(args.rounds, mode, args.bytes)))
                 row[mode] = {"median_ms": statistics.median(times) * 1e3,
                              "p90_ms": times[int(0.9 * (len(times) - 1))] * 1e3}
-            row["tasks_over_compiled"] = row["tasks"]["median_ms"] / row["compiled"]["median_ms"]
+            for mode in MODES[1:]:
+                row[f"tasks_over_{mode}"] = row["tasks"]["median_ms"] / row[mode]["median_ms"]
             sittings.append(row)
-            print(f"sitting {sitting + 1}: tasks {row['tasks']['median_ms']:.3f} ms, compiled graph "
-                  f"{row['compiled']['median_ms']:.3f} ms (median of {args.rounds} rounds to "
-                  f"{args.members} members; {row['tasks_over_compiled']:.1f}x)", flush=True)
+            print(f"sitting {sitting + 1}, median of {args.rounds} rounds to {args.members} members: "
+                  + ", ".join(f"{mode} {row[mode]['median_ms']:.3f} ms" for mode in MODES), flush=True)
         faults = run_faults(ray, caller_cls, caller, members) if args.faults else None
         if faults is None:
             ray.get(caller.teardown.remote())
