@@ -105,7 +105,8 @@ def _actors(ray: Any) -> tuple[Any, Any]:
                 elif mode == "socket":
                     for s in self.sockets:
                         s.sendall(_frame(message))
-                    [_read_frame(s) for s in self.sockets]
+                    for s in self.sockets:
+                        _read_frame(s)
                 else:
                     ray.get([m.handle.remote(message) for m in self.members])
                 out.append(time.perf_counter() - t)
@@ -163,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--faults", action="store_true", help="then try a caller's death and a hung member")
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
+    if args.bytes < 1 or args.members < 1 or args.rounds < 1:
+        p.error("--bytes, --members and --rounds must be at least 1")
     import ray
 
     ray.init(address="local", num_cpus=max(4, args.members + 2), include_dashboard=False,
