@@ -49,7 +49,7 @@ warnings.filterwarnings("ignore", message="The given NumPy array is not writable
 
 __all__ = ["BUCKET_BYTES", "INLINE_BYTES", "PACK_BYTES", "Publication", "Wire", "buckets", "fetch",
            "from_wire", "is_inline", "iter_fetch", "packed_checksums", "packed_non_finite", "raw_from_wire",
-           "seal", "spec_dict", "staged_from_wire", "tensors_from_wire", "to_wire", "unseal", "wire_nbytes"]
+           "seal", "spec_dict", "staged_from_wire", "to_wire", "unseal", "wire_nbytes"]
 
 PACK_BYTES = 64 << 10  # tensors up to this size travel packed together in one buffer per bucket
 BUCKET_BYTES = 64 << 20  # the default bound of a bucket's size (a larger tensor is a bucket alone)
@@ -192,14 +192,6 @@ def staged_from_wire(wires: list[Wire | Mapping[str, np.ndarray]], specs: Mappin
             assert buffer is not None
             packed.append(PackedWeights(torch.from_numpy(buffer), offsets, specs))
     return tensors, packed
-
-
-def tensors_from_wire(wires: list[Wire], specs: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-    """Every bucket's tensors in one mapping."""
-    out: dict[str, torch.Tensor] = {}
-    for wire in wires:
-        out.update(from_wire(wire, specs))
-    return out
 
 
 def raw_from_wire(wires: list[Wire | Mapping[str, np.ndarray]], specs: Mapping[str, Any]
