@@ -75,7 +75,8 @@ class Coordinator:
         self.settings = settings
         self.t = settings.timeouts
         self.fp = Failpoints(settings.failpoints, owner="coordinator")
-        self.client = RayReplicaClient(settings.fleet, settings.namespace, planner=self._plan_for)
+        self.client = RayReplicaClient(settings.fleet, settings.namespace, planner=self._plan_for,
+                                       control_channel=settings.control_channel)
         self.membership = Membership()
         self.persister = Persister(self.t.launch_s, settings.failpoints)
         self._refit_lock = threading.Lock()

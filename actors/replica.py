@@ -46,6 +46,7 @@ from engines.errors import InputError
 
 from .batcher import Batcher
 from .catch_up import CatchUpPlan
+from .control_channel import ControlServer
 from .failpoints import Failpoints
 from .heap import CollectorPauses, freeze_startup_heap
 from .object_state import checkpoint_store
@@ -106,6 +107,8 @@ class ReplicaActor:
             self.core.engine.prefill_pool(settings.prefill_sets)
         freeze_startup_heap()
         self.gc_pauses = CollectorPauses().install()
+        self.control = ControlServer({"prepare": self.prepare_sealed, "commit": self.commit,
+                                      "abort": self.abort}, ray.util.get_node_ip_address())
         self.fp.hit("replica.on_start")
         self._start_serving()
 
@@ -318,6 +321,13 @@ class ReplicaActor:
                             probes, hashed_on)
 
     @ray.method(concurrency_group="control")
+    def open_control(self, key: bytes) -> tuple[str, int]:
+        """Take the coordinator's PREPARE, COMMIT and ABORT over the control channel too
+        (``actors.control_channel``), from peers that hold ``key`` (the coordinator's, handed over
+        through Ray); the address to connect to."""
+        return self.control.open(key)
+
+    @ray.method(concurrency_group="control")
     def prefetch(self, tag: str, refs: list[Any], specs: dict[str, Any],
                  verifiers: dict[str, str] | None = None, hashed_on: str | None = None) -> bool:
         """A bucket of publication ``tag``, announced as soon as it is in the object store and
@@ -412,7 +422,7 @@ class ReplicaActor:
                 **self.batcher.stats.as_dict()},
             "epoch": core.participant.epoch, "last_refit_at": core.last_refit_at, "cohort": self.cohort,
             "caught_up_from": core.caught_up.as_dict(), "prefetch": core.prefetch.held(),
-            "gc": self.gc_pauses.as_dict(),
+            "gc": self.gc_pauses.as_dict(), "control_calls": self.control.calls,
         }
 
     @ray.method(concurrency_group="control")

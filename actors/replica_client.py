@@ -10,6 +10,11 @@ Ray calls. Contract of every method:
 - A call that times out is cancelled (``ray.cancel``), so work still queued on the replica's
   control threads does not pile up; work already running finishes and its answer is dropped.
 - Fan-outs send to every replica at once and wait until the one deadline.
+- PREPARE (of a version that travels inside the call: no object-store refs), COMMIT and ABORT go
+  through the control channel (``actors.control_channel``) to each replica that opened one, with
+  the same answers and failures; through Ray to the others, and to those the channel could not
+  reach before sending (a replica whose connection is refused is asked through Ray to open a new
+  one). Every other call goes through Ray.
 - What replicas say of themselves (node, version, state: lease replies, status answers) is noted in
   ``sightings``; every catch-up carries the plan ``planner`` makes for its version
   (``actors.catch_up``), so replicas catch up from peers without reading the log.
@@ -18,6 +23,7 @@ Ray calls. Contract of every method:
 from __future__ import annotations
 
 import logging
+import secrets
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -29,7 +35,8 @@ import ray
 from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError, RayTaskError
 
 from .catch_up import CatchUpPlan, Sightings
-from .payload import seal
+from .control_channel import ControlChannel
+from .payload import is_inline, seal
 from .replies import Ack, Failed, FailureKind, LeaseReply, PrepareReply
 
 logger = logging.getLogger("weight_refit.coordinator")
@@ -156,7 +163,8 @@ class RayReplicaClient(ReplicaClient):
     """``ReplicaClient`` over Ray actor handles of one fleet's named, detached replicas."""
 
     def __init__(self, fleet: str, namespace: str,
-                 planner: Callable[[int], CatchUpPlan | None] | None = None) -> None:
+                 planner: Callable[[int], CatchUpPlan | None] | None = None, *,
+                 control_channel: bool = True) -> None:
         self._fleet = fleet
         self._namespace = namespace
         self.sightings = Sightings()
@@ -164,6 +172,8 @@ class RayReplicaClient(ReplicaClient):
         self._handles: dict[str, Any] = {}
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="replica-client")
+        self.channel = ControlChannel(secrets.token_bytes(32)) if control_channel else None
+        self._opening: dict[str, Any] = {}  # rid -> ref of its open_control call
 
     # -- handles
 
@@ -174,11 +184,15 @@ class RayReplicaClient(ReplicaClient):
             return False
         with self._lock:
             self._handles[rid] = handle
+        self._open_channel(rid)
         return True
 
     def forget(self, rid: str) -> None:
         with self._lock:
             self._handles.pop(rid, None)
+            self._opening.pop(rid, None)
+        if self.channel is not None:
+            self.channel.forget(rid)
         self.sightings.forget(rid)
 
     def running(self) -> dict[str, Any]:
@@ -196,25 +210,67 @@ class RayReplicaClient(ReplicaClient):
         with self._lock:
             return self._handles.get(rid)
 
+    # -- the control channel
+
+    def _open_channel(self, rid: str) -> None:
+        """Ask ``rid`` (through Ray, without waiting) to open its end of the control channel."""
+        handle = self._handle(rid)
+        if self.channel is None or handle is None:
+            return
+        try:
+            ref = handle.open_control.remote(self.channel.key)
+        except Exception:  # noqa: BLE001  (a dead handle can refuse the submission)
+            logger.debug("open_control not sent to %s", rid, exc_info=True)
+            return
+        with self._lock:
+            self._opening[rid] = ref
+
+    def _on_channel(self, rids: list[str]) -> list[str]:
+        """Those of ``rids`` whose end of the control channel is open (an answered open_control)."""
+        assert self.channel is not None
+        out = []
+        for rid in rids:
+            if not self.channel.usable(rid):
+                continue
+            if not self.channel.knows(rid):
+                with self._lock:
+                    ref = self._opening.get(rid)
+                if ref is None:
+                    self._open_channel(rid)
+                    continue
+                if not ray.wait([ref], timeout=0)[0]:
+                    continue
+                with self._lock:
+                    self._opening.pop(rid, None)
+                try:
+                    self.channel.set_address(rid, tuple(ray.get(ref)))
+                except Exception:  # noqa: BLE001  (it died or restarted: asked again next time)
+                    logger.debug("open_control failed on %s", rid, exc_info=True)
+                    continue
+            out.append(rid)
+        return out
+
     # -- calls
 
     def _fan_out(self, method: str, rids: list[str], timeout: float, *args: Any,
-                 on_reply: OnReply | None = None, says: str | None = None) -> dict[str, Any]:
+                 on_reply: OnReply | None = None, says: str | None = None,
+                 channel: str | None = None) -> dict[str, Any]:
         """``method(*args)`` on every replica of ``rids`` at once; each answer, or the ``Failed``
-        that names what went wrong (as ``says``, the message's name, when it is not ``method``)."""
+        that names what went wrong (as ``says``, the message's name, when it is not ``method``).
+        ``channel`` names the replicas' method to call over the control channel, where it is open."""
         what = says or method
         out: dict[str, Any] = {}
         pending: dict[Any, str] = {}
-        for rid in rids:
-            handle = self._handle(rid)
-            if handle is None:
-                out[rid] = Failed(FailureKind.UNKNOWN, "no such replica running")
-                continue
-            try:
-                pending[getattr(handle, method).remote(*args)] = rid
-            except Exception as exc:  # noqa: BLE001  (a dead handle can refuse the submission)
-                out[rid] = _failure(what, exc, timeout)
+        fast = self._on_channel(rids) if channel is not None and self.channel is not None else []
         deadline = time.monotonic() + timeout
+        self._submit(method, [r for r in rids if r not in fast], args, timeout, what, out, pending)
+        if fast:
+            assert self.channel is not None and channel is not None
+            answered, unsent = self.channel.fan_out(channel, fast, args, timeout, what, on_reply)
+            out.update(answered)
+            for rid in unsent:
+                self._open_channel(rid)  # it may have restarted on a new port
+            self._submit(method, unsent, args, timeout, what, out, pending)
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1,
                                 timeout=max(0.0, deadline - time.monotonic()))
@@ -233,6 +289,19 @@ class RayReplicaClient(ReplicaClient):
             if on_reply is not None:
                 on_reply(rid, out[rid])
         return out
+
+    def _submit(self, method: str, rids: list[str], args: tuple[Any, ...], timeout: float, what: str,
+                out: dict[str, Any], pending: dict[Any, str]) -> None:
+        """Send ``method(*args)`` through Ray to ``rids``: refs into ``pending``, refusals into ``out``."""
+        for rid in rids:
+            handle = self._handle(rid)
+            if handle is None:
+                out[rid] = Failed(FailureKind.UNKNOWN, "no such replica running")
+                continue
+            try:
+                pending[getattr(handle, method).remote(*args)] = rid
+            except Exception as exc:  # noqa: BLE001  (a dead handle can refuse the submission)
+                out[rid] = _failure(what, exc, timeout)
 
     @staticmethod
     def _cancel(ref: Any) -> None:
@@ -265,18 +334,22 @@ class RayReplicaClient(ReplicaClient):
         # ten (see actors.payload); refs stay out, as Ray counts the references it carries
         sealed = seal((epoch, txn, version, specs, checksums, source, base_version, verifiers, probes,
                        hashed_on))
+        # a version in the object store goes through Ray, which counts the references its calls carry
+        inline = refs is None or all(is_inline(b) for b in refs)
         return self._fan_out("prepare_sealed", rids, timeout, sealed, refs, on_reply=on_reply,
-                             says="prepare")
+                             says="prepare", channel="prepare" if inline else None)
 
     def commit(self, rids: list[str], timeout: float, epoch: int, txn: str,
                on_reply: OnReply | None = None, *, activate: bool = True) -> dict[str, Ack | Failed]:
-        acks = self._fan_out("commit", rids, timeout, epoch, txn, activate, on_reply=on_reply)
+        acks = self._fan_out("commit", rids, timeout, epoch, txn, activate, on_reply=on_reply,
+                             channel="commit")
         self.sightings.saw_acks(acks)
         return acks
 
     def abort(self, rids: list[str], timeout: float, epoch: int, txn: str, reason: str,
               on_reply: OnReply | None = None) -> dict[str, Ack | Failed]:
-        return self._fan_out("abort", rids, timeout, epoch, txn, reason, on_reply=on_reply)
+        return self._fan_out("abort", rids, timeout, epoch, txn, reason, on_reply=on_reply,
+                             channel="abort")
 
     def catch_up(self, rids: list[str], version: int, timeout: float) -> dict[str, Ack | Failed]:
         plan = self.planner(version)

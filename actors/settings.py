@@ -75,6 +75,7 @@ class CoordinatorSettings(_Settings):
     history_window: int = Field(default=1000, ge=10)
     driver_config: dict[str, Any] = Field(default_factory=dict)
     tied: list[list[str]] = Field(default_factory=list)  # weights the engine ties (one tensor)
+    control_channel: bool = True  # PREPARE/COMMIT/ABORT over actors.control_channel where it is open
 
 
 class ReplicaSettings(_Settings):

@@ -87,7 +87,7 @@ def coordinator_settings(cfg: FleetConfig, tied: list[list[str]] | None = None) 
         state_options=dict(cfg.state_options),
         failpoints=dict(cfg.failpoints), timeouts=cfg.timeouts, commit_policy=cfg.commit_policy,
         max_exclude=cfg.max_exclude, retain_versions=cfg.retain_versions, persist_fsync=cfg.persist_fsync,
-        durability=cfg.durability, history_window=cfg.history_window,
+        durability=cfg.durability, history_window=cfg.history_window, control_channel=cfg.control_channel,
         driver_config=cfg.model_dump(mode="json"),
     )
 

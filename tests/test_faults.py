@@ -76,8 +76,12 @@ def test_replica_killed_before_its_vote_aborts(make_fleet) -> None:
         _back(fleet, "r1")
         st = converged(fleet)
         assert st["version"] == before and _values(fleet) == {1.0}
-        res = fleet.refit(probe_weights(3.0))
+        res = fleet.refit(probe_weights(3.0))  # r1's old control connection is closed: through Ray
         assert converged(fleet)["version"] == res.version and _values(fleet) == {3.0}
+        calls = ray.get(_handles(fleet)["r1"].status.remote())["control_calls"]
+        res = fleet.refit(probe_weights(4.0))  # and its new one is open
+        assert converged(fleet)["version"] == res.version and _values(fleet) == {4.0}
+        assert ray.get(_handles(fleet)["r1"].status.remote())["control_calls"] == calls + 2
     load.check()
 
 

@@ -43,9 +43,12 @@ def _value_everywhere(fleet: Fleet, n: int = 6) -> set[float | None]:
 
 def test_happy_path_every_replica_switches(fleet: Fleet) -> None:
     before = fleet.status()["version"]
+    calls = {r["id"]: r["control_calls"] for r in fleet.status()["replicas"]}
     res = fleet.refit(probe_weights(7.0))
     assert res.version > before and not res.noop
     st = fleet.status()
+    # PREPARE and COMMIT+ACTIVATE each went over the control channel, not through Ray
+    assert {r["id"]: r["control_calls"] - calls[r["id"]] for r in st["replicas"]} == dict.fromkeys(calls, 2)
     assert st["version"] == res.version
     assert [r["version"] for r in st["replicas"]] == [res.version] * 3
     assert all(r["staged_bytes"] == 0 for r in st["replicas"])
