@@ -13,12 +13,13 @@ Contract:
   encrypt (nor do Ray's own channels, by default).
 - A call runs the replica's own method on the connection's thread (the same failpoints, epoch
   fencing and idempotence as through Ray) and answers what it returned or the error it raised.
-- ``ControlChannel.fan_out`` (the coordinator) sends one call to several replicas at once and waits
-  until one deadline. Each replica gets its answer, or a ``Failed``: ``ERROR`` (the method raised:
-  its type and message), ``TIMEOUT`` (the connection is closed, so a late answer is dropped) or
-  ``UNAVAILABLE`` (the connection closed after the call was sent: the replica died or restarted).
-  Replicas the channel could not reach before sending (no address, connection refused, a failed
-  handshake) are returned apart, for the caller to send through Ray. A replica whose connection
+- ``ControlChannel.send`` (the coordinator) sends one call to several replicas at once;
+  ``Sent.wait`` waits for the answers until one deadline. Each replica gets its answer, or a
+  ``Failed``: ``ERROR`` (the method raised: its type and message), ``TIMEOUT`` (the connection is
+  closed, so a late answer is dropped) or ``UNAVAILABLE`` (the connection closed after the call
+  was sent: the replica died or restarted). Replicas the channel could not reach before sending
+  (no address, connection refused, a failed handshake) are named in ``Sent.unsent`` at once, for
+  the caller to send through Ray before it waits. A replica whose connection
   attempt timed out (a firewall that drops the port, a node gone) is not tried again for
   ``UNREACHABLE_S`` (``usable``), so that no fan-out waits on it more than once in that time.
 """
@@ -43,7 +44,7 @@ from .replies import Failed, FailureKind
 
 logger = logging.getLogger("weight_refit.control")
 
-__all__ = ["ControlChannel", "ControlServer"]
+__all__ = ["ControlChannel", "ControlServer", "Sent"]
 
 NONCE = 16
 MAC = 16
@@ -344,7 +345,7 @@ class ControlChannel:
                 logger.debug("control channel to %s not opened: %s", rid, exc)
             return None
 
-    def _checkin(self, rid: str, session: _Session) -> None:
+    def checkin(self, rid: str, session: _Session) -> None:
         with self._lock:
             if rid in self._addresses:
                 self._idle.setdefault(rid, []).append(session)
@@ -353,26 +354,47 @@ class ControlChannel:
 
     def fan_out(self, method: str, rids: list[str], args: tuple[Any, ...], timeout: float, what: str,
                 on_reply: Callable[[str, Any], None] | None = None) -> tuple[dict[str, Any], list[str]]:
-        """``method(*args)`` on every replica of ``rids`` at once: their answers (or ``Failed``),
-        and the replicas the call never left for (send it through Ray)."""
-        deadline = time.monotonic() + timeout
-        out: dict[str, Any] = {}
-        unsent: list[str] = []
-        waiting: dict[socket.socket, tuple[str, _Session]] = {}
+        """``send`` and wait: the answers, and the replicas the call never left for."""
+        sent = self.send(method, rids, args, timeout, what)
+        return sent.wait(on_reply), sent.unsent
+
+    def send(self, method: str, rids: list[str], args: tuple[Any, ...], timeout: float, what: str) -> Sent:
+        """Send ``method(*args)`` to every replica of ``rids`` at once, without waiting for the
+        answers; ``Sent.unsent`` names the replicas the call never left for (send it through Ray
+        before waiting here)."""
+        sent = Sent(self, what, timeout)
         for rid in rids:
-            session = self._checkout(rid, deadline)
+            session = self._checkout(rid, sent.deadline)
             if session is None:
-                unsent.append(rid)
+                sent.unsent.append(rid)
                 continue
             try:
-                session.sock.settimeout(max(0.01, deadline - time.monotonic()))
+                session.sock.settimeout(max(0.01, sent.deadline - time.monotonic()))
                 session.send((method, args))
                 session.sock.setblocking(False)
             except OSError:
                 session.close()
-                unsent.append(rid)
+                sent.unsent.append(rid)
                 continue
-            waiting[session.sock] = (rid, session)
+            sent.waiting[session.sock] = (rid, session)
+        return sent
+
+
+class Sent:
+    """One call sent over the channel to several replicas, waiting for their answers."""
+
+    def __init__(self, channel: ControlChannel, what: str, timeout: float) -> None:
+        self._channel = channel
+        self._what = what
+        self._timeout = timeout
+        self.deadline = time.monotonic() + timeout
+        self.unsent: list[str] = []
+        self.waiting: dict[socket.socket, tuple[str, _Session]] = {}
+
+    def wait(self, on_reply: Callable[[str, Any], None] | None = None) -> dict[str, Any]:
+        """Every answer (or ``Failed``) by the deadline, each passed to ``on_reply`` as it comes."""
+        out: dict[str, Any] = {}
+        waiting = self.waiting
 
         def answer(rid: str, value: Any) -> None:
             out[rid] = value
@@ -383,12 +405,12 @@ class ControlChannel:
             for sock in waiting:
                 selector.register(sock, selectors.EVENT_READ)
             while waiting:
-                events = selector.select(timeout=max(0.0, deadline - time.monotonic()))
+                events = selector.select(timeout=max(0.0, self.deadline - time.monotonic()))
                 if not events:
                     break
                 for key, _ in events:
                     rid, session = waiting[key.fileobj]  # type: ignore[index]
-                    reply = _reply_of(session, what)
+                    reply = _reply_of(session, self._what)
                     if reply is None:
                         continue  # not whole yet
                     selector.unregister(session.sock)
@@ -396,12 +418,13 @@ class ControlChannel:
                     if isinstance(reply, Failed):
                         session.close()
                     else:
-                        self._checkin(rid, session)
+                        self._channel.checkin(rid, session)
                     answer(rid, reply.value if isinstance(reply, _Ok) else reply)
         for rid, session in waiting.values():
             session.close()  # a late answer must not be read as the next call's
-            answer(rid, Failed(FailureKind.TIMEOUT, f"no answer to {what} within {timeout:g}s"))
-        return out, unsent
+            answer(rid, Failed(FailureKind.TIMEOUT, f"no answer to {self._what} within {self._timeout:g}s"))
+        waiting.clear()
+        return out
 
 
 class _Ok:

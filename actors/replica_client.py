@@ -266,11 +266,11 @@ class RayReplicaClient(ReplicaClient):
         self._submit(method, [r for r in rids if r not in fast], args, timeout, what, out, pending)
         if fast:
             assert self.channel is not None and channel is not None
-            answered, unsent = self.channel.fan_out(channel, fast, args, timeout, what, on_reply)
-            out.update(answered)
-            for rid in unsent:
+            sent = self.channel.send(channel, fast, args, timeout, what)
+            for rid in sent.unsent:
                 self._open_channel(rid)  # it may have restarted on a new port
-            self._submit(method, unsent, args, timeout, what, out, pending)
+            self._submit(method, sent.unsent, args, timeout, what, out, pending)
+            out.update(sent.wait(on_reply))
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1,
                                 timeout=max(0.0, deadline - time.monotonic()))
