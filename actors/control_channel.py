@@ -62,6 +62,20 @@ def _proof(key: bytes, nonces: bytes) -> bytes:
     return hmac.new(key, b"weight-refit control " + nonces, hashlib.sha256).digest()
 
 
+def _digest(payload: bytes) -> bytes:
+    return hashlib.blake2b(payload, digest_size=32).digest()
+
+
+class Sealed:
+    """A message pickled once, with its payload's digest, for one or more connections."""
+
+    __slots__ = ("digest", "payload")
+
+    def __init__(self, obj: Any) -> None:
+        self.payload = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+        self.digest = _digest(self.payload)
+
+
 class ChannelClosed(Exception):
     """The peer closed the connection, or a frame failed a check (the connection is then closed)."""
 
@@ -78,22 +92,19 @@ class _Session:
         self._received = 0
         self._buffer = bytearray()
 
-    def _mac(self, direction: bytes, header: bytes, payload: bytes) -> bytes:
-        h = hashlib.blake2b(key=self._key, digest_size=MAC)
-        h.update(direction)
-        h.update(header)
-        h.update(payload)
-        return h.digest()
+    def _mac(self, direction: bytes, header: bytes, digest: bytes) -> bytes:
+        """The frame's MAC: over its direction, header and the payload's digest (so that a
+        message sent to several replicas is pickled and hashed once, and MAC'd once for each)."""
+        return hashlib.blake2b(direction + header + digest, key=self._key, digest_size=MAC).digest()
 
-    def encode(self, obj: Any) -> bytes:
-        """The next frame to send, carrying ``obj``."""
-        payload = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    def encode(self, message: Sealed) -> bytes:
+        """The next frame to send, carrying ``message``."""
         self._sent += 1
-        header = HEADER.pack(len(payload), self._sent)
-        return header + self._mac(self._sends, header, payload) + payload
+        header = HEADER.pack(len(message.payload), self._sent)
+        return b"".join((header, self._mac(self._sends, header, message.digest), message.payload))
 
     def send(self, obj: Any) -> None:
-        self.sock.sendall(self.encode(obj))
+        self.sock.sendall(self.encode(Sealed(obj)))
 
     def feed(self) -> bool:
         """Read what the socket has (non-blocking); False if the peer closed it."""
@@ -123,7 +134,7 @@ class _Session:
         mac = bytes(self._buffer[HEADER.size:HEADER.size + MAC])
         payload = bytes(self._buffer[HEADER.size + MAC:end])
         del self._buffer[:end]
-        if not hmac.compare_digest(mac, self._mac(self._receives, header, payload)):
+        if not hmac.compare_digest(mac, self._mac(self._receives, header, _digest(payload))):
             raise ChannelClosed("a frame failed its authentication")
         if seq != self._received + 1:
             raise ChannelClosed(f"frame {seq} out of order (expected {self._received + 1})")
@@ -363,6 +374,7 @@ class ControlChannel:
         answers; ``Sent.unsent`` names the replicas the call never left for (send it through Ray
         before waiting here)."""
         sent = Sent(self, what, timeout)
+        message = Sealed((method, args))
         for rid in rids:
             session = self._checkout(rid, sent.deadline)
             if session is None:
@@ -370,7 +382,7 @@ class ControlChannel:
                 continue
             try:
                 session.sock.settimeout(max(0.01, sent.deadline - time.monotonic()))
-                session.send((method, args))
+                session.sock.sendall(session.encode(message))
                 session.sock.setblocking(False)
             except OSError:
                 session.close()

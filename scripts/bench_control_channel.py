@@ -1,10 +1,11 @@
 """What one control round costs a coordinator: a fan-out of one call to every replica and the wait
 for all replies, through Ray's task path (what the fleet uses: ``.remote`` and ``ray.wait``/``get``)
-against a Ray Compiled Graph (shared-memory channels; ``ray.dag``) and against a plain TCP socket
+against a Ray Compiled Graph (shared-memory channels; ``ray.dag``), against a plain TCP socket
 per member (each message and reply framed by its length, a thread per connection in the member),
-from an actor to actors with the replicas' concurrency groups, on one local Ray of its own. Nothing
-of the fleet runs: this measures the transport a PREPARE or COMMIT round would ride on (see
-docs/benchmarks.md, "Where a conv refit's milliseconds go").
+and against the fleet's own control channel (``actors.control_channel``: that socket with a
+handshake, a MAC on every frame and pickled calls), from an actor to actors with the replicas'
+concurrency groups, on one local Ray of its own. Nothing else of the fleet runs: this measures the
+transport a PREPARE or COMMIT round rides on (see docs/benchmarks.md, "The control channel").
 
     python scripts/bench_control_channel.py --rounds 400 --sittings 3 --json out.json
 
@@ -26,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-MODES = ("tasks", "compiled", "socket")
+MODES = ("tasks", "compiled", "socket", "channel")
 
 
 def _frame(payload: bytes) -> bytes:
@@ -45,7 +46,14 @@ def _actors(ray: Any) -> tuple[Any, Any]:
     @ray.remote(concurrency_groups={"serve": 2, "control": 2})
     class Member:
         def __init__(self) -> None:
+            from actors.control_channel import ControlServer
+
             self.hung = threading.Event()
+            self.control = ControlServer({"handle": self.handle}, "127.0.0.1")
+
+        @ray.method(concurrency_group="control")
+        def open_control(self, key: bytes) -> tuple[str, int]:
+            return self.control.open(key)
 
         @ray.method(concurrency_group="control")
         def hang(self, on: bool) -> None:
@@ -87,6 +95,13 @@ def _actors(ray: Any) -> tuple[Any, Any]:
                             for port in ray.get([m.listen.remote() for m in self.members])]
             for s in self.sockets:
                 s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            from actors.control_channel import ControlChannel
+
+            self.channel = ControlChannel(os.urandom(32))
+            self.rids = [str(i) for i in range(len(members))]
+            for rid, address in zip(self.rids, ray.get([m.open_control.remote(self.channel.key)
+                                                        for m in members]), strict=True):
+                self.channel.set_address(rid, tuple(address))
 
         def compile(self) -> None:
             from ray.dag import InputNode, MultiOutputNode
@@ -107,6 +122,9 @@ def _actors(ray: Any) -> tuple[Any, Any]:
                         s.sendall(_frame(message))
                     for s in self.sockets:
                         _read_frame(s)
+                elif mode == "channel":
+                    answers, unsent = self.channel.fan_out("handle", self.rids, (message,), 5.0, "handle")
+                    assert not unsent and answers == dict.fromkeys(self.rids, nbytes), (answers, unsent)
                 else:
                     ray.get([m.handle.remote(message) for m in self.members])
                 out.append(time.perf_counter() - t)
@@ -196,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({
-            "benchmark": "control round: Ray tasks against a compiled graph",
+            "benchmark": "control round: Ray tasks, a compiled graph, a socket, the fleet's channel",
             "date": time.strftime("%Y-%m-%d"),
             "members": args.members, "rounds": args.rounds, "message_bytes": args.bytes,
             "machine": {"cpus": os.cpu_count(), "loadavg_1m_end": os.getloadavg()[0]},

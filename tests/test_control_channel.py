@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from actors.control_channel import NONCE, ChannelClosed, ControlChannel, ControlServer, _proof
+from actors.control_channel import NONCE, ChannelClosed, ControlChannel, ControlServer, Sealed, _proof
 from actors.replies import Ack, Failed, FailureKind
 
 KEY = os.urandom(32)
@@ -129,7 +129,7 @@ def test_a_tampered_frame_closes_the_connection_and_nothing_runs(served, tamper:
     session = channel._connect(channel._addresses["r0"], _deadline())
     if tamper == "reflected":  # signed as if the server had sent it
         session._sends = b"C"
-    frame = bytearray(session.encode(("commit", (1, "t1"))))
+    frame = bytearray(session.encode(Sealed(("commit", (1, "t1")))))
     if tamper == "mac":
         frame[12] ^= 1
     elif tamper == "payload":
