@@ -1,6 +1,6 @@
 """The control channel: the coordinator's PREPARE, COMMIT and ABORT fan-outs over one TCP
-connection per replica, beside Ray's task path (a Ray call costs about a millisecond a round; a
-refit of a small model is two rounds).
+connection per replica, beside Ray's task path, which costs several times more per round
+(docs/benchmarks.md, "The control channel").
 
 Contract:
 - The replica's ``ControlServer`` listens on its node's address once the coordinator handed it the

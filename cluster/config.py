@@ -224,7 +224,7 @@ class FleetConfig(BaseModel):
     control_channel: bool = Field(default=True,
         description="send PREPARE (of a version of at most 64 KiB), COMMIT and ABORT over one TCP "
                     "connection per replica, authenticated with a key the coordinator makes, instead of "
-                    "Ray calls (about 1 ms less a round); false: Ray calls only")
+                    "Ray calls (which cost more per round); false: Ray calls only")
     history_window: int = Field(strict=True, default=1000, ge=10,
         description="transactions the log and the coordinator keep (older ones go to txn.archive.jsonl; "
                     "their idempotency keys are forgotten); bounds restart and refit costs")
