@@ -31,7 +31,6 @@ import hashlib
 import hmac
 import logging
 import os
-import pickle
 import selectors
 import socket
 import struct
@@ -40,7 +39,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from .replies import Failed, FailureKind
+from .payload import seal, unseal
+from .replies import Failed, FailureKind, error_reason
 
 logger = logging.getLogger("weight_refit.control")
 
@@ -72,7 +72,7 @@ class Sealed:
     __slots__ = ("digest", "payload")
 
     def __init__(self, obj: Any) -> None:
-        self.payload = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+        self.payload = seal(obj)
         self.digest = _digest(self.payload)
 
 
@@ -139,9 +139,9 @@ class _Session:
         if seq != self._received + 1:
             raise ChannelClosed(f"frame {seq} out of order (expected {self._received + 1})")
         self._received = seq
-        return True, pickle.loads(payload)
+        return True, unseal(payload)
 
-    def receive(self, deadline: float) -> Any:
+    def receive(self, deadline: float | None) -> Any:
         """The next frame's object (blocking until ``deadline``; None: no deadline)."""
         while True:
             whole, obj = self.frame()
@@ -263,8 +263,7 @@ class ControlServer:
                 raise ValueError(f"control channel: no method {method!r}")
             value = handler(*args)
         except Exception as exc:  # noqa: BLE001  (the caller gets it as its own type and message)
-            text = str(exc).splitlines()[0] if str(exc) else ""
-            return ("error", type(exc).__name__, text)
+            return ("error", error_reason(exc))
         with self._lock:
             self.calls += 1
         return ("ok", value)
@@ -456,7 +455,7 @@ def _reply_of(session: _Session, what: str) -> _Ok | Failed | None:
     if whole:
         if reply[0] == "ok":
             return _Ok(reply[1])
-        return Failed(FailureKind.ERROR, f"{reply[1]}: {reply[2]}")
+        return Failed(FailureKind.ERROR, reply[1])
     if not alive:
         return Failed(FailureKind.UNAVAILABLE, f"{what} not answered: the replica's control channel closed "
                                                "(the replica died or is restarting)")

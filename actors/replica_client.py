@@ -37,7 +37,7 @@ from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError
 from .catch_up import CatchUpPlan, Sightings
 from .control_channel import ControlChannel
 from .payload import is_inline, seal
-from .replies import Ack, Failed, FailureKind, LeaseReply, PrepareReply
+from .replies import Ack, Failed, FailureKind, LeaseReply, PrepareReply, error_reason
 
 logger = logging.getLogger("weight_refit.coordinator")
 
@@ -155,8 +155,7 @@ def _failure(method: str, exc: BaseException, timeout: float) -> Failed:
     if isinstance(exc, RayActorError):
         return Failed(FailureKind.DEAD, f"the replica died ({method})")
     cause = exc.cause if isinstance(exc, RayTaskError) and exc.cause is not None else exc
-    text = str(cause).splitlines()[0] if str(cause) else ""
-    return Failed(FailureKind.ERROR, f"{type(cause).__name__}: {text}")
+    return Failed(FailureKind.ERROR, error_reason(cause))
 
 
 class RayReplicaClient(ReplicaClient):

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum
 
-__all__ = ["Ack", "Failed", "FailureKind", "LeaseReply", "PrepareReply"]
+__all__ = ["Ack", "Failed", "FailureKind", "LeaseReply", "PrepareReply", "error_reason"]
 
 
 @dataclass(frozen=True)
@@ -73,3 +73,10 @@ class Failed:
     @property
     def retryable(self) -> bool:
         return self.kind in (FailureKind.TIMEOUT, FailureKind.UNAVAILABLE, FailureKind.ERROR)
+
+
+def error_reason(exc: BaseException) -> str:
+    """What a ``Failed`` of kind ``ERROR`` says of the error a method raised: its type and the first
+    line of its message (the same through Ray and over the control channel)."""
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return f"{type(exc).__name__}: {text}"

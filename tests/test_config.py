@@ -34,6 +34,7 @@ def test_defaults() -> None:
     assert cfg.memory_mode == "swap" and cfg.keep_previous is True
     assert cfg.torch_threads == 1 and cfg.memory_budget_bytes is None
     assert cfg.failpoints == {} and cfg.ray_init == {} and cfg.persist_fsync is True
+    assert cfg.control_channel is True
     assert cfg.placement == PlacementConfig()
     assert cfg.placement.cpus_per_replica == 0.01 and cfg.placement.strategy == "SPREAD"
     assert cfg.timeouts == TimeoutConfig(
@@ -144,6 +145,7 @@ def test_unknown_key_in_yaml_names_file_and_key(tmp_path: Path) -> None:
         ({"engine": ""}, "engine"),
         ({"namespace": ""}, "namespace"),
         ({"address": "  "}, "address"),
+        ({"control_channel": "maybe"}, "control_channel"),
     ],
 )
 def test_bad_values_name_the_field(fields: dict[str, object], loc: str) -> None:

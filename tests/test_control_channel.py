@@ -13,7 +13,17 @@ from typing import Any
 
 import pytest
 
-from actors.control_channel import NONCE, ChannelClosed, ControlChannel, ControlServer, Sealed, _proof
+from actors.control_channel import (
+    HEADER,
+    MAC,
+    MAX_PAYLOAD,
+    NONCE,
+    ChannelClosed,
+    ControlChannel,
+    ControlServer,
+    Sealed,
+    _proof,
+)
 from actors.replies import Ack, Failed, FailureKind
 
 KEY = os.urandom(32)
@@ -63,6 +73,22 @@ def test_an_exception_in_the_method_comes_back_as_its_own_error(served) -> None:
                              on_reply=lambda rid, r: replies.append((rid, r)))
     assert out["r0"] == Failed(FailureKind.ERROR, "RuntimeError: no staged set for bad")
     assert replies == [("r0", out["r0"])]
+
+
+def test_a_method_the_replica_does_not_serve_is_an_error_naming_it(served) -> None:
+    handlers, _, channel = served
+    out, _ = channel.fan_out("export", ["r0"], (1,), 5.0, "export")
+    assert out["r0"] == Failed(FailureKind.ERROR, "ValueError: control channel: no method 'export'")
+    assert handlers.calls == []
+
+
+def test_a_frame_larger_than_the_limit_closes_the_connection_unread(served) -> None:
+    handlers, _, channel = served
+    session = channel._connect(channel._addresses["r0"], _deadline())
+    session.sock.sendall(HEADER.pack(MAX_PAYLOAD + 1, 1) + bytes(MAC))
+    with pytest.raises(ChannelClosed):
+        session.receive(_deadline())
+    assert handlers.calls == []
 
 
 def test_a_hung_call_times_out_and_the_next_call_gets_a_new_connection(served) -> None:
