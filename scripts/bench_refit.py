@@ -718,7 +718,8 @@ def refit_breakdown(res: Any, raw: dict[str, Any], wall: float) -> dict[str, Any
 
 def run_row(size_mib: float, n: int, engine_path: Path, weights: dict[str, torch.Tensor], size_bytes: int,
             floors: dict[str, Any], args: argparse.Namespace, workdir: Path, store: StoreProbe,
-            cores: int, budget_bytes: float, memory_mode: str, prefetch: bool = False) -> dict[str, Any]:
+            cores: int, budget_bytes: float, memory_mode: str, prefetch: bool = False,
+            bucket_mib: float = 64.0) -> dict[str, Any]:
     import ray
 
     from cluster import Fleet, FleetConfig
@@ -729,12 +730,13 @@ def run_row(size_mib: float, n: int, engine_path: Path, weights: dict[str, torch
     cfg = FleetConfig(
         name=name, engine=str(engine_path), replicas=n, state_dir=str(state_dir), torch_threads=1,
         persist_fsync=not args.no_fsync, keep_previous=True, memory_mode=memory_mode, prefetch=prefetch,
+        bucket_bytes=int(bucket_mib * MiB),
         timeouts={"prepare_s": 120 + 120 * gib, "commit_s": 30, "activate_s": 30, "request_s": 60,
                   "launch_s": 300 + 60 * gib * n},
     )
     row: dict[str, Any] = {"model_bytes": size_bytes, "model_mib": size_bytes / MiB, "replicas": n,
                            "tensors": len(weights), "persist_fsync": cfg.persist_fsync,
-                           "memory_mode": memory_mode, "prefetch": prefetch,
+                           "memory_mode": memory_mode, "prefetch": prefetch, "bucket_mib": bucket_mib,
                            "loadavg_1m_start": os.getloadavg()[0]}
     t = time.perf_counter()
     fleet = Fleet.launch(cfg)
@@ -1017,6 +1019,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prefetch", choices=["on", "off"], nargs="+", default=["off"],
                    help="the fleets' prefetch (replicas copy each bucket as it is put), one row each: "
                         "'on off' measures both in one run")
+    p.add_argument("--bucket-mib", type=float, nargs="+", default=[64.0],
+                   help="the fleets' bucket_bytes in MiB, one row each (default 64, the fleet's default)")
     p.add_argument("--settled", type=int,
                    help="refits after the warm ones, each started once the previous version's checkpoint "
                         "is written, as in a loop refitting every few seconds (default: as many as --warm; "
@@ -1161,14 +1165,15 @@ def main(argv: list[str] | None = None) -> int:
                     result["skipped"].append({"model_bytes": size_bytes, "replicas": n, "reason": why})
                     continue
                 mode_rows = []
-                for mode, prefetch in itertools.product(args.memory_mode, args.prefetch):
+                for mode, prefetch, bucket_mib in itertools.product(args.memory_mode, args.prefetch,
+                                                                     args.bucket_mib):
                     log(f"-- row {size_bytes / MiB:.0f} MiB x {n} replica(s), memory_mode {mode}, "
-                        f"prefetch {prefetch}")
+                        f"prefetch {prefetch}, buckets of {bucket_mib:g} MiB")
                     try:
                         mode_rows.append(run_row(size_mib, n, engine_path, weights, size_bytes, floors, args,
                                                  workdir, store, cores,
                                                  args.mem_fraction * meminfo()["MemTotal"], mode,
-                                                 prefetch == "on"))
+                                                 prefetch == "on", bucket_mib))
                     except Exception as exc:  # noqa: BLE001
                         log(f"   row failed: {type(exc).__name__}: {exc}")
                         result["skipped"].append({"model_bytes": size_bytes, "replicas": n,
@@ -1187,7 +1192,8 @@ def main(argv: list[str] | None = None) -> int:
                     for key in ("reload_baseline_s", "byvalue_baseline_s"):
                         if row.get(key):
                             row[key.replace("_baseline_s", "_speedup")] = row[key] / row["refit_s"]
-                    log(f"   => {row['memory_mode']}, prefetch {row['prefetch']}: "
+                    log(f"   => {row['memory_mode']}, prefetch {row['prefetch']}, "
+                        f"buckets of {row['bucket_mib']:g} MiB: "
                         f"refit {row['refit_s']:.3f}s "
                         f"(cold {row['cold_refit_s']:.3f}s) "
                         f"floor {row['floor_s']:.4f}s ratio {row['ratio_to_floor']:.1f}x; reload "

@@ -136,3 +136,17 @@ def test_bench_control_channel_times_a_fan_out_round_through_each_transport(tmp_
     assert sitting["tasks"]["p90_ms"] >= sitting["tasks"]["median_ms"]
     assert len(result["faults"]) == 6  # each outcome reported, whatever this Ray makes of it
     assert result["faults"]["the_members_answer_tasks_meanwhile"] == "True"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_bench_publish_times_the_publication_against_its_put_and_checks_alone(tmp_path: Path) -> None:
+    out = tmp_path / "publish.json"
+    _run_script("bench_publish.py", "--sizes-mib", "8", "--buckets-mib", "4", "2", "--reps", "2",
+                "--json", str(out))
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["model_bytes"] == 8 << 20 and row["copy_s"] > 0
+    assert [(p["bucket_mib"], p["buckets"]) for p in row["publish"]] == [(4, 2), (2, 4)]
+    for p in row["publish"]:
+        assert p["put_s"] > 0 and p["checks_s"] > 0 and p["publish_s"] > 0 and p["overlap_gain"] > 0, p
+        assert p["publish_put_wait_s"] > 0 and p["put_over_copy"] == pytest.approx(p["put_s"] / row["copy_s"])
