@@ -1065,8 +1065,8 @@ def fits(size_bytes: int, n: int, frac: float) -> tuple[bool, str]:
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
-    hdr = (f"{'MiB':>6} {'N':>2} {'mode':>6} {'pf':>3} {'refit_s':>8} {'settled':>7} {'cold_s':>7} "
-           f"{'floor_s':>8} {'ratio':>6} {'ratio_s':>7} "
+    hdr = (f"{'MiB':>6} {'N':>2} {'mode':>6} {'pf':>3} {'bkt':>4} {'refit_s':>8} {'settled':>7} "
+           f"{'cold_s':>7} {'floor_s':>8} {'ratio':>6} {'ratio_s':>7} "
            f"{'+extra':>7} "
            f"{'reload_s':>8} {'byval_s':>8} {'p99i':>6} {'p99r':>7} {'swap_us':>7} fail torn mix")
     print(hdr)
@@ -1078,7 +1078,7 @@ def print_table(rows: list[dict[str, Any]]) -> None:
         def f(k: str, fmt: str, r: dict[str, Any] = r) -> str:
             return fmt_of(r, k, fmt)
         print(f"{r['model_mib']:6.0f} {r['replicas']:2d} {r['memory_mode']:>6} "
-              f"{'on' if r.get('prefetch') else 'off':>3} {f('refit_s', '8.3f')} "
+              f"{'on' if r.get('prefetch') else 'off':>3} {f('bucket_mib', '4.0f')} {f('refit_s', '8.3f')} "
               f"{f('refit_settled_s', '7.3f')} "
               f"{f('cold_refit_s', '7.3f')} {f('floor_s', '8.4f')} {f('ratio_to_floor', '6.1f')} "
               f"{f('settled_ratio_to_floor', '7.1f')} {f('floor_plus_extra_s', '7.3f')} "
