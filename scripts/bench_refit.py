@@ -698,7 +698,7 @@ def refit_breakdown(res: Any, raw: dict[str, Any], wall: float) -> dict[str, Any
     return {**phases,
         "refit_s": wall,
         "validate_s": t.get("load_validate_s", 0.0), "checksum_s": t.get("checksum_s", 0.0),
-        "put_s": t.get("put_s", 0.0), "publish_s": publish,
+        "put_s": t.get("put_s", 0.0), "publish_s": publish, "buckets": t.get("buckets", 0.0),
         "checkpoint_wait_s": t.get("checkpoint_wait_s", 0.0),
         "coordinator_s": coord, "prepare_s": prepare,
         "replica_fetch_s": mx("fetch_s"), "replica_verify_s": mx("verify_s"),

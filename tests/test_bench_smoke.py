@@ -34,7 +34,7 @@ def _run_script(name: str, *args: str) -> None:
 def test_bench_refit_tiny(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     _run_script("bench_refit.py", "--sizes-mib", "4", "--replicas", "1", "--refits", "3", "--warm", "3",
-                "--warmup", "1", "--idle-s", "1", "--rate", "100", "--concurrency", "4",
+                "--warmup", "1", "--idle-s", "1", "--rate", "100", "--concurrency", "4", "--bucket-mib", "2",
                 "--json", str(out), "--workdir", str(tmp_path / "work"))
     result = json.loads(out.read_text())
     assert result["rows"], result.get("skipped")
@@ -43,6 +43,7 @@ def test_bench_refit_tiny(tmp_path: Path) -> None:
         missing = [k for k in REQUIRED if k not in row]
         assert not missing, f"row lacks {missing}"
         assert row["model_bytes"] == 4 << 20 and row["replicas"] == 1
+        assert row["bucket_mib"] == 2 and row["profile_warm"]["buckets"] == 2  # 4 MiB put in 2 MiB buckets
         assert row["failed"] == 0 and row["torn"] == 0 and row["mixed"] == 0 and row["backwards"] == 0
         assert row["refit_s"] > 0 and row["floor_s"] > 0 and row["ratio_to_floor"] > 0
         assert row["reload_baseline_s"] > 0 and row["byvalue_baseline_s"] > 0
