@@ -151,3 +151,19 @@ def test_bench_publish_times_the_publication_against_its_put_and_checks_alone(tm
     for p in row["publish"]:
         assert p["put_s"] > 0 and p["checks_s"] > 0 and p["publish_s"] > 0 and p["overlap_gain"] > 0, p
         assert p["publish_put_wait_s"] > 0 and p["put_over_copy"] == pytest.approx(p["put_s"] / row["copy_s"])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_bench_passes_times_each_pass_of_a_swap_refit_alone_against_the_floor(tmp_path: Path) -> None:
+    out = tmp_path / "passes.json"
+    _run_script("bench_passes.py", "--sizes-mib", "8", "--replicas", "2", "--bucket-mib", "4", "--reps", "2",
+                "--json", str(out))
+    (row,) = json.loads(out.read_text())["rows"]
+    assert (row["model_bytes"], row["replicas"], row["buckets"]) == (8 << 20, 2, 2)
+    assert row["replica_copies_match"], "a replica's buffers do not hold the stored version"
+    parts = ["copy_s", "put_one_array_s", "put_one_object_s", "put_buckets_s", "checks_s",
+             "replica_copy_alone_s", "replica_copies_s"]
+    assert all(row[k] > 0 for k in parts), row
+    assert row["passes_s"] == pytest.approx(row["put_buckets_s"] + row["checks_s"] + row["replica_copies_s"])
+    assert row["bound_over_floor"] == pytest.approx(row["bound_s"] / row["floor_s"])
