@@ -75,7 +75,8 @@ def replica_class() -> Any:
 
 
 class Puts:
-    """``ray.put`` of one version at a time, the previous one still held (a fleet keeps it)."""
+    """``ray.put`` of one version at a time, the previous one held until the next is in (a fleet
+    keeps the version it serves while the next is published)."""
 
     def __init__(self) -> None:
         self.held: list[Any] = []
@@ -84,7 +85,7 @@ class Puts:
         import ray
 
         refs = [ray.put(o) for o in objects]
-        self.held = refs + self.held[:len(refs)]
+        self.held = refs
         return refs
 
 
