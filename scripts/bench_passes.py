@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sizes-mib", type=float, nargs="+", default=[256.0, 1024.0])
     p.add_argument("--replicas", type=int, nargs="+", default=[2])
-    p.add_argument("--tensors", type=int, default=64, help="tensors of equal size (bench_refit's 64)")
+    p.add_argument("--tensors", type=int, default=8, help="tensors of equal size (bench_refit's default)")
     p.add_argument("--bucket-mib", type=float, default=64.0, help="the fleet's bucket_bytes, in MiB")
     p.add_argument("--reps", type=int, default=5, help="timed rounds of each, after one uncounted")
     p.add_argument("--json", type=Path, help="write the results here")
