@@ -39,7 +39,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
 from bench_history import provenance, write_json  # noqa: E402
-from bench_publish import median_s, model, touch_the_store  # noqa: E402
+from bench_publish import median_s, model, start_local_ray, touch_the_store  # noqa: E402
 
 
 def replica_class() -> Any:
@@ -150,9 +150,7 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(1)
     largest = int(max(args.sizes_mib) * 2**20)
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR",
-             object_store_memory=max(100 << 20, int(3.5 * largest)),
-             _system_config={"preallocate_plasma_memory": True})
+    start_local_ray(int(3.5 * largest))  # a version held while the next is put, and room to spare
     try:
         touch_the_store(largest)
         rows = [measure(size, args.tensors, n, int(args.bucket_mib * 2**20), args.reps)

@@ -125,6 +125,16 @@ def touch_the_store(nbytes: int) -> None:
         del refs
 
 
+def start_local_ray(store_bytes: int) -> None:
+    """A Ray of this process's own (``address="local"``), never a cluster already on the machine,
+    its object store of ``store_bytes`` (at least 100 MiB) touched by Ray at start."""
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR",
+             object_store_memory=max(100 << 20, store_bytes),
+             _system_config={"preallocate_plasma_memory": True})
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sizes-mib", type=float, nargs="+", default=[256.0, 1024.0])
@@ -140,9 +150,7 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(1)
     largest = int(max(args.sizes_mib) * 2**20)
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR",
-             object_store_memory=max(100 << 20, int(2.5 * largest)),
-             _system_config={"preallocate_plasma_memory": True})
+    start_local_ray(int(2.5 * largest))
     try:
         touch_the_store(largest)
         rows = [measure(size, args.tensors, args.buckets_mib, args.reps) for size in args.sizes_mib]
