@@ -39,7 +39,14 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
 from bench_history import provenance, write_json  # noqa: E402
-from bench_publish import median_s, model, start_local_ray, touch_the_store  # noqa: E402
+from bench_publish import (  # noqa: E402
+    median_s,
+    model,
+    specs_of,
+    start_local_ray,
+    stored_tensors,
+    touch_the_store,
+)
 
 
 def replica_class() -> Any:
@@ -93,11 +100,11 @@ class Puts:
 def measure(size_mib: float, tensors: int, replicas: int, bucket_bytes: int, reps: int) -> dict[str, Any]:
     import ray
 
-    from actors.payload import buckets, from_wire, to_wire
+    from actors.payload import buckets, to_wire
     from engines.validation import checksums_and_non_finite
 
     weights = model(int(size_mib * 2**20), tensors)
-    specs = {n: {"shape": list(t.shape), "dtype": "float32"} for n, t in weights.items()}
+    specs = specs_of(weights)
     nbytes = sum(t.numel() * t.element_size() for t in weights.values())
     one_array = np.concatenate([t.numpy().reshape(-1) for t in weights.values()])
     dst = np.empty_like(one_array)
@@ -110,7 +117,7 @@ def measure(size_mib: float, tensors: int, replicas: int, bucket_bytes: int, rep
     row["put_one_object_s"] = median_s(lambda: puts([to_wire(weights)]), reps)
     row["put_buckets_s"] = median_s(lambda: puts(wires), reps)
     refs = puts(wires)
-    stored = {n: x for ref in refs for n, x in from_wire(ray.get(ref), specs).items()}
+    stored = stored_tensors(refs, specs)
     row["checks_s"] = median_s(lambda: checksums_and_non_finite(stored, scan_values=True), reps)
     stored.clear()
     copiers = [replica_class().remote(specs) for _ in range(replicas)]

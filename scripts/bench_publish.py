@@ -44,6 +44,20 @@ def model(nbytes: int, tensors: int) -> dict[str, torch.Tensor]:
     return {f"w{i}": torch.full((rows, 1024), float(i + 1)) for i in range(tensors)}
 
 
+def specs_of(weights: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """The manifest entries of ``model``'s tensors (float32)."""
+    return {n: {"shape": list(t.shape), "dtype": "float32"} for n, t in weights.items()}
+
+
+def stored_tensors(refs: list[Any], specs: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The tensors of the buckets ``refs``, read where they lie in the object store (no copy)."""
+    import ray
+
+    from actors.payload import from_wire
+
+    return {n: x for ref in refs for n, x in from_wire(ray.get(ref), specs).items()}
+
+
 def median_s(fn: Callable[[], Any], reps: int) -> float:
     """Median wall time of ``fn`` over ``reps`` calls, after one uncounted call."""
     fn()
@@ -78,7 +92,7 @@ def measure_buckets(weights: dict[str, torch.Tensor], bucket_bytes: int, copy_s:
     buckets of ``bucket_bytes``: one round of each per rep (all three see the same conditions)."""
     from cluster.publish import CheckedManifest, publish
 
-    specs = {n: {"shape": list(t.shape), "dtype": "float32"} for n, t in weights.items()}
+    specs = specs_of(weights)
     manifest = CheckedManifest.of(specs)
     rounds = []
     for _ in range(reps + 1):  # the first is not counted
@@ -102,14 +116,14 @@ def put_then_check(weights: dict[str, torch.Tensor], bucket_bytes: int,
     publish's two passes one after the other; what was put is freed on return."""
     import ray
 
-    from actors.payload import buckets, from_wire, to_wire
+    from actors.payload import buckets, to_wire
     from engines.validation import checksums_and_non_finite
 
     wires = [to_wire(g) for g in buckets(weights, bucket_bytes)]
     t = time.perf_counter()
     refs = [ray.put(w) for w in wires]
     put_s = time.perf_counter() - t
-    stored = {n: x for ref in refs for n, x in from_wire((None, {}, ray.get(ref)[2]), specs).items()}
+    stored = stored_tensors(refs, specs)
     t = time.perf_counter()
     checksums_and_non_finite(stored, scan_values=True)
     return put_s, time.perf_counter() - t, len(wires)
