@@ -124,7 +124,7 @@ class ReplicaActor:
         from engines import load_engine
 
         return load_engine(self.s.engine, device=self.s.device, memory_mode=self.s.memory_mode,
-                           keep_previous=self.s.keep_previous,
+                           host_to_device=self.s.host_to_device, keep_previous=self.s.keep_previous,
                            memory_budget_bytes=self.s.memory_budget_bytes)
 
     def _fetch(self, refs: list[Any]) -> list[Any]:

@@ -85,6 +85,7 @@ class ReplicaSettings(_Settings):
     device: str = Field(min_length=1)
     card: int | None = None
     memory_mode: Literal["swap", "copy", "shared"] = "swap"
+    host_to_device: Literal["pinned", "pageable"] = "pinned"
     keep_previous: bool = True
     memory_budget_bytes: int | None = Field(default=None, ge=1)
     torch_threads: int = Field(default=1, ge=1)

@@ -198,6 +198,11 @@ class FleetConfig(BaseModel):
                     "one copy per node for all its replicas")
     keep_previous: bool = Field(default=True,
         description="keep the previous set on the card for instant rollback")
+    host_to_device: Literal["pinned", "pageable"] = Field(
+        default="pinned",
+        description="cuda: a stage copies each large tensor from the object store to the card in "
+                    "chunks through two pinned buffers per replica (pinned), or hands the pageable "
+                    "copy to the card as it is (pageable); no effect on cpu and mlu")
     prefill_buffers: bool = Field(default=True,
         description="swap mode: allocate and touch the spare staging buffers at launch (the steady "
                     "state's footprint), so the first refits do not stage into fresh memory")

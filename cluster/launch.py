@@ -64,7 +64,7 @@ def replica_settings(cfg: FleetConfig, card: int | None) -> ReplicaSettings:
         fleet=cfg.name, namespace=cfg.namespace, state_dir=cfg.state_dir,
         state_options=dict(cfg.state_options),
         failpoints=dict(cfg.failpoints), engine=cfg.engine, device=device, card=card,
-        memory_mode=cfg.memory_mode, keep_previous=cfg.keep_previous,
+        memory_mode=cfg.memory_mode, host_to_device=cfg.host_to_device, keep_previous=cfg.keep_previous,
         memory_budget_bytes=cfg.memory_budget_bytes, torch_threads=cfg.torch_threads,
         prefill_sets=spare if cfg.prefill_buffers and cfg.memory_mode == "swap" else 0,
         fetch_timeout_s=cfg.timeouts.prepare_s, lease_s=cfg.timeouts.lease_s,

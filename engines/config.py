@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from enum import Enum
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -51,6 +52,10 @@ class BuilderConfig(BaseModel):
     non_finite: NonFinitePolicy = NonFinitePolicy.REJECT
     memory_budget_bytes: int | None = Field(default=None, ge=0)
     copy_bucket_bytes: int = Field(default=64 << 20, gt=0)
+    host_to_device: Literal["pinned", "pageable"] = Field(
+        default="pinned", description="cuda: a stage copies large tensors from pageable host memory "
+                                      "through two pinned buffers (pinned) or hands them to the card as "
+                                      "they are (pageable)")
     dynamic_batch: tuple[int, int] | None = Field(
         default=None, description="(min, max) of a dynamic batch dim 0 shared by every input (build_engine)")
 

@@ -49,7 +49,7 @@ import torch
 from .backends.base import Backend
 from .checksum import ChecksumMismatch, ChecksumMissing, bytes_checksum, copy_and_checksum, tensor_checksum
 from .config import BuilderConfig, MemoryMode, NonFinitePolicy
-from .devices import pinned_memory_available
+from .devices import device_kind, pinned_memory_available
 from .engine_file import MAX_VERSION, EngineFile, write_engine_file
 from .errors import (
     EngineError,
@@ -64,6 +64,7 @@ from .errors import (
     VersionOrderError,
     WeightFileError,
 )
+from .host_to_device import PinnedPipe
 from .inputs import InputSpec, check_inputs
 from .manifest import Manifest, TensorSpec, manifest_of, torch_dtype
 from .packed import BlockPool, PackedBlock, PackedWeights, PackingIndex, check_packed, non_finite, views
@@ -148,6 +149,8 @@ class Engine:
         self._pool = BufferPool()
         self._blocks = BlockPool()  # packed blocks of retired sets (engines.packed)
         self.allocated_bytes = 0  # staging buffers allocated because the pool had none to reuse
+        self._pipe = (PinnedPipe(self.device) if config.host_to_device == "pinned"
+                      and device_kind(str(self.device)) == "cuda" else None)
         self._staged: dict[int, StagedSet] = {}
         self._draining: list[WeightSet] = []  # retired sets that still have readers
         device_tensors = {n: backend.to_device(t.contiguous()) for n, t in weights.items()}
@@ -360,7 +363,10 @@ class Engine:
                     out[name] = (buf, copy_and_checksum(buf, src))
                 else:
                     got = tensor_checksum(src) if name in hashed else None
-                    buf.copy_(src, non_blocking=src.is_pinned())
+                    if self._through_pipe(buf, src):
+                        self._pipe.copy(buf, src)  # type: ignore[union-attr]
+                    else:
+                        buf.copy_(src, non_blocking=src.is_pinned())
                     out[name] = (buf, got)
             for name, buf, job in jobs:
                 out[name] = (buf, job.result())
@@ -372,6 +378,12 @@ class Engine:
                                    | {n: b for n, b, _ in jobs if n not in out})
             raise
         return out
+
+    def _through_pipe(self, buf: torch.Tensor, src: torch.Tensor) -> bool:
+        """Whether a copy onto the card goes through the pinned pipe: a large, contiguous tensor
+        in pageable host memory (``engines.host_to_device``)."""
+        return (self._pipe is not None and buf.device.type != "cpu" and src.device.type == "cpu"
+                and not src.is_pinned() and src.is_contiguous() and _nbytes(src) >= _PARALLEL_BYTES)
 
     def release_prestaged(self, buffers: Mapping[str, torch.Tensor]) -> None:
         """Give back buffers ``prestage`` handed out and no ``stage`` adopted (to the pool)."""

@@ -15,7 +15,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from functools import cache
 
-__all__ = ["BACKGROUND_NICE", "background_nice", "helpers", "lower_priority"]
+__all__ = ["BACKGROUND_NICE", "background_nice", "helper_count", "helpers", "lower_priority"]
 
 BACKGROUND_NICE = 19
 
@@ -50,10 +50,15 @@ def lower_priority(pid: int | None = None) -> None:
         pass
 
 
+def helper_count() -> int:
+    """How many threads ``helpers()`` has: as many as the cores allow, 2-4."""
+    return max(2, min(4, os.cpu_count() or 2))
+
+
 @cache
 def helpers() -> ThreadPoolExecutor:
-    """The pool refit work runs on: as many threads as the cores allow (2-4), each at
-    ``background_nice()`` (a bad ``WEIGHT_REFIT_BACKGROUND_NICE`` raises its ValueError here)."""
+    """The pool refit work runs on: ``helper_count()`` threads, each at ``background_nice()`` (a
+    bad ``WEIGHT_REFIT_BACKGROUND_NICE`` raises its ValueError here)."""
     background_nice()
-    return ThreadPoolExecutor(max_workers=max(2, min(4, os.cpu_count() or 2)),
-                              thread_name_prefix="refit-helper", initializer=lower_priority)
+    return ThreadPoolExecutor(max_workers=helper_count(), thread_name_prefix="refit-helper",
+                              initializer=lower_priority)

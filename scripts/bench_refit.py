@@ -27,6 +27,14 @@ Measured side by side in one run on this machine:
   and loads the file with ``engines.load_engine``: out of service meanwhile), (b) weights passed
   by value to every actor's method (N copies through the object store, then stage + commit).
 
+With ``--device cuda`` the replicas serve on one GPU, N of them on fractions of it
+(``gpu_fraction`` 1/N). The floors add the model's host-to-device copy from pinned and from
+pageable memory; ``floor_s`` is then one copy into the object store plus N copies at the pinned
+speed (the replicas share the GPU's link), and each row says how fast the replicas staged
+together against the pinned speed (``stage_over_pinned_h2d``). ``--host-to-device pinned
+pageable`` gives a row for each way a stage copies to the card. No baselines on cuda.
+``scripts/gpu_rows.sh`` runs issue 12's GPU rows this way on a lent machine.
+
 Usage::
 
     python scripts/bench_refit.py --quick --json benchmarks/results/cpu-quick.json --png docs/x.png
@@ -352,8 +360,37 @@ def measure_floors(size_bytes: int, weights: dict[str, torch.Tensor], replica_co
     }
 
 
+def measure_h2d(size_bytes: int, reps: int) -> dict[str, Any]:
+    """Host-to-card copies of the model onto one CUDA GPU, best of ``reps``: from pinned memory
+    (the link's speed) and from pageable memory (what a plain copy from the object store gets)."""
+    dev = torch.empty(size_bytes, dtype=torch.uint8, device="cuda")
+    pinned = torch.ones(size_bytes, dtype=torch.uint8).pin_memory()
+    pageable = torch.from_numpy(np.ones(size_bytes, np.uint8))
+
+    def best(dst: torch.Tensor, src: torch.Tensor) -> float:
+        times = []
+        for _ in range(reps + 1):
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            dst.copy_(src, non_blocking=src.is_pinned())
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - t)
+        return min(times[1:])
+
+    pinned_s, pageable_s = best(dev, pinned), best(dev, pageable)
+    del dev, pinned, pageable
+    torch.cuda.empty_cache()
+    return {"card": torch.cuda.get_device_name(0), "h2d_pinned_s": pinned_s,
+            "h2d_pinned_gbps": size_bytes / pinned_s / 1e9, "h2d_pageable_s": pageable_s,
+            "h2d_pageable_gbps": size_bytes / pageable_s / 1e9}
+
+
 def floor_for(fl: dict[str, Any], n: int, cores: int) -> tuple[float, float | None]:
-    """(modelled floor, floor with the N copies measured in parallel)."""
+    """(modelled floor, floor with the N copies measured in parallel). On a GPU (``h2d_pinned_s``
+    measured): one copy into the object store, then the card's share of the link, N copies of the
+    model at the pinned host-to-device speed (the N replicas share one GPU)."""
+    if "h2d_pinned_s" in fl:
+        return fl["copy_s"] + n * fl["h2d_pinned_s"], None
     model = fl["copy_s"] * (1 + max(1.0, n / cores))
     par = fl["parallel_copies_s"].get(str(n)) if n > 1 else fl["copy_s"]
     return model, (fl["copy_s"] + par) if par is not None else None
@@ -363,13 +400,14 @@ def floor_for(fl: dict[str, Any], n: int, cores: int) -> tuple[float, float | No
 
 
 def measure_engine(path: Path, weights: dict[str, torch.Tensor], size_bytes: int, memcpy_gbps: float,
-                   quick: bool) -> dict[str, Any]:
-    """Stage/commit in this process: stage bandwidth (cold and warm), copy-only share, swap time."""
+                   quick: bool, device: str = "cpu") -> dict[str, Any]:
+    """Stage/commit in this process: stage bandwidth (cold and warm), copy-only share, swap time.
+    ``memcpy_gbps`` is what the stage is compared with (on a GPU: the pinned host-to-device speed)."""
     from engines import load_engine
 
     out: dict[str, Any] = {}
     for policy in ("reject", "allow"):
-        engine = load_engine(path, device="cpu", enable_refit=True, keep_previous=True, non_finite=policy)
+        engine = load_engine(path, device=device, enable_refit=True, keep_previous=True, non_finite=policy)
         stage_s, swap_ns, extra = [], [], []
         reps = 4 if quick else 6
         for v in range(1, reps + 1):
@@ -395,6 +433,8 @@ def measure_engine(path: Path, weights: dict[str, torch.Tensor], size_bytes: int
             out["extra_over_model"] = max(extra) / size_bytes
         del engine, staged
         gc.collect()
+        if device != "cpu":
+            torch.cuda.empty_cache()
     return out
 
 
@@ -719,24 +759,27 @@ def refit_breakdown(res: Any, raw: dict[str, Any], wall: float) -> dict[str, Any
 def run_row(size_mib: float, n: int, engine_path: Path, weights: dict[str, torch.Tensor], size_bytes: int,
             floors: dict[str, Any], args: argparse.Namespace, workdir: Path, store: StoreProbe,
             cores: int, budget_bytes: float, memory_mode: str, prefetch: bool = False,
-            bucket_mib: float = 64.0) -> dict[str, Any]:
+            bucket_mib: float = 64.0, host_to_device: str = "pinned") -> dict[str, Any]:
     import ray
 
     from cluster import Fleet, FleetConfig
 
     name = f"bench-{int(size_mib)}m-{n}r-{memory_mode}-{uuid.uuid4().hex[:4]}"
+    on_gpu = args.device == "cuda"
     state_dir = workdir / "state" / name
     gib = size_bytes / GiB
     cfg = FleetConfig(
         name=name, engine=str(engine_path), replicas=n, state_dir=str(state_dir), torch_threads=1,
         persist_fsync=not args.no_fsync, keep_previous=True, memory_mode=memory_mode, prefetch=prefetch,
-        bucket_bytes=int(bucket_mib * MiB),
+        bucket_bytes=int(bucket_mib * MiB), device=args.device, host_to_device=host_to_device,
+        placement={"gpu_fraction": 1.0 / n if on_gpu else 1.0},
         timeouts={"prepare_s": 120 + 120 * gib, "commit_s": 30, "activate_s": 30, "request_s": 60,
                   "launch_s": 300 + 60 * gib * n},
     )
     row: dict[str, Any] = {"model_bytes": size_bytes, "model_mib": size_bytes / MiB, "replicas": n,
                            "tensors": len(weights), "persist_fsync": cfg.persist_fsync,
                            "memory_mode": memory_mode, "prefetch": prefetch, "bucket_mib": bucket_mib,
+                           "device": args.device, "host_to_device": host_to_device if on_gpu else None,
                            "loadavg_1m_start": os.getloadavg()[0]}
     t = time.perf_counter()
     fleet = Fleet.launch(cfg)
@@ -886,7 +929,8 @@ def run_row(size_mib: float, n: int, engine_path: Path, weights: dict[str, torch
         "refit_under_load_s": median([r["refit_s"] for r in loaded]),
         "refits_under_load": len(loaded),
         "floor_s": floor_s, "floor_parallel_measured_s": floor_par,
-        "floor_model": f"copy_s * (1 + max(1, {n}/{cores} cores))",
+        "floor_model": (f"copy_s + {n} x h2d_pinned_s" if on_gpu
+                        else f"copy_s * (1 + max(1, {n}/{cores} cores))"),
         "ratio_to_floor": refit_s / floor_s,
         "checksum_s": floors["checksum_s"],
         "persist_s": floors["persist_fsync_s"] if cfg.persist_fsync else floors["persist_nofsync_s"],
@@ -902,6 +946,10 @@ def run_row(size_mib: float, n: int, engine_path: Path, weights: dict[str, torch
                           "under_load": [strip(r) for r in loaded]},
         **serving,
     })
+    if on_gpu and profile_settled.get("replica_stage_s"):
+        # the N replicas stage at once over the one GPU's link: their bytes over the slowest stage
+        row["stage_gbps"] = n * size_bytes / profile_settled["replica_stage_s"] / 1e9
+        row["stage_over_pinned_h2d"] = row["stage_gbps"] / floors["h2d_pinned_gbps"]
     row["serving_timeline"] = {
         "samples": samples, "names": names, "refits": loaded, "idle": (idle_a, idle_b),
     }
@@ -1026,6 +1074,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "is written, as in a loop refitting every few seconds (default: as many as --warm; "
                         "the warm ones are 0.1 s apart and overlap that write)")
     p.add_argument("--no-baselines", action="store_true", help="skip the reload and by-value baselines")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="where the replicas serve (cuda: one GPU, N replicas on fractions of it; "
+                        "floors add the pinned and pageable host-to-device speeds; no baselines)")
+    p.add_argument("--host-to-device", choices=["pinned", "pageable"], nargs="+", default=["pinned"],
+                   help="cuda: the fleets' host_to_device, one row each ('pinned pageable' measures both)")
     p.add_argument("--no-engine", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--mem-fraction", type=float, default=0.75, help="memory ceiling for a row (of MemTotal)")
     p.add_argument("--workdir", type=Path, help="scratch directory (default: a temp dir, removed)")
@@ -1043,6 +1096,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a = p.parse_args(argv)
     if a.rate is not None and a.rate <= 0:
         p.error(f"--rate {a.rate:g}: expected requests per second above 0")
+    if a.device == "cuda" and not a._client:
+        if not torch.cuda.is_available():
+            p.error("--device cuda: torch sees no CUDA GPU here")
+        if "shared" in a.memory_mode:
+            p.error("--memory-mode shared serves from host memory: --device cpu only")
+        a.no_baselines = True  # the baselines' replica-like actors run on the CPU
     a.sizes = a.sizes or ([64, 256] if a.quick else [64, 256, 1024])
     a.replicas = a.replicas or ([1, 2] if a.quick else [1, 2, 4])
     a.refits = a.refits if a.refits is not None else (6 if a.quick else 20)
@@ -1051,13 +1110,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return a
 
 
-def fits(size_bytes: int, n: int, frac: float) -> tuple[bool, str]:
+def fits(size_bytes: int, n: int, frac: float, device: str = "cpu") -> tuple[bool, str]:
     """Whether a fleet row stays under ``frac`` of memory: 3 sets per replica (live, previous,
     staged/pooled), one version in the object store, the driver's validation temporaries, plus
-    ~0.45 GiB per replica process and ~1.5 GiB for Ray, the coordinator and the client process."""
+    ~0.45 GiB per replica process and ~1.5 GiB for Ray, the coordinator and the client process.
+    On cuda the sets are on the GPU (with ~0.6 GiB of context per replica, under ``frac`` of the
+    card) and each replica reads the engine file into host memory once."""
+    if device == "cuda":
+        free, total = torch.cuda.mem_get_info(0)
+        on_card = 3 * n * size_bytes + n * 0.6 * GiB
+        if on_card > frac * free:
+            return False, (f"needs ~{on_card / GiB:.1f} GiB of the GPU; {free / GiB:.1f} of "
+                           f"{total / GiB:.1f} GiB free, ceiling {frac:.0%} of that")
     mi = meminfo()
     used_now = mi["MemTotal"] - mi["MemAvailable"]
     need = size_bytes * (3 * n + 1.25) + n * 0.45 * GiB + 1.5 * GiB
+    if device == "cuda":
+        need = size_bytes * (n + 2.25) + n * 1.5 * GiB + 1.5 * GiB
     budget = frac * mi["MemTotal"]
     ok = used_now + need <= budget
     return ok, (f"needs ~{need / GiB:.1f} GiB on top of {used_now / GiB:.1f} GiB in use; ceiling "
@@ -1105,6 +1174,8 @@ def main(argv: list[str] | None = None) -> int:
     init: dict[str, Any] = {"address": "local", "num_cpus": max(4, 2 * max(args.replicas) + 2),
                             "object_store_memory": store_bytes,
                             "include_dashboard": False, "log_to_driver": False}
+    if args.device == "cuda":
+        init["num_gpus"] = 1  # every replica on fractions of the first GPU
     from cluster.placement import local_ray_system_config
 
     # what `weight-refit launch` gives a Ray it starts (cluster.placement.local_ray_init_kwargs)
@@ -1128,7 +1199,8 @@ def main(argv: list[str] | None = None) -> int:
                    "concurrency": args.concurrency, "rate": args.rate,
                    "idle_s": args.idle_s, "gap_s": args.gap_s, "persist_fsync": not args.no_fsync,
                    "object_store_memory": store_bytes, "torch_threads": 1, "keep_previous": True,
-                   "memory_mode": args.memory_mode,
+                   "memory_mode": args.memory_mode, "device": args.device,
+                   "host_to_device": args.host_to_device if args.device == "cuda" else None,
                    "ray_system_config": system_config, "quick": args.quick,
                    "plasma_directory": args.plasma_directory or "/dev/shm (Ray's default)"},
         "floors": {}, "engine": {}, "rows": [], "skipped": [],
@@ -1144,6 +1216,10 @@ def main(argv: list[str] | None = None) -> int:
             log(f"  engine built and saved in {time.perf_counter() - t:.1f}s")
             weights = {f"w.{i}": torch.full((rows_n, COLS), 1.0) for i in range(args.tensors)}
             floors = measure_floors(size_bytes, weights, args.replicas, workdir, args.quick)
+            if args.device == "cuda":
+                floors.update(measure_h2d(size_bytes, 3 if args.quick else 5))
+                log(f"  {floors['card']}: host-to-device {floors['h2d_pinned_gbps']:.1f} GB/s pinned, "
+                    f"{floors['h2d_pageable_gbps']:.1f} GB/s pageable")
             result["floors"][str(size_bytes)] = floors
             log(f"  floors: memcpy {floors['memcpy_gbps']:.1f} GB/s ({floors['copy_s'] * 1e3:.1f} ms; "
                 f"into fresh memory {floors['fresh_copy_gbps']:.2f} GB/s), checksum "
@@ -1151,7 +1227,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"{floors['persist_nofsync_s']:.3f}s no fsync, "
                 f"parallel copies {floors['parallel_copies_s']}")
             if not args.no_engine:
-                eng = measure_engine(engine_path, weights, size_bytes, floors["memcpy_gbps"], args.quick)
+                eng = measure_engine(engine_path, weights, size_bytes,
+                                     floors.get("h2d_pinned_gbps", floors["memcpy_gbps"]), args.quick,
+                                     "cuda" if args.device == "cuda" else "cpu")
                 result["engine"][str(size_bytes)] = eng
                 log(f"  engine alone: stage first {eng['stage_first_s']:.3f}s, "
                     f"warm {eng['stage_warm_s']:.3f}s "
@@ -1159,21 +1237,23 @@ def main(argv: list[str] | None = None) -> int:
                     f"{eng['copy_only_stage_warm_s']:.3f}s ({eng['copy_only_stage_vs_memcpy']:.0%}); swap "
                     f"{eng['swap_ns_median'] / 1e3:.1f} us median, {eng['swap_ns_max'] / 1e3:.1f} us max")
             for n in args.replicas:
-                ok, why = fits(size_bytes, n, args.mem_fraction)
+                ok, why = fits(size_bytes, n, args.mem_fraction, args.device)
                 if not ok:
                     log(f"-- skip {size_bytes / MiB:.0f} MiB x {n}: {why}")
                     result["skipped"].append({"model_bytes": size_bytes, "replicas": n, "reason": why})
                     continue
                 mode_rows = []
-                for mode, prefetch, bucket_mib in itertools.product(args.memory_mode, args.prefetch,
-                                                                     args.bucket_mib):
-                    log(f"-- row {size_bytes / MiB:.0f} MiB x {n} replica(s), memory_mode {mode}, "
-                        f"prefetch {prefetch}, buckets of {bucket_mib:g} MiB")
+                h2d_modes = args.host_to_device if args.device == "cuda" else ["pinned"]
+                for mode, prefetch, bucket_mib, h2d in itertools.product(args.memory_mode, args.prefetch,
+                                                                          args.bucket_mib, h2d_modes):
+                    log(f"-- row {size_bytes / MiB:.0f} MiB x {n} replica(s) on {args.device}, memory_mode "
+                        f"{mode}, prefetch {prefetch}, buckets of {bucket_mib:g} MiB"
+                        + (f", host_to_device {h2d}" if args.device == "cuda" else ""))
                     try:
                         mode_rows.append(run_row(size_mib, n, engine_path, weights, size_bytes, floors, args,
                                                  workdir, store, cores,
                                                  args.mem_fraction * meminfo()["MemTotal"], mode,
-                                                 prefetch == "on", bucket_mib))
+                                                 prefetch == "on", bucket_mib, h2d))
                     except Exception as exc:  # noqa: BLE001
                         log(f"   row failed: {type(exc).__name__}: {exc}")
                         result["skipped"].append({"model_bytes": size_bytes, "replicas": n,
@@ -1199,6 +1279,10 @@ def main(argv: list[str] | None = None) -> int:
                         f"floor {row['floor_s']:.4f}s ratio {row['ratio_to_floor']:.1f}x; reload "
                         f"{row.get('reload_baseline_s') or float('nan'):.3f}s by-value "
                         f"{row.get('byvalue_baseline_s') or float('nan'):.3f}s")
+                    if row.get("stage_gbps"):
+                        log(f"   => host_to_device {row['host_to_device']}: the replicas staged "
+                            f"{row['stage_gbps']:.1f} GB/s together, {row['stage_over_pinned_h2d']:.0%} of "
+                            f"pinned host-to-device")
                     rows.append(row)
             del weights
             gc.collect()

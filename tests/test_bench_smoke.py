@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -52,6 +53,35 @@ def test_bench_refit_tiny(tmp_path: Path) -> None:
         assert row["n_idle"] < 300, row["n_idle"]
         assert row["swap_us"] < 10_000
     assert result["floors"] and result["engine"]
+    assert result["config"]["device"] == "cpu" and all(r["host_to_device"] is None for r in result["rows"])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal where torch sees no GPU")
+def test_bench_refit_on_cuda_without_a_gpu_says_so_before_starting_anything(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_refit.py"), "--device", "cuda",
+                           "--json", str(tmp_path / "x.json")], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2 and "torch sees no CUDA GPU" in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "x.json").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (torch sees none)")
+@pytest.mark.timeout(600)
+def test_bench_refit_on_cuda_measures_the_stage_against_pinned_host_to_device(tmp_path: Path) -> None:
+    out = tmp_path / "gpu.json"
+    _run_script("bench_refit.py", "--device", "cuda", "--sizes-mib", "16", "--replicas", "2", "--refits", "2",
+                "--warm", "2", "--settled", "1", "--warmup", "1", "--idle-s", "1",
+                "--host-to-device", "pinned", "pageable", "--json", str(out),
+                "--workdir", str(tmp_path / "work"))
+    result = json.loads(out.read_text())
+    floors = next(iter(result["floors"].values()))
+    assert floors["h2d_pinned_gbps"] > 0 and floors["card"]
+    assert sorted(r["host_to_device"] for r in result["rows"]) == ["pageable", "pinned"]
+    for row in result["rows"]:
+        assert row["device"] == "cuda" and row["stage_over_pinned_h2d"] > 0
+        assert row["failed"] == 0 and row["torn"] == 0 and row["mixed"] == 0
 
 
 @pytest.mark.slow

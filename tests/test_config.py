@@ -137,6 +137,7 @@ def test_unknown_key_in_yaml_names_file_and_key(tmp_path: Path) -> None:
         ({"commit_policy": "majority"}, "commit_policy"),
         ({"max_exclude": -1}, "max_exclude"),
         ({"memory_mode": "mmap"}, "memory_mode"),
+        ({"host_to_device": "dma"}, "host_to_device"),
         ({"torch_threads": 0}, "torch_threads"),
         ({"memory_budget_bytes": 0}, "memory_budget_bytes"),
         ({"failpoints": {"x": 1}}, "failpoints.x"),
@@ -239,5 +240,6 @@ def test_shipped_config_contents(monkeypatch: pytest.MonkeyPatch) -> None:
     assert cpu.prefill_buffers
     cuda = FleetConfig.from_yaml(REPO / "configs" / "cuda.yaml")
     assert (cuda.device, cuda.replicas, cuda.placement.gpu_fraction) == ("cuda", 4, 0.25)
+    assert cuda.host_to_device == "pinned"
     mlu = FleetConfig.from_yaml(REPO / "configs" / "mlu.yaml")
     assert (mlu.device, mlu.replicas, mlu.placement.cards_per_node) == ("mlu", 8, None)
