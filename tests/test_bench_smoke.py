@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -63,6 +64,18 @@ def test_bench_refit_on_cuda_without_a_gpu_says_so_before_starting_anything(tmp_
                           timeout=120)
     assert proc.returncode == 2 and "torch sees no CUDA GPU" in proc.stderr, proc.stderr[-2000:]
     assert not (tmp_path / "x.json").exists()
+
+
+def test_the_gpu_rows_script_parses_and_gives_bench_refit_only_options_it_knows() -> None:
+    script = ROOT / "scripts" / "gpu_rows.sh"
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    command = script.read_text().replace("\\\n", " ").split("scripts/bench_refit.py", 1)[1].split("2>&1")[0]
+    given = set(re.findall(r"(?<![\w-])--[a-z][a-z-]*", command))
+    assert {"--device", "--host-to-device", "--sizes-mib", "--replicas", "--json"} <= given, given
+    helptext = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_refit.py"), "--help"], cwd=ROOT,
+                              capture_output=True, text=True, timeout=120).stdout
+    known = set(re.findall(r"--[a-z][a-z-]*", helptext))
+    assert given <= known, given - known
 
 
 @pytest.mark.slow
