@@ -256,6 +256,35 @@ def test_prefilled_pool_serves_the_first_refits_without_new_buffers():
     assert engine.memory().pool_bytes == A_BYTES + B_BYTES  # v0's set, retired by the 2nd commit
 
 
+class _LargeWeights(torch.nn.Module):
+    """A 4 MiB float32 weight and a 6 MiB bfloat16 one: staged into buffers made by numpy."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.f = torch.nn.Parameter(torch.zeros(1024, 1024))
+        self.h = torch.nn.Parameter(torch.zeros(3, 1 << 20, dtype=torch.bfloat16))
+
+    def forward(self, x: torch.Tensor):
+        return x * self.f[0, :4], (x * self.h[2, :4].float())
+
+
+@pytest.mark.parametrize("prefill", [0, 2])
+def test_large_staging_buffers_hold_every_value_in_their_dtype_and_shape(prefill):
+    engine = build_engine(_LargeWeights(), [X], BuilderConfig(enable_refit=True))
+    assert engine.prefill_pool(prefill) == prefill * (4 << 20) + prefill * (6 << 20)
+    for v in (1, 2, 3):
+        new = {"f": torch.arange(1 << 20, dtype=torch.float32).reshape(1024, 1024) * v,
+               "h": torch.full((3, 1 << 20), float(v), dtype=torch.bfloat16)}
+        engine.commit(engine.stage(new, version=v))
+        live = engine.weights()
+        for name, t in new.items():
+            assert live[name].dtype == t.dtype and live[name].shape == t.shape and torch.equal(live[name], t)
+        out = engine.infer(X).outputs
+        assert out[0].tolist() == new["f"][0, :4].tolist() and out[1].tolist() == [float(v)] * 4
+    if prefill:
+        assert engine.allocated_bytes == 0  # every stage went into the prefilled buffers
+
+
 def test_prefill_respects_the_memory_budget_and_copy_mode():
     budget = A_BYTES + B_BYTES + A_BYTES  # one spare set and one more small buffer
     engine = _engine(memory_budget_bytes=budget)
