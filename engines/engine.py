@@ -32,7 +32,6 @@ Contract:
 
 from __future__ import annotations
 
-import math
 import numbers
 import threading
 import time
@@ -110,20 +109,6 @@ class MemoryReport:
 
 def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
-
-
-_HUGE_PAGE_BYTES = 4 << 20  # numpy asks the kernel for transparent huge pages from this size
-
-
-def new_buffer(shape: Sequence[int], dtype: torch.dtype, device: str | torch.device) -> torch.Tensor:
-    """An uninitialised staging buffer. A large one in host memory comes from numpy, which asks
-    the kernel for transparent huge pages (``madvise``) where the kernel gives them only on request
-    (THP ``madvise``, as on this project's VMs); torch's allocator does not ask. Copies into 4 KiB
-    pages ran slower (docs/benchmarks.md, "Staging buffers on huge pages")."""
-    nbytes = math.prod(shape) * dtype.itemsize
-    if torch.device(device).type != "cpu" or nbytes < _HUGE_PAGE_BYTES:
-        return torch.empty(tuple(shape), dtype=dtype, device=device)
-    return torch.from_numpy(np.empty(nbytes, np.uint8)).view(dtype).view(tuple(shape))
 
 
 def check_version_number(version: object, what: str = "version") -> int:
@@ -369,7 +354,7 @@ class Engine:
             for name, src in tensors.items():
                 buf = self._pool.take(tuple(src.shape), src.dtype, self.device)
                 if buf is None:
-                    buf = new_buffer(src.shape, src.dtype, self.device)
+                    buf = torch.empty(src.shape, dtype=src.dtype, device=self.device)
                     self.allocated_bytes += _nbytes(buf)
                 if buf.device.type == "cpu" and _nbytes(src) >= _PARALLEL_BYTES:  # at the helpers' priority
                     copy = copy_and_checksum if name in hashed else _copy_only
@@ -527,7 +512,7 @@ class Engine:
         layout = packed.layout()
         block = self._blocks.take(layout)
         if block is None:
-            data = new_buffer((packed.buffer.numel(),), torch.uint8, self.device)
+            data = torch.empty(packed.buffer.numel(), dtype=torch.uint8, device=self.device)
             self.allocated_bytes += data.numel()
             block = PackedBlock(layout, data, views(data, packed.offsets, self._manifest))
         return block
@@ -754,7 +739,7 @@ class Engine:
                     for name, t in self._live.tensors.items():
                         if budget is not None and self.memory().extra_bytes + _nbytes(t) > budget:
                             return added
-                        spare[name] = new_buffer(t.shape, t.dtype, t.device).zero_()  # every page touched now
+                        spare[name] = torch.zeros_like(t)  # zeros: every page is touched now
                         self._pool.put(spare[name])
                         added += _nbytes(t)
                     programs.append(self.backend.bind(spare))

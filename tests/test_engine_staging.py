@@ -257,7 +257,7 @@ def test_prefilled_pool_serves_the_first_refits_without_new_buffers():
 
 
 class _LargeWeights(torch.nn.Module):
-    """A 4 MiB float32 weight and a 6 MiB bfloat16 one: staged into buffers made by numpy."""
+    """A 4 MiB float32 weight and a 6 MiB bfloat16 one: staged on the helper threads."""
 
     def __init__(self) -> None:
         super().__init__()
