@@ -10,9 +10,12 @@ reads chunk k from the other on a stream of the pipe's own.
 Contract:
   - ``copy(dst, src)`` fills ``dst`` with ``src``'s bytes (same dtype and number of elements, both
     contiguous, ``src`` in host memory). It returns once every chunk is queued; the card may
-    still be reading the last two. The caller synchronizes the device before it uses ``dst``
-    (``Engine._copies`` does). A pinned buffer is written again only after the card's read of
-    it has finished (an event per buffer), so queued chunks are never overwritten.
+    still be reading the last two. The pipe's stream first waits for the work already queued on
+    the caller's stream (``dst`` may be a block that stream just freed), and the caller's stream
+    then waits for the pipe's, so whatever the caller queues next, the allocator's reuse of
+    ``dst`` included, comes after the copy; ``Engine._copies`` also synchronizes the device
+    before the stage is used. A pinned buffer is written again only after the card's read of it
+    has finished (an event per buffer), so queued chunks are never overwritten.
   - One copy at a time per pipe (a lock): a pipe's two buffers serve one stream of chunks.
   - Where pinned memory cannot be had (no CUDA, or the platform refuses to pin), ``copy`` makes a
     plain ``dst.copy_(src)`` and ``pinned`` says False; nothing fails for it.
@@ -27,6 +30,7 @@ against a plain copy (``host_to_device`` rows, ``docs/benchmarks.md``).
 from __future__ import annotations
 
 import threading
+from concurrent.futures import wait
 from typing import Any
 
 import torch
@@ -52,7 +56,7 @@ class PinnedPipe:
         self._card = device_kind(device) == "cuda"
         self._lock = threading.Lock()
         self._buffers: list[torch.Tensor] = []
-        self._read: list[Any] = [None, None]  # per buffer: the event after the card's last read of it
+        self._read: list[Any] = []  # per buffer: an event recorded after the card's last read of it
         self._stream: Any = None
 
     def copy(self, dst: torch.Tensor, src: torch.Tensor) -> None:
@@ -66,7 +70,16 @@ class PinnedPipe:
             if not self._ready():
                 dst.copy_(src)
                 return
-            self._copy_chunks(dst.reshape(-1).view(torch.uint8), src.reshape(-1).view(torch.uint8))
+            flat_dst, flat_src = dst.reshape(-1).view(torch.uint8), src.reshape(-1).view(torch.uint8)
+            if self._stream is None:
+                self._copy_chunks(flat_dst, flat_src)
+                return
+            caller = torch.cuda.current_stream(dst.device)
+            self._stream.wait_stream(caller)  # dst may be a block the caller's stream just freed
+            try:
+                self._copy_chunks(flat_dst, flat_src)
+            finally:
+                caller.wait_stream(self._stream)  # what the caller queues next comes after the copy
 
     def _ready(self) -> bool:
         """Make the two buffers (and the stream) at first use; False where they cannot be had."""
@@ -79,8 +92,9 @@ class PinnedPipe:
                              for _ in range(2)]
             if self._card:
                 self._stream = torch.cuda.Stream(device=self.device)
+                self._read = [torch.cuda.Event(), torch.cuda.Event()]  # unrecorded: nothing to wait for
         except RuntimeError:  # the platform refused to pin (or to make a stream): plain copies from now
-            self._buffers, self.pinned = [], False
+            self._buffers, self._stream, self.pinned = [], None, False
             return False
         return True
 
@@ -88,9 +102,8 @@ class PinnedPipe:
         for k, start in enumerate(range(0, src.numel(), self.chunk_bytes)):
             end = min(start + self.chunk_bytes, src.numel())
             i = k % 2
-            if self._read[i] is not None:
+            if self._stream is not None:
                 self._read[i].synchronize()  # the card has read what this buffer held
-                self._read[i] = None
             bounce = self._buffers[i][:end - start]
             _host_copy(bounce, src[start:end])
             if self._stream is None:
@@ -98,7 +111,6 @@ class PinnedPipe:
                 continue
             with torch.cuda.stream(self._stream):
                 dst[start:end].copy_(bounce, non_blocking=True)
-                self._read[i] = torch.cuda.Event()
                 self._read[i].record(self._stream)
 
 
@@ -110,5 +122,6 @@ def _host_copy(dst: torch.Tensor, src: torch.Tensor) -> None:
         return
     step = -(-src.numel() // parts)
     jobs = [helpers().submit(dst[s:s + step].copy_, src[s:s + step]) for s in range(0, src.numel(), step)]
+    wait(jobs)  # every part done (or failed) before the buffer is used or written again
     for job in jobs:
         job.result()

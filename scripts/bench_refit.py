@@ -1133,6 +1133,15 @@ def fits(size_bytes: int, n: int, frac: float, device: str = "cpu") -> tuple[boo
                 f"{budget / GiB:.1f} GiB ({frac:.0%} of {mi['MemTotal'] / GiB:.1f} GiB)")
 
 
+def write_partial(path: Path, result: dict[str, Any], rows: list[dict[str, Any]]) -> None:
+    """The results so far, marked ``"partial": true``; the finished run writes over them."""
+    done = [{k: v for k, v in r.items() if k != "serving_timeline"} for r in rows]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    out = {**result, "partial": True, "rows": rnd(done, 6), "floors": rnd(result["floors"], 6),
+           "engine": rnd(result["engine"], 6)}
+    path.write_text(json.dumps(out, indent=1, default=float) + "\n")
+
+
 def print_table(rows: list[dict[str, Any]]) -> None:
     hdr = (f"{'MiB':>6} {'N':>2} {'mode':>6} {'pf':>3} {'bkt':>4} {'refit_s':>8} {'settled':>7} "
            f"{'cold_s':>7} {'floor_s':>8} {'ratio':>6} {'ratio_s':>7} "
@@ -1257,7 +1266,8 @@ def main(argv: list[str] | None = None) -> int:
                     except Exception as exc:  # noqa: BLE001
                         log(f"   row failed: {type(exc).__name__}: {exc}")
                         result["skipped"].append({"model_bytes": size_bytes, "replicas": n,
-                                                  "memory_mode": mode,
+                                                  "memory_mode": mode, "prefetch": prefetch,
+                                                  "bucket_mib": bucket_mib, "host_to_device": h2d,
                                                   "reason": f"failed: {type(exc).__name__}: {exc}"})
                 if not mode_rows:
                     continue
@@ -1284,6 +1294,8 @@ def main(argv: list[str] | None = None) -> int:
                             f"{row['stage_gbps']:.1f} GB/s together, {row['stage_over_pinned_h2d']:.0%} of "
                             f"pinned host-to-device")
                     rows.append(row)
+                    if args.json:  # what a run cut short (a time limit) still leaves
+                        write_partial(args.json, result, rows)
             del weights
             gc.collect()
             engine_path.unlink(missing_ok=True)

@@ -55,6 +55,7 @@ def test_bench_refit_tiny(tmp_path: Path) -> None:
         assert row["swap_us"] < 10_000
     assert result["floors"] and result["engine"]
     assert result["config"]["device"] == "cpu" and all(r["host_to_device"] is None for r in result["rows"])
+    assert "partial" not in result  # the finished run wrote over the partial results of each row
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal where torch sees no GPU")
