@@ -15,15 +15,20 @@ Contract:
 - ``CaughtUp`` records which source gave a replica the version it serves; its ``status`` shows it.
 - ``Sightings`` is the coordinator's memory of what each replica last said (node, version,
   lifecycle state), fed by lease replies and status answers; it is what a plan's peers come from.
+  A coordinator that has just started remembers nothing yet: before it sends or answers a plan
+  that names no peer but the replicas catching up, it asks the other members what they serve
+  (``plan_with_peers``), so that a replica lost together with the coordinator still catches up
+  from a live peer rather than the store.
 """
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["CatchUpPlan", "CaughtUp", "Peer", "Sightings", "ENGINE_FILE", "PEER", "STORE"]
+__all__ = ["CatchUpPlan", "CaughtUp", "Peer", "Sightings", "ENGINE_FILE", "PEER", "STORE", "plan_with_peers"]
 
 PEER = "peer"
 STORE = "store"
@@ -119,3 +124,18 @@ class Sightings:
         serving = [rid for rid, (_, v, state) in seen.items() if v == version and state == "serving"]
         newer = [rid for rid, (_, v, _) in seen.items() if v > version]
         return tuple(Peer(rid, seen[rid][0]) for rid in serving + newer)
+
+
+def plan_with_peers(plan: Callable[[], CatchUpPlan | None], catching_up: Collection[str],
+                    members: list[str], ask: Callable[[list[str]], Any]) -> CatchUpPlan | None:
+    """``plan()`` for the replicas ``catching_up``; where it names no peer but them, first ``ask``
+    the other members what they serve (which feeds ``Sightings``) and plan again. A plan without
+    checksums (no peer could be checked against it), or with peers already, is returned as it is."""
+    first = plan()
+    if first is None or not first.checksums or any(p.replica not in catching_up for p in first.peers):
+        return first
+    others = [m for m in members if m not in catching_up]
+    if not others:
+        return first
+    ask(others)
+    return plan()

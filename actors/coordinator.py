@@ -42,7 +42,7 @@ from typing import Any
 import ray
 
 from .canary_control import CanaryControl
-from .catch_up import CatchUpPlan
+from .catch_up import CatchUpPlan, plan_with_peers
 from .durable import StateDirLock
 from .failpoints import Failpoints
 from .leases import LeaseKeeper, Repairer, run_loop
@@ -75,7 +75,7 @@ class Coordinator:
         self.settings = settings
         self.t = settings.timeouts
         self.fp = Failpoints(settings.failpoints, owner="coordinator")
-        self.client = RayReplicaClient(settings.fleet, settings.namespace, planner=self._plan_for,
+        self.client = RayReplicaClient(settings.fleet, settings.namespace, planner=self._plan_with_peers,
                                        control_channel=settings.control_channel)
         self.membership = Membership()
         self.persister = Persister(self.t.launch_s, settings.failpoints)
@@ -273,12 +273,19 @@ class Coordinator:
 
     def catch_up_plan(self, rid: str) -> CatchUpPlan | None:
         """For a replica that starts: the version it must serve, that version's checksums and the
-        members that may hold it (``Sightings.holders``). None while the coordinator cannot tell
-        (it is recovering)."""
+        members that may hold it (``Sightings.holders``; a coordinator that has heard from none
+        yet asks the others first, ``catch_up.plan_with_peers``). None while the coordinator
+        cannot tell (it is recovering)."""
         ledger = self.ledger
         if ledger is None or not self.recovery.ready:
             return None
-        return self._plan_for(ledger.state.version_for(rid))
+        return self._plan_with_peers(ledger.state.version_for(rid), [rid])
+
+    def _plan_with_peers(self, version: int, catching_up: list[str]) -> CatchUpPlan | None:
+        """The plan for ``catching_up``; a coordinator that has not heard yet from any other member
+        that may hold ``version`` (it has just started) asks them first."""
+        return plan_with_peers(lambda: self._plan_for(version), catching_up, self.membership.members(),
+                               lambda others: self.client.status(others, min(2.0, self.t.lease_s)))
 
     def _plan_for(self, version: int) -> CatchUpPlan | None:
         ledger = self.ledger

@@ -16,8 +16,8 @@ Ray calls. Contract of every method:
   reach before sending (a replica whose connection is refused is asked through Ray to open a new
   one). Every other call goes through Ray.
 - What replicas say of themselves (node, version, state: lease replies, status answers) is noted in
-  ``sightings``; every catch-up carries the plan ``planner`` makes for its version
-  (``actors.catch_up``), so replicas catch up from peers without reading the log.
+  ``sightings``; every catch-up carries the plan ``planner`` makes for its version and the replicas
+  catching up (``actors.catch_up``), so replicas catch up from peers without reading the log.
 """
 
 from __future__ import annotations
@@ -162,12 +162,12 @@ class RayReplicaClient(ReplicaClient):
     """``ReplicaClient`` over Ray actor handles of one fleet's named, detached replicas."""
 
     def __init__(self, fleet: str, namespace: str,
-                 planner: Callable[[int], CatchUpPlan | None] | None = None, *,
+                 planner: Callable[[int, list[str]], CatchUpPlan | None] | None = None, *,
                  control_channel: bool = True) -> None:
         self._fleet = fleet
         self._namespace = namespace
         self.sightings = Sightings()
-        self.planner = planner or (lambda version: None)
+        self.planner = planner or (lambda version, rids: None)
         self._handles: dict[str, Any] = {}
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="replica-client")
@@ -351,7 +351,7 @@ class RayReplicaClient(ReplicaClient):
                              channel="abort")
 
     def catch_up(self, rids: list[str], version: int, timeout: float) -> dict[str, Ack | Failed]:
-        plan = self.planner(version)
+        plan = self.planner(version, rids)
         futures = {rid: self._pool.submit(self._call_until, rid, "sync_to", timeout, version, plan)
                    for rid in rids}
         acks = {rid: f.result() for rid, f in futures.items()}

@@ -21,7 +21,7 @@ from fleet_models import (
     wait_for,
 )
 
-from actors.catch_up import PEER, STORE, CatchUpPlan, Peer, Sightings
+from actors.catch_up import PEER, STORE, CatchUpPlan, Peer, Sightings, plan_with_peers
 from actors.failpoints import Failpoints
 from actors.payload import spec_dict, to_wire
 from actors.replica_core import ReplicaCore
@@ -158,6 +158,34 @@ def test_the_coordinator_names_as_peers_the_members_seen_serving_the_version_the
     assert seen.holders(5, ["r1", "r2", "r9"]) == (Peer("r1", "n2"),)  # r9: never seen with a node
     assert seen.holders(6, ["r3"]) == (Peer("r3", "n3"),)  # committed, still serving: its state stays
     assert seen.holders(4, ["r1", "r3"]) == (Peer("r1", "n2"), Peer("r3", "n3"))  # both past 4: may keep it
+
+
+def test_a_coordinator_that_has_heard_from_no_member_asks_the_others_before_it_plans_a_catch_up() -> None:
+    """A coordinator restarted together with a replica it lost remembers no sightings: the plan it
+    answers that replica must still name the peers, not send it to the checkpoint store."""
+    seen, asked = Sightings(), []
+
+    def plan() -> CatchUpPlan:
+        return CatchUpPlan(5, {"w": "abc"}, seen.holders(5, ["r0", "r1", "r2"]))
+
+    def ask(others: list[str]) -> None:  # what a status fan-out feeds into the sightings
+        asked.append(others)
+        seen.saw_status("r1", {"node": "n2", "version": 5, "state": "serving"})
+
+    got = plan_with_peers(plan, ["r0"], ["r0", "r1", "r2"], ask)
+    assert asked == [["r1", "r2"]] and got is not None and got.peers_for("r0", "n1") == [Peer("r1", "n2")]
+    assert plan_with_peers(plan, ["r0"], ["r0", "r1", "r2"], ask).peers == (Peer("r1", "n2"),)
+    assert len(asked) == 1  # peers known already: nobody is asked again
+    assert plan_with_peers(lambda: CatchUpPlan(5, {}, ()), ["r0"], ["r0", "r1"], ask).peers == ()
+    assert plan_with_peers(lambda: None, ["r0"], ["r0", "r1"], ask) is None
+    alone = plan_with_peers(lambda: CatchUpPlan(5, {"w": "abc"}, ()), ["r0", "r1"], ["r0", "r1"], ask)
+    assert alone is not None and alone.peers == ()
+    assert len(asked) == 1  # no checksums, no plan, or nobody but those catching up: nobody to ask
+    seen.forget("r1")
+    seen.saw_status("r2", {"node": "n2", "version": 5, "state": "catching_up"})  # not a holder
+    only_them = plan_with_peers(lambda: CatchUpPlan(5, {"w": "abc"}, (Peer("r2", "n2"),)), ["r0", "r2"],
+                                ["r0", "r1", "r2"], ask)
+    assert asked[-1] == ["r1"] and only_them is not None  # a plan naming only those catching up asks
 
 
 # ----------------------------------------------------------------------------- real actors
