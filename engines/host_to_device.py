@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from .devices import device_kind
+from .devices import device_kind, pinned_memory_available
 from .threads import helper_count, helpers
 
 __all__ = ["CHUNK_BYTES", "PinnedPipe"]
@@ -52,8 +52,8 @@ class PinnedPipe:
             raise ValueError(f"chunk_bytes must be positive, got {chunk_bytes}")
         self.device = device
         self.chunk_bytes = chunk_bytes
-        self.pinned = device_kind(device) == "cuda" and torch.cuda.is_available()
         self._card = device_kind(device) == "cuda"
+        self.pinned = self._card and pinned_memory_available(device)
         self._lock = threading.Lock()
         self._buffers: list[torch.Tensor] = []
         self._read: list[Any] = []  # per buffer: an event recorded after the card's last read of it

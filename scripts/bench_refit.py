@@ -1133,12 +1133,13 @@ def fits(size_bytes: int, n: int, frac: float, device: str = "cpu") -> tuple[boo
                 f"{budget / GiB:.1f} GiB ({frac:.0%} of {mi['MemTotal'] / GiB:.1f} GiB)")
 
 
-def write_partial(path: Path, result: dict[str, Any], rows: list[dict[str, Any]]) -> None:
-    """The results so far, marked ``"partial": true``; the finished run writes over them."""
+def write_result(path: Path, result: dict[str, Any], rows: list[dict[str, Any]], *, partial: bool) -> None:
+    """``result`` with ``rows`` (without their serving timelines) as JSON; a run's results so far
+    are marked ``"partial": true``, and the finished run writes over them."""
     done = [{k: v for k, v in r.items() if k != "serving_timeline"} for r in rows]
     path.parent.mkdir(parents=True, exist_ok=True)
-    out = {**result, "partial": True, "rows": rnd(done, 6), "floors": rnd(result["floors"], 6),
-           "engine": rnd(result["engine"], 6)}
+    out = {**result, **({"partial": True} if partial else {}), "rows": rnd(done, 6),
+           "floors": rnd(result["floors"], 6), "engine": rnd(result["engine"], 6)}
     path.write_text(json.dumps(out, indent=1, default=float) + "\n")
 
 
@@ -1295,7 +1296,7 @@ def main(argv: list[str] | None = None) -> int:
                             f"pinned host-to-device")
                     rows.append(row)
                     if args.json:  # what a run cut short (a time limit) still leaves
-                        write_partial(args.json, result, rows)
+                        write_result(args.json, result, rows, partial=True)
             del weights
             gc.collect()
             engine_path.unlink(missing_ok=True)
@@ -1311,15 +1312,11 @@ def main(argv: list[str] | None = None) -> int:
         for k in ("profile_warm", "profile_cold", "profile_under_load"):
             r[k] = {kk: vv for kk, vv in r[k].items()}
     result["machine"]["loadavg_end"] = os.getloadavg()
-    result["rows"] = rnd(rows, 6)
-    result["floors"] = rnd(result["floors"], 6)
-    result["engine"] = rnd(result["engine"], 6)
     print_table(rows)
     for s in result["skipped"]:
         print(f"skipped {s['model_bytes'] / MiB:.0f} MiB x {s['replicas']}: {s['reason']}")
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=1, default=float) + "\n")
+        write_result(args.json, result, rows, partial=False)
         log(f"JSON written: {args.json}")
     return 0
 
